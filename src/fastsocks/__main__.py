@@ -1,0 +1,3 @@
+from fastsocks.cli import main
+
+raise SystemExit(main())

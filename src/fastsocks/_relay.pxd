@@ -1,0 +1,154 @@
+# Reviewed header of the relay engine (see _relay.pyx for the theory of operation).
+
+from libc.stdint cimport uint32_t, uint64_t, int64_t
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+
+    struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+
+    enum:
+        EPOLLIN
+        EPOLLOUT
+        EPOLLERR
+        EPOLLHUP
+        EPOLLRDHUP
+        EPOLLET
+        EPOLL_CTL_ADD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
+
+
+cdef extern from "<fcntl.h>" nogil:
+    ctypedef long long loff_t
+    ssize_t splice(int fd_in, loff_t *off_in, int fd_out, loff_t *off_out,
+                   size_t length, unsigned int flags)
+    int fcntl(int fd, int cmd, ...)
+    enum:
+        SPLICE_F_MOVE
+        SPLICE_F_NONBLOCK
+        F_SETPIPE_SZ
+        O_NONBLOCK
+        O_CLOEXEC
+
+
+cdef extern from "<unistd.h>" nogil:
+    int pipe2(int *pipefd, int flags)
+    int close(int fd)
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t recv(int fd, void *buf, size_t length, int flags)
+    ssize_t send(int fd, const void *buf, size_t length, int flags)
+    int shutdown(int fd, int how)
+    enum:
+        MSG_NOSIGNAL
+        SHUT_WR
+
+
+# Direction flags.
+cdef enum:
+    DIR_EOF = 1        # the source returned EOF
+    DIR_DONE = 2       # EOF forwarded: shutdown(SHUT_WR) sent to the destination
+    DIR_SPLICE = 4     # data goes source -> pipe -> destination
+
+# Readiness bits of a session: readable/writable for side 0 (client) and side 1 (upstream).
+cdef enum:
+    READABLE0 = 1
+    WRITABLE0 = 2
+    READABLE1 = 4
+    WRITABLE1 = 8
+
+# Session slot states.
+cdef enum:
+    SLOT_FREE = 0
+    SLOT_ACTIVE = 1
+    SLOT_FINISHED = 2
+
+# Why a session ended (see REASONS in _relay.pyx).
+cdef enum:
+    END_EOF = 0
+    END_ERROR = 1
+    END_IDLE = 2
+    END_SHUTDOWN = 3
+
+
+ctypedef struct Direction:
+    char *pending          # bytes read but not yet written (copy mode), malloc'd lazily
+    int pending_off
+    int pending_len
+    int pipe_r             # -1 unless splicing
+    int pipe_w
+    ssize_t in_pipe        # bytes sitting in the pipe
+    int streak             # consecutive full reads (copy) or short reads (splice)
+    int flags
+    uint64_t nbytes        # bytes delivered to the destination
+
+
+ctypedef struct Session:
+    int fd[2]              # 0: client, 1: upstream
+    int state
+    int ready              # READABLE*/WRITABLE* bits, edge-triggered bookkeeping
+    int queued             # on the run queue (budget ran out while still ready)
+    int next               # free-list / finished-list link
+    uint32_t gen           # bumped when the slot is freed: stale run-queue entries are skipped
+    int end_reason
+    int end_errno
+    int64_t tag
+    double last_active_s
+    Direction dir[2]       # 0: client -> upstream, 1: upstream -> client
+
+
+cdef class RelayEngine:
+    cdef int epfd
+    cdef Session *slots
+    cdef int capacity
+    cdef int free_head
+    cdef uint64_t *runq          # (gen << 32 | idx) of sessions that ran out of budget
+    cdef uint64_t *runq_work
+    cdef int runq_len
+    cdef int finished_head
+    cdef int n_active
+    cdef char *buf
+    cdef size_t buf_size
+    cdef bint use_splice
+    cdef int pipe_size
+    cdef size_t splice_len
+    cdef int max_pipes
+    cdef int pipes_open
+    cdef int *pipe_pool
+    cdef int pool_len
+    cdef int pool_max
+    cdef double idle_timeout_s
+    cdef double now_s
+    cdef epoll_event *events
+    cdef int max_events
+    cdef uint64_t total_up
+    cdef uint64_t total_down
+    cdef uint64_t total_sessions
+    cdef uint64_t splice_switches
+
+    cdef int _grow(self) except -1
+    cdef int _process(self) noexcept nogil
+    cdef void _pump(self, int idx) noexcept nogil
+    cdef int _pump_dir(self, Session *s, int d) noexcept nogil
+    cdef int _flush(self, Session *s, int d) noexcept nogil
+    cdef int _read(self, Session *s, int d) noexcept nogil
+    cdef int _start_splice(self, Direction *dr) noexcept nogil
+    cdef void _stop_splice(self, Direction *dr) noexcept nogil
+    cdef int _read_end(self, Session *s, int d, ssize_t n) noexcept nogil
+    cdef int _write_error(self, Session *s, int d) noexcept nogil
+    cdef void _count(self, Session *s, int d, ssize_t n) noexcept nogil
+    cdef void _finish(self, int idx, int reason, int err) noexcept nogil
+    cdef list _collect(self)

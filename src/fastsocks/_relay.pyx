@@ -1,0 +1,542 @@
+# cython: language_level=3
+"""The relay engine: moves bytes between the two sockets of every established session.
+
+Theory of operation
+-------------------
+The worker's control loop (selectors, Python) hands each established session to the
+engine as two file descriptors: the client's and the upstream's. The engine owns them
+from then on and closes them when the session ends.
+
+The engine has its own epoll set; its fd sits in the worker's selector. When that fd is
+readable the worker calls ``run()`` once, and the engine does ``epoll_wait(0)`` and moves
+the data of every ready session in C, with the GIL released and no Python object per
+chunk (EAGAIN is a return value here, not an exception).
+
+Both fds are registered once, edge-triggered, for IN|OUT|RDHUP, so the engine never calls
+``epoll_ctl`` again for a session: it keeps a readable/writable bit per side and clears a
+bit when a syscall says the side is drained (EAGAIN, a short read, a partial write). A new
+edge arrives whenever the kernel queues data or frees send space, which sets it again.
+
+Each direction (client->upstream, upstream->client) starts in copy mode: ``recv`` into one
+buffer shared by the whole engine, ``send`` to the other side. Only bytes the destination
+would not take are kept, in a per-direction allocation freed as soon as it drains, so an
+idle session costs no user-space buffer. A direction that fills the buffer three reads in
+a row is streaming: it switches to ``splice()`` socket -> pipe -> socket with a pipe from a
+capped pool (1 MiB where F_SETPIPE_SZ allows), and goes back to copy mode, returning the
+pipe, once it turns chatty again.
+
+Backpressure: a direction reads only while its destination is writable and nothing is
+pending, so at most one buffer (or one pipe) per direction is in flight. Half-close: EOF
+on a source is forwarded as ``shutdown(SHUT_WR)`` once everything read has been written;
+the other direction keeps running. A session ends when both directions have forwarded
+EOF, on the first error, on idle timeout, or when the engine is shut down.
+
+Fairness: a direction moves at most BUDGET chunks per call; a session that is still ready
+goes on a run queue served first by the next ``run()``, and ``pending`` tells the worker
+to poll again at once instead of sleeping.
+"""
+
+from libc.errno cimport errno, EAGAIN, EINTR
+from libc.stdint cimport uint32_t, uint64_t, int64_t
+from libc.stdlib cimport malloc, free, realloc
+from libc.string cimport memcpy, memset
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+cdef enum:
+    BUDGET = 16            # chunks per direction per pump before yielding to others
+    STREAK_TO_SPLICE = 3   # full buffer reads in a row that make a direction "streaming"
+    STREAK_TO_COPY = 3     # short splice reads in a row that make it "chatty" again
+    SHORT_SPLICE = 4096
+
+cdef uint32_t EV_FLAGS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+
+REASONS = ("eof", "error", "idle", "shutdown")
+
+# Bits that record "the peer has shut down its write side" per fd: after that the
+# short-read shortcut is off and we read until EOF.
+cdef enum:
+    HUP0 = 16
+    HUP1 = 32
+
+
+cdef inline int _rbit(int side) noexcept nogil:
+    return READABLE0 if side == 0 else READABLE1
+
+
+cdef inline int _wbit(int side) noexcept nogil:
+    return WRITABLE0 if side == 0 else WRITABLE1
+
+
+cdef inline int _hbit(int side) noexcept nogil:
+    return HUP0 if side == 0 else HUP1
+
+
+cdef inline double _monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef class RelayEngine:
+    """Relay of established sessions; see the module docstring and _relay.pyi."""
+
+    def __cinit__(self):
+        self.epfd = -1
+        self.slots = NULL
+        self.buf = NULL
+        self.pipe_pool = NULL
+        self.events = NULL
+        self.runq = NULL
+        self.runq_work = NULL
+
+    def __init__(self, *, int buffer_size=65536, bint splice=True, int pipe_size=1 << 20,
+                 int max_pipes=1024, int pipe_pool=64, double idle_timeout_s=300.0,
+                 int max_events=256):
+        if buffer_size < 1024 or max_events < 1 or max_pipes < 0 or pipe_pool < 0:
+            raise ValueError("buffer_size >= 1024, max_events >= 1, max_pipes/pipe_pool >= 0")
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, "epoll_create1 failed")
+        self.buf_size = buffer_size
+        self.buf = <char *>malloc(buffer_size)
+        self.max_events = max_events
+        self.events = <epoll_event *>malloc(sizeof(epoll_event) * max_events)
+        self.pool_max = pipe_pool
+        self.pipe_pool = <int *>malloc(sizeof(int) * 2 * (pipe_pool + 1))
+        if self.buf == NULL or self.events == NULL or self.pipe_pool == NULL:
+            raise MemoryError()
+        self.use_splice = splice
+        self.pipe_size = pipe_size
+        self.splice_len = pipe_size if pipe_size > 65536 else 65536
+        self.max_pipes = max_pipes
+        self.idle_timeout_s = idle_timeout_s
+        self.free_head = -1
+        self.finished_head = -1
+        self.now_s = _monotonic()
+
+    def __dealloc__(self):
+        cdef int i
+        if self.slots != NULL:
+            for i in range(self.capacity):
+                if self.slots[i].state == SLOT_ACTIVE:
+                    self._finish(i, END_SHUTDOWN, 0)
+            free(self.slots)
+        for i in range(self.pool_len * 2):
+            close(self.pipe_pool[i])
+        if self.epfd >= 0:
+            close(self.epfd)
+        free(self.buf)
+        free(self.events)
+        free(self.pipe_pool)
+        free(self.runq)
+        free(self.runq_work)
+
+    # ------------------------------------------------------------------ Python API
+
+    def fileno(self):
+        """The engine's epoll fd: register it for reading in the worker's selector."""
+        return self.epfd
+
+    @property
+    def active(self):
+        """Sessions currently relayed."""
+        return self.n_active
+
+    @property
+    def pending(self):
+        """True when some session still has work: call run() again without waiting."""
+        return self.runq_len > 0
+
+    def counters(self):
+        """(bytes_up, bytes_down, sessions_total, splice_switches, pipes_open)."""
+        return (self.total_up, self.total_down, self.total_sessions,
+                self.splice_switches, self.pipes_open)
+
+    def add(self, int client_fd, int upstream_fd, int64_t tag, const unsigned char[:] initial_up=None):
+        """Relay a session. The engine owns both fds from here on (also on failure).
+
+        ``initial_up`` is data the client sent before the session was established
+        (pipelined after its request); it goes upstream first.
+        """
+        cdef int idx, side, err
+        cdef uint32_t gen
+        cdef Session *s
+        cdef epoll_event ev
+        cdef Py_ssize_t n = 0 if initial_up is None else initial_up.shape[0]
+        if self.epfd < 0:
+            close(client_fd)
+            close(upstream_fd)
+            raise ValueError("engine is closed")
+        if self.free_head < 0:
+            self._grow()
+        idx = self.free_head
+        s = &self.slots[idx]
+        self.free_head = s.next
+        gen = s.gen
+        memset(s, 0, sizeof(Session))
+        s.gen = gen
+        s.fd[0] = client_fd
+        s.fd[1] = upstream_fd
+        s.tag = tag
+        s.next = -1
+        s.last_active_s = _monotonic()
+        s.dir[0].pipe_r = s.dir[0].pipe_w = -1
+        s.dir[1].pipe_r = s.dir[1].pipe_w = -1
+        s.state = SLOT_ACTIVE
+        self.n_active += 1
+        self.total_sessions += 1
+        if n > 0:
+            s.dir[0].pending = <char *>malloc(n)
+            if s.dir[0].pending == NULL:
+                self._finish(idx, END_ERROR, 12)
+                self._collect()
+                raise MemoryError()
+            memcpy(s.dir[0].pending, &initial_up[0], n)
+            s.dir[0].pending_len = n
+        for side in range(2):
+            ev.events = EV_FLAGS
+            ev.data.u64 = (<uint64_t>idx << 1) | side
+            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, s.fd[side], &ev) < 0:
+                err = errno
+                self._finish(idx, END_ERROR, err)
+                self._collect()
+                raise OSError(err, "epoll_ctl(ADD) failed")
+
+    def run(self):
+        """Move the data of every ready session; return the sessions that ended.
+
+        Each ended session is a tuple ``(tag, bytes_up, bytes_down, reason, errno)``
+        with reason one of "eof", "error", "idle", "shutdown".
+        """
+        if self.epfd < 0:
+            return []
+        with nogil:
+            self._process()
+        if self.finished_head < 0:
+            return []
+        return self._collect()
+
+    def expire_idle(self):
+        """End sessions idle for longer than idle_timeout_s; return them like run()."""
+        cdef int i
+        cdef double limit = _monotonic() - self.idle_timeout_s
+        if self.idle_timeout_s <= 0:
+            return []
+        for i in range(self.capacity):
+            if self.slots[i].state == SLOT_ACTIVE and self.slots[i].last_active_s < limit:
+                self._finish(i, END_IDLE, 0)
+        return self._collect()
+
+    def close_all(self):
+        """End every session now (reason "shutdown"); return them like run()."""
+        cdef int i
+        for i in range(self.capacity):
+            if self.slots[i].state == SLOT_ACTIVE:
+                self._finish(i, END_SHUTDOWN, 0)
+        return self._collect()
+
+    def close(self):
+        """End every session and release the epoll fd and the pipe pool. Idempotent."""
+        cdef int i
+        ended = self.close_all()
+        for i in range(self.pool_len * 2):
+            close(self.pipe_pool[i])
+        self.pipes_open -= self.pool_len
+        self.pool_len = 0
+        if self.epfd >= 0:
+            close(self.epfd)
+            self.epfd = -1
+        return ended
+
+    # ------------------------------------------------------------------ internals
+
+    cdef int _grow(self) except -1:
+        cdef int old = self.capacity
+        cdef int new = old * 2 if old else 64
+        cdef int i
+        cdef Session *slots = <Session *>realloc(self.slots, sizeof(Session) * new)
+        if slots == NULL:
+            raise MemoryError()
+        self.slots = slots
+        cdef uint64_t *q = <uint64_t *>realloc(self.runq, sizeof(uint64_t) * new)
+        if q == NULL:
+            raise MemoryError()
+        self.runq = q
+        q = <uint64_t *>realloc(self.runq_work, sizeof(uint64_t) * new)
+        if q == NULL:
+            raise MemoryError()
+        self.runq_work = q
+        for i in range(new - 1, old - 1, -1):
+            memset(&self.slots[i], 0, sizeof(Session))
+            self.slots[i].state = SLOT_FREE
+            self.slots[i].next = self.free_head
+            self.free_head = i
+        self.capacity = new
+        return 0
+
+    cdef int _process(self) noexcept nogil:
+        cdef int i, n, idx, side
+        cdef uint32_t evs
+        cdef Session *s
+        cdef uint64_t *work
+        cdef int nq = self.runq_len
+        self.now_s = _monotonic()
+        if nq:
+            # Serve sessions that ran out of budget last time, before new events.
+            work = self.runq
+            self.runq = self.runq_work
+            self.runq_work = work
+            self.runq_len = 0
+            for i in range(nq):
+                idx = <int>(work[i] & <uint64_t>0xFFFFFFFFU)
+                s = &self.slots[idx]
+                if s.state == SLOT_ACTIVE and s.gen == <uint32_t>(work[i] >> 32):
+                    s.queued = 0
+                    self._pump(idx)
+        n = epoll_wait(self.epfd, self.events, self.max_events, 0)
+        for i in range(n):
+            idx = <int>(self.events[i].data.u64 >> 1)
+            side = <int>(self.events[i].data.u64 & 1)
+            s = &self.slots[idx]
+            if s.state != SLOT_ACTIVE:
+                continue  # ended earlier in this batch
+            evs = self.events[i].events
+            if evs & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                s.ready |= _rbit(side)
+            if evs & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+                s.ready |= _hbit(side)
+            if evs & (EPOLLOUT | EPOLLHUP | EPOLLERR):
+                s.ready |= _wbit(side)
+            self._pump(idx)
+        return n
+
+    cdef void _pump(self, int idx) noexcept nogil:
+        cdef Session *s = &self.slots[idx]
+        cdef int up = self._pump_dir(s, 0)
+        if up < 0:
+            self._finish(idx, END_ERROR, s.end_errno)
+            return
+        cdef int down = self._pump_dir(s, 1)
+        if down < 0:
+            self._finish(idx, END_ERROR, s.end_errno)
+            return
+        if up == 2 and down == 2:
+            self._finish(idx, END_EOF, 0)
+            return
+        if (up == 1 or down == 1) and not s.queued:
+            s.queued = 1
+            self.runq[self.runq_len] = (<uint64_t>s.gen << 32) | <uint64_t>idx
+            self.runq_len += 1
+
+    cdef int _pump_dir(self, Session *s, int d) noexcept nogil:
+        """-1 error, 0 waiting for the kernel, 1 budget used up, 2 direction done."""
+        cdef Direction *dr = &s.dir[d]
+        cdef int rbit = _rbit(d)
+        cdef int wbit = _wbit(1 - d)
+        cdef int i, r
+        if dr.flags & DIR_DONE:
+            return 2
+        for i in range(BUDGET):
+            if dr.pending_len or dr.in_pipe:
+                if not (s.ready & wbit):
+                    return 0
+                r = self._flush(s, d)
+                if r <= 0:
+                    return r
+                if dr.streak >= STREAK_TO_COPY and dr.flags & DIR_SPLICE:
+                    self._stop_splice(dr)
+            if dr.flags & DIR_EOF:
+                # Everything read has been written: forward the half-close.
+                shutdown(s.fd[1 - d], SHUT_WR)
+                dr.flags |= DIR_DONE
+                if dr.flags & DIR_SPLICE:
+                    self._stop_splice(dr)
+                return 2
+            if (s.ready & (rbit | wbit)) != (rbit | wbit):
+                return 0
+            r = self._read(s, d)
+            if r <= 0:
+                return r
+        return 1
+
+    cdef int _flush(self, Session *s, int d) noexcept nogil:
+        """Write pending bytes. -1 error, 0 destination full, 1 all written."""
+        cdef Direction *dr = &s.dir[d]
+        cdef int dst = s.fd[1 - d]
+        cdef ssize_t n
+        if dr.pending_len:
+            n = send(dst, dr.pending + dr.pending_off, dr.pending_len, MSG_NOSIGNAL)
+            while n < 0 and errno == EINTR:
+                n = send(dst, dr.pending + dr.pending_off, dr.pending_len, MSG_NOSIGNAL)
+            if n < 0:
+                return self._write_error(s, d)
+            self._count(s, d, n)
+            dr.pending_off += n
+            dr.pending_len -= n
+            if dr.pending_len:
+                s.ready &= ~_wbit(1 - d)
+                return 0
+            free(dr.pending)
+            dr.pending = NULL
+            dr.pending_off = 0
+        if dr.in_pipe:
+            n = splice(dr.pipe_r, NULL, dst, NULL, dr.in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            while n < 0 and errno == EINTR:
+                n = splice(dr.pipe_r, NULL, dst, NULL, dr.in_pipe, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if n < 0:
+                return self._write_error(s, d)
+            self._count(s, d, n)
+            dr.in_pipe -= n
+            if dr.in_pipe:
+                s.ready &= ~_wbit(1 - d)
+                return 0
+        return 1
+
+    cdef int _read(self, Session *s, int d) noexcept nogil:
+        """Read from the source and write on. -1 error, 0 source drained, 1 progress."""
+        cdef Direction *dr = &s.dir[d]
+        cdef int src = s.fd[d]
+        cdef int dst = s.fd[1 - d]
+        cdef ssize_t n, w
+        if dr.flags & DIR_SPLICE:
+            n = splice(src, NULL, dr.pipe_w, NULL, self.splice_len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if n <= 0:
+                return self._read_end(s, d, n)
+            dr.in_pipe = n
+            dr.streak = dr.streak + 1 if n < SHORT_SPLICE else 0
+            # A short splice read does not prove the socket drained (the pipe may be
+            # out of slots), so the readable bit stays until EAGAIN.
+            return -1 if self._flush(s, d) < 0 else 1
+        n = recv(src, self.buf, self.buf_size, 0)
+        if n <= 0:
+            return self._read_end(s, d, n)
+        w = send(dst, self.buf, n, MSG_NOSIGNAL)
+        if w < 0:
+            if errno != EAGAIN and errno != EINTR:
+                s.end_errno = errno
+                return -1
+            if errno == EAGAIN:
+                s.ready &= ~_wbit(1 - d)
+            w = 0
+        elif w < n:
+            s.ready &= ~_wbit(1 - d)
+        self._count(s, d, w)
+        if w < n:
+            # Keep only what the destination refused; no more reads until it drains.
+            dr.pending = <char *>malloc(n - w)
+            if dr.pending == NULL:
+                s.end_errno = 12  # ENOMEM
+                return -1
+            memcpy(dr.pending, self.buf + w, n - w)
+            dr.pending_len = n - w
+        if <size_t>n == self.buf_size:
+            dr.streak += 1
+            if dr.streak >= STREAK_TO_SPLICE and self.use_splice and not dr.pending_len:
+                if self._start_splice(dr):
+                    dr.streak = 0
+        else:
+            dr.streak = 0
+            # A short read drained the receive queue; new data brings a new edge.
+            # Not after the peer's FIN was signalled: then read on until EOF.
+            if not (s.ready & _hbit(d)):
+                s.ready &= ~_rbit(d)
+        return 1
+
+    cdef int _read_end(self, Session *s, int d, ssize_t n) noexcept nogil:
+        if n == 0:
+            s.last_active_s = self.now_s
+            s.dir[d].flags |= DIR_EOF
+            s.ready &= ~_rbit(d)
+            return 1
+        if errno == EAGAIN:
+            s.ready &= ~_rbit(d)
+            return 0
+        if errno == EINTR:
+            return 1
+        s.end_errno = errno
+        return -1
+
+    cdef int _write_error(self, Session *s, int d) noexcept nogil:
+        if errno == EAGAIN:
+            s.ready &= ~_wbit(1 - d)
+            return 0
+        s.end_errno = errno
+        return -1
+
+    cdef void _count(self, Session *s, int d, ssize_t n) noexcept nogil:
+        # Moving bytes is what counts as activity for the idle timeout.
+        s.last_active_s = self.now_s
+        s.dir[d].nbytes += n
+        if d == 0:
+            self.total_up += n
+        else:
+            self.total_down += n
+
+    cdef int _start_splice(self, Direction *dr) noexcept nogil:
+        cdef int fds[2]
+        if self.pool_len:
+            self.pool_len -= 1
+            dr.pipe_r = self.pipe_pool[2 * self.pool_len]
+            dr.pipe_w = self.pipe_pool[2 * self.pool_len + 1]
+        elif self.pipes_open < self.max_pipes:
+            if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+                return 0  # stay in copy mode; splice is an optimisation
+            if self.pipe_size > 65536:
+                fcntl(fds[1], F_SETPIPE_SZ, self.pipe_size)  # EPERM over the user's budget: keep 64 KiB
+            self.pipes_open += 1
+            dr.pipe_r = fds[0]
+            dr.pipe_w = fds[1]
+        else:
+            return 0
+        dr.flags |= DIR_SPLICE
+        dr.in_pipe = 0
+        self.splice_switches += 1
+        return 1
+
+    cdef void _stop_splice(self, Direction *dr) noexcept nogil:
+        if dr.in_pipe == 0 and self.pool_len < self.pool_max:
+            self.pipe_pool[2 * self.pool_len] = dr.pipe_r
+            self.pipe_pool[2 * self.pool_len + 1] = dr.pipe_w
+            self.pool_len += 1
+        else:
+            # A pipe that still holds data is never reused.
+            close(dr.pipe_r)
+            close(dr.pipe_w)
+            self.pipes_open -= 1
+        dr.pipe_r = dr.pipe_w = -1
+        dr.in_pipe = 0
+        dr.streak = 0
+        dr.flags &= ~DIR_SPLICE
+
+    cdef void _finish(self, int idx, int reason, int err) noexcept nogil:
+        cdef Session *s = &self.slots[idx]
+        cdef int d
+        close(s.fd[0])
+        close(s.fd[1])
+        for d in range(2):
+            free(s.dir[d].pending)
+            s.dir[d].pending = NULL
+            if s.dir[d].flags & DIR_SPLICE:
+                self._stop_splice(&s.dir[d])
+        s.state = SLOT_FINISHED
+        s.end_reason = reason
+        s.end_errno = err
+        s.next = self.finished_head
+        self.finished_head = idx
+        self.n_active -= 1
+
+    cdef list _collect(self):
+        cdef list ended = []
+        cdef int idx = self.finished_head
+        cdef Session *s
+        while idx >= 0:
+            s = &self.slots[idx]
+            ended.append((s.tag, s.dir[0].nbytes, s.dir[1].nbytes,
+                          REASONS[s.end_reason], s.end_errno))
+            self.finished_head = s.next
+            s.state = SLOT_FREE
+            s.gen += 1
+            s.next = self.free_head
+            self.free_head = idx
+            idx = self.finished_head
+        return ended

@@ -1,0 +1,94 @@
+"""The ``fastsocks`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from fastsocks import __version__, logs
+from fastsocks.errors import BootError, ConfigError
+from fastsocks.settings import ACCEPT_MODES, Settings, parse_listen
+
+log = logging.getLogger("fastsocks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = Settings(workers=1)
+    parser = argparse.ArgumentParser(
+        prog="fastsocks",
+        description="A prefork SOCKS5 proxy server. With no options it serves SOCKS5 "
+                    "(no authentication) on 127.0.0.1:1080 with one worker per CPU.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"fastsocks {__version__}")
+    parser.add_argument("-l", "--listen", action="append", metavar="HOST:PORT", type=_listen,
+                        help="address to listen on, repeatable; IPv6 as [::1]:1080 "
+                             "(default: 127.0.0.1:1080)")
+    parser.add_argument("-w", "--workers", type=int, default=os.cpu_count() or 1,
+                        help="worker processes")
+    parser.add_argument("--accept-mode", choices=ACCEPT_MODES, default=defaults.accept_mode,
+                        help="reuseport: one SO_REUSEPORT socket per worker (even spread); "
+                             "shared: one socket for all workers")
+    parser.add_argument("--graceful-timeout", type=float, default=defaults.graceful_timeout_s,
+                        metavar="S", help="on SIGTERM/SIGINT, how long live sessions may finish")
+    parser.add_argument("--handshake-timeout", type=float, default=defaults.handshake_timeout_s,
+                        metavar="S", help="deadline for the whole SOCKS handshake")
+    parser.add_argument("--connect-timeout", type=float, default=defaults.connect_timeout_s,
+                        metavar="S", help="deadline for connecting to the destination")
+    parser.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s,
+                        metavar="S", help="close relayed sessions idle this long (0: never)")
+    parser.add_argument("--worker-timeout", type=float, default=defaults.worker_timeout_s,
+                        metavar="S", help="kill and replace a worker silent this long")
+    parser.add_argument("--no-splice", dest="splice", action="store_false",
+                        help="relay with recv/send only, never splice()")
+    parser.add_argument("--pipe-size", type=int, default=defaults.pipe_size, metavar="BYTES",
+                        help="size asked for splice pipes (F_SETPIPE_SZ)")
+    parser.add_argument("--max-pipes", type=int, default=defaults.max_pipes, metavar="N",
+                        help="splice pipes per worker at most")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                        default=defaults.log_level,
+                        help="info logs one access line per session; warning keeps only problems")
+    return parser
+
+
+def _listen(text: str):
+    try:
+        return parse_listen(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(exc.msg) from None
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    kwargs = dict(
+        workers=args.workers, accept_mode=args.accept_mode,
+        graceful_timeout_s=args.graceful_timeout, handshake_timeout_s=args.handshake_timeout,
+        connect_timeout_s=args.connect_timeout, idle_timeout_s=args.idle_timeout,
+        worker_timeout_s=args.worker_timeout, splice=args.splice, pipe_size=args.pipe_size,
+        max_pipes=args.max_pipes, log_level=args.log_level,
+    )
+    if args.listen:
+        kwargs["listen"] = tuple(dict.fromkeys(args.listen))
+    return Settings(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    logs.configure(settings.log_level)
+    from fastsocks import master
+
+    try:
+        return master.run(settings)
+    except BootError as exc:
+        log.critical("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

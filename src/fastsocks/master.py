@@ -1,0 +1,267 @@
+"""The prefork master: owns the listening sockets, forks the workers, keeps them alive.
+
+Theory of operation
+-------------------
+``run()`` opens every listening socket and maps the shared stats *before* forking, so a
+worker that dies is replaced by one that inherits the very same socket: the port never
+closes and queued connections are not lost. Signal handlers do nothing but wake the
+master's loop through ``signal.set_wakeup_fd``; the loop dispatches ``handle_<name>``
+and, once a second or on SIGCHLD, ``reap_workers``, ``kill_unresponsive`` and
+``manage_workers`` (respawn, with back-off for a slot that keeps crashing).
+
+TERM/INT: tell every worker to drain, wait up to the graceful timeout (plus a margin),
+then kill what is left and exit 0. QUIT, or a second INT: stop now. A worker that exits
+with EXIT_BOOT_ERROR stops the master with a clear message instead of a respawn loop.
+Workers exit by themselves when the master disappears.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import time
+from dataclasses import dataclass
+
+from fastsocks import logs
+from fastsocks.errors import BootError
+from fastsocks.listeners import ListenerSet
+from fastsocks.settings import Settings
+from fastsocks.stats import SharedStats
+from fastsocks.worker import EXIT_BOOT_ERROR, Worker
+
+log = logging.getLogger(__name__)
+
+SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
+           signal.SIGHUP: "hup", signal.SIGCHLD: "chld"}
+RESPAWN_BACKOFF_S = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
+STABLE_AFTER_S = 10.0        # a worker that lived this long resets its slot's back-off
+KILL_MARGIN_S = 5.0          # after the graceful timeout, how long before SIGKILL
+
+
+@dataclass(slots=True)
+class WorkerProcess:
+    slot: int
+    pid: int
+    started_s: float
+
+
+class Master:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pid = os.getpid()
+        self.listeners: ListenerSet | None = None
+        self.stats: SharedStats | None = None
+        self.workers: dict[int, WorkerProcess] = {}
+        self.crashes = [0] * settings.workers
+        self.respawn_at_s = [0.0] * settings.workers
+        self.stopping_since_s: float | None = None
+        self.exit_code = 0
+        self.done = False
+        self.wakeup_r = self.wakeup_w = None
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> int:
+        self.listeners = ListenerSet(self.settings)
+        self.stats = SharedStats(self.settings.workers)
+        self.install_signals()
+        addresses = ", ".join(str(a) for a in self.listeners.addresses)
+        log.info("fastsocks listening on %s with %d workers (accept mode %s, pid %d)",
+                 addresses, self.settings.workers, self.settings.accept_mode, self.pid)
+        try:
+            for slot in range(self.settings.workers):
+                self.spawn_worker(slot)
+            while not self.done:
+                self.sleep()
+                self.reap_workers()
+                self.kill_unresponsive()
+                self.manage_workers()
+        finally:
+            self.stop_workers(signal.SIGKILL)
+            self.log_summary()
+            self.listeners.close()
+            signal.set_wakeup_fd(-1)
+        return self.exit_code
+
+    def install_signals(self) -> None:
+        self.wakeup_r, self.wakeup_w = socket.socketpair()
+        for sock in (self.wakeup_r, self.wakeup_w):
+            sock.setblocking(False)
+            os.set_inheritable(sock.fileno(), False)
+        signal.set_wakeup_fd(self.wakeup_w.fileno(), warn_on_full_buffer=False)
+        for signum in SIGNALS:
+            signal.signal(signum, _wake_only)
+
+    def sleep(self) -> None:
+        """Wait for a signal or a second; dispatch each signal to handle_<name>."""
+        readable, _, _ = select.select([self.wakeup_r], [], [], 1.0)
+        if not readable:
+            return
+        try:
+            data = self.wakeup_r.recv(256)
+        except BlockingIOError:
+            return
+        for signum in data:
+            getattr(self, f"handle_{SIGNALS.get(signum, 'other')}")()
+
+    # ------------------------------------------------------------------ signal handlers
+
+    def handle_term(self) -> None:
+        self.begin_stop("SIGTERM")
+
+    def handle_int(self) -> None:
+        if self.stopping_since_s is not None:
+            log.info("second SIGINT: stopping now")
+            self.handle_quit()
+            return
+        self.begin_stop("SIGINT")
+
+    def handle_quit(self) -> None:
+        self.stop_workers(signal.SIGQUIT)
+        self.done = True
+
+    def handle_hup(self) -> None:
+        log.info("SIGHUP: nothing to reload yet (settings come from the command line only)")
+
+    def handle_chld(self) -> None:
+        pass  # reap_workers runs after every wake-up
+
+    def handle_other(self) -> None:
+        pass
+
+    def begin_stop(self, why: str) -> None:
+        if self.stopping_since_s is not None:
+            return
+        self.stopping_since_s = time.monotonic()
+        log.info("%s: draining %d workers (graceful timeout %.0f s)", why, len(self.workers),
+                 self.settings.graceful_timeout_s)
+        # New connections are refused from now on; established sessions go on.
+        self.listeners.close()
+        self.stop_workers(signal.SIGTERM)
+
+    # ------------------------------------------------------------------ workers
+
+    def spawn_worker(self, slot: int) -> None:
+        self.stats.reset(slot, 0, time.monotonic())
+        pid = os.fork()
+        if pid == 0:
+            self.become_worker(slot)
+        self.workers[pid] = WorkerProcess(slot, pid, time.monotonic())
+        log.debug("spawned worker %d (pid %d)", slot, pid)
+
+    def become_worker(self, slot: int) -> None:
+        """In the child: drop the master's state, run the worker, never return."""
+        code = EXIT_BOOT_ERROR
+        try:
+            signal.set_wakeup_fd(-1)
+            self.wakeup_r.close()
+            self.wakeup_w.close()
+            logs.set_process_name(f"worker {slot}")
+            listeners = self.listeners.for_slot(slot)
+            keep = {sock.fileno() for sock in listeners}
+            for sock in self.listeners.all():
+                if sock.fileno() not in keep:
+                    sock.close()
+            code = Worker(slot, self.settings, listeners, self.stats, self.pid).run()
+        except BaseException:
+            log.exception("worker %d crashed", slot)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def reap_workers(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            if code == EXIT_BOOT_ERROR and self.stopping_since_s is None:
+                log.critical("worker %d could not start (see above); stopping", worker.slot)
+                self.exit_code = EXIT_BOOT_ERROR
+                self.begin_stop("boot error")
+            elif self.stopping_since_s is None:
+                self.note_crash(worker, code)
+
+    def note_crash(self, worker: WorkerProcess, code: int) -> None:
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+        lived_s = time.monotonic() - worker.started_s
+        if lived_s >= STABLE_AFTER_S:
+            self.crashes[worker.slot] = 0
+        backoff_s = RESPAWN_BACKOFF_S[min(self.crashes[worker.slot], len(RESPAWN_BACKOFF_S) - 1)]
+        self.crashes[worker.slot] += 1
+        self.respawn_at_s[worker.slot] = time.monotonic() + backoff_s
+        log.error("worker %d (pid %d) %s after %.1f s; respawning in %.1f s",
+                  worker.slot, worker.pid, how, lived_s, backoff_s)
+
+    def kill_unresponsive(self) -> None:
+        now = time.monotonic()
+        for worker in list(self.workers.values()):
+            heartbeat_s = self.stats.read(worker.slot).heartbeat_s
+            if now - max(heartbeat_s, worker.started_s) > self.settings.worker_timeout_s:
+                log.error("worker %d (pid %d) stopped answering for %.0f s; killing it",
+                          worker.slot, worker.pid, now - heartbeat_s)
+                self.signal_worker(worker.pid, signal.SIGKILL)
+
+    def manage_workers(self) -> None:
+        if self.stopping_since_s is not None:
+            waited_s = time.monotonic() - self.stopping_since_s
+            if not self.workers:
+                self.done = True
+            elif waited_s > self.settings.graceful_timeout_s + KILL_MARGIN_S:
+                log.warning("workers still alive after the graceful timeout; killing them")
+                self.stop_workers(signal.SIGKILL)
+            return
+        running = {worker.slot for worker in self.workers.values()}
+        now = time.monotonic()
+        for slot in range(self.settings.workers):
+            if slot not in running and now >= self.respawn_at_s[slot]:
+                self.spawn_worker(slot)
+
+    def stop_workers(self, signum: int) -> None:
+        for pid in list(self.workers):
+            self.signal_worker(pid, signum)
+        if signum == signal.SIGKILL:
+            for pid in list(self.workers):
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+                self.workers.pop(pid, None)
+
+    @staticmethod
+    def signal_worker(pid: int, signum: int) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def log_summary(self) -> None:
+        if self.stats is None:
+            return
+        slots = [self.stats.read(slot) for slot in range(self.settings.workers)]
+        log.info("stopped: accepted per worker %s, bytes up %d, down %d",
+                 [s.accepted for s in slots], sum(s.bytes_up for s in slots),
+                 sum(s.bytes_down for s in slots))
+
+
+def _wake_only(signum, frame) -> None:
+    """Signal handlers only wake the loop (through set_wakeup_fd); the loop does the work."""
+
+
+def run(settings: Settings) -> int:
+    try:
+        return Master(settings).run()
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
+            raise BootError(f"cannot listen: {exc.strerror}") from exc
+        raise

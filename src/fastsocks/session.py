@@ -1,0 +1,271 @@
+"""One client connection on the control path, from accept until its relay starts.
+
+Theory of operation
+-------------------
+``handshake()`` reads the client's bytes into the sans-I/O protocol and answers its
+events: a greeting gets a method selection, a request ends the handshake. The whole
+handshake has one deadline, so a client trickling a byte a second is cut too.
+
+``connect()`` then resolves the destination (off-loop, see resolver.py), tries each
+address in turn with a non-blocking connect, each attempt getting an equal share of the
+time left before the connect deadline, and maps the last failure to a SOCKS reply code.
+
+On success the reply carries the outbound socket's real local address, and both sockets
+are detached and handed to the worker's relay engine together with any bytes the client
+pipelined behind its request. Every way out ends in ``finish()``, which closes what the
+session still owns and writes the one access-log line of a failed session; the access
+line of a relayed session is written when the engine reports it ended.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from fastsocks.errors import ProtocolError
+from fastsocks.protocol import socks5
+from fastsocks.protocol.socks5 import Command, Method, Reply
+
+if TYPE_CHECKING:
+    from fastsocks.worker import Worker
+
+access_log = logging.getLogger("fastsocks.access")
+log = logging.getLogger(__name__)
+
+RECV_BYTES = 4096
+
+ERRNO_REPLIES = {
+    errno.ECONNREFUSED: Reply.CONNECTION_REFUSED,
+    errno.ENETUNREACH: Reply.NETWORK_UNREACHABLE,
+    errno.ENETDOWN: Reply.NETWORK_UNREACHABLE,
+    errno.EAFNOSUPPORT: Reply.NETWORK_UNREACHABLE,
+    errno.EADDRNOTAVAIL: Reply.NETWORK_UNREACHABLE,
+    errno.EHOSTUNREACH: Reply.HOST_UNREACHABLE,
+    errno.EHOSTDOWN: Reply.HOST_UNREACHABLE,
+    errno.ETIMEDOUT: Reply.TTL_EXPIRED,
+    errno.EACCES: Reply.CONNECTION_NOT_ALLOWED,
+    errno.EPERM: Reply.CONNECTION_NOT_ALLOWED,
+}
+
+
+def reply_for_errno(err: int) -> Reply:
+    return ERRNO_REPLIES.get(err, Reply.GENERAL_FAILURE)
+
+
+def format_peer(address) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Session:
+    __slots__ = ("worker", "sid", "client", "peer", "conn", "upstream", "request", "candidates",
+                 "timer", "last_errno", "deadline_s", "started_s", "closed")
+
+    def __init__(self, worker: Worker, sid: int, client: socket.socket, peer: str) -> None:
+        self.worker = worker
+        self.sid = sid
+        self.client = client
+        self.peer = peer
+        self.conn = socks5.ServerConnection()
+        self.upstream: socket.socket | None = None
+        self.request: socks5.Request | None = None
+        self.candidates: list = []
+        self.timer = None
+        self.last_errno = 0
+        self.deadline_s = 0.0
+        self.started_s = time.monotonic()
+        self.closed = False
+
+    # ------------------------------------------------------------------ handshake
+
+    def start(self) -> None:
+        loop = self.worker.loop
+        loop.add_reader(self.client, self.on_client_readable)
+        self.timer = loop.call_later(self.worker.settings.handshake_timeout_s, self.on_handshake_timeout)
+        # TCP_DEFER_ACCEPT means the greeting is usually here already: no loop round trip.
+        self.on_client_readable()
+
+    def on_client_readable(self) -> None:
+        if self.closed:
+            return
+        try:
+            data = self.client.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.finish(None, f"client error during handshake: {exc.strerror}")
+            return
+        self.conn.receive_data(data)
+        self.handshake()
+
+    def handshake(self) -> None:
+        while not self.closed:
+            try:
+                event = self.conn.next_event()
+            except ProtocolError as exc:
+                self.protocol_failure(exc)
+                return
+            if event is socks5.NEED_DATA:
+                return
+            if isinstance(event, socks5.Greeting):
+                self.answer_greeting(event)
+            elif isinstance(event, socks5.Request):
+                self.answer_request(event)
+                return
+
+    def answer_greeting(self, greeting: socks5.Greeting) -> None:
+        if Method.NO_AUTH in greeting.methods:
+            self.send(self.conn.send(socks5.MethodSelection(Method.NO_AUTH)))
+            return
+        self.send(self.conn.send(socks5.MethodSelection(Method.NO_ACCEPTABLE)))
+        self.finish(None, f"no acceptable authentication method in {list(greeting.methods)}")
+
+    def answer_request(self, request: socks5.Request) -> None:
+        self.request = request
+        self.worker.loop.remove(self.client)
+        if request.command != Command.CONNECT:
+            self.fail(Reply.COMMAND_NOT_SUPPORTED, f"command {request.command!r} is not supported")
+            return
+        self.connect()
+
+    def protocol_failure(self, exc: ProtocolError) -> None:
+        refusal = self.conn.refusal()
+        if refusal is not None and not self.send(self.conn.send(refusal)):
+            return
+        self.finish(exc.reply, f"protocol error: {exc}")
+
+    def on_handshake_timeout(self) -> None:
+        self.finish(None, "handshake timed out")
+
+    # ------------------------------------------------------------------ connect
+
+    def connect(self) -> None:
+        request = self.request
+        self.timer.cancel()
+        self.deadline_s = time.monotonic() + self.worker.settings.connect_timeout_s
+        if request.address_type == socks5.AddressType.DOMAIN:
+            self.worker.resolver.resolve(request.host, request.port, self.on_resolved)
+            return
+        if request.address_type == socks5.AddressType.IPV6:
+            self.candidates = [(socket.AF_INET6, (request.host, request.port, 0, 0))]
+        else:
+            self.candidates = [(socket.AF_INET, (request.host, request.port))]
+        self.try_next_address()
+
+    def on_resolved(self, addresses, error: OSError | None) -> None:
+        if self.closed:
+            return
+        if error is not None:
+            self.fail(Reply.HOST_UNREACHABLE, f"cannot resolve {self.request.host!r}: {error}")
+            return
+        self.candidates = addresses
+        self.try_next_address()
+
+    def try_next_address(self) -> None:
+        while self.candidates:
+            family, sockaddr = self.candidates.pop(0)
+            left_s = self.deadline_s - time.monotonic()
+            if left_s <= 0:
+                self.last_errno = errno.ETIMEDOUT
+                break
+            if self.start_connect(family, sockaddr, left_s / (len(self.candidates) + 1)):
+                return
+        err = self.last_errno or errno.EHOSTUNREACH
+        self.fail(reply_for_errno(err), f"connect failed: {os.strerror(err)}")
+
+    def start_connect(self, family: int, sockaddr: tuple, timeout_s: float) -> bool:
+        """Begin one attempt; False when it failed at once (last_errno says why)."""
+        upstream = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # No bind() before connect(): the kernel picks a port unique per destination,
+        # so churn cannot exhaust the ephemeral range the way bind-first servers do.
+        err = upstream.connect_ex(sockaddr)
+        if err not in (0, errno.EINPROGRESS):
+            upstream.close()
+            self.last_errno = err
+            return False
+        self.upstream = upstream
+        self.worker.loop.add_writer(upstream, self.on_upstream_writable)
+        self.timer = self.worker.loop.call_later(timeout_s, self.on_connect_timeout)
+        return True
+
+    def on_upstream_writable(self) -> None:
+        if self.closed:
+            return
+        self.timer.cancel()
+        err = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self.drop_upstream(err)
+            self.try_next_address()
+            return
+        self.established()
+
+    def on_connect_timeout(self) -> None:
+        if self.closed:
+            return
+        self.drop_upstream(errno.ETIMEDOUT)
+        self.try_next_address()
+
+    def drop_upstream(self, err: int) -> None:
+        self.last_errno = err
+        self.worker.loop.remove(self.upstream)
+        self.upstream.close()
+        self.upstream = None
+
+    def established(self) -> None:
+        self.worker.loop.remove(self.upstream)
+        host, port = self.upstream.getsockname()[:2]
+        if not self.send(self.conn.send(socks5.CommandReply(Reply.SUCCEEDED, host, port))):
+            return
+        initial, _eof = self.conn.trailing_data
+        self.closed = True
+        client_fd, upstream_fd = self.client.detach(), self.upstream.detach()
+        self.worker.start_relay(self, client_fd, upstream_fd, initial)
+
+    # ------------------------------------------------------------------ endings
+
+    def send(self, data: bytes) -> bool:
+        """Replies are a few bytes on a fresh socket: they fit, or the client is gone."""
+        try:
+            sent = self.client.send(data)
+        except OSError as exc:
+            self.finish(None, f"client error: {exc.strerror or exc}")
+            return False
+        if sent != len(data):
+            self.finish(None, "client does not read its replies")
+            return False
+        return True
+
+    def fail(self, reply: Reply | None, why: str) -> None:
+        if reply is not None and not self.closed:
+            try:
+                self.send(self.conn.send(socks5.CommandReply(reply)))
+            except ProtocolError:
+                pass  # nothing can be answered in this state (e.g. still in the greeting)
+        self.finish(reply, why)
+
+    def finish(self, reply: Reply | None, why: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+        loop = self.worker.loop
+        loop.remove(self.client)
+        self.client.close()
+        if self.upstream is not None:
+            loop.remove(self.upstream)
+            self.upstream.close()
+        self.worker.session_failed(self, reply, why)
+
+    def describe(self) -> str:
+        request = self.request
+        if request is None:
+            return f"client={self.peer} cmd=- dest=-"
+        host = f"[{request.host}]" if ":" in request.host else request.host
+        command = getattr(request.command, "name", str(request.command)).lower()
+        return f"client={self.peer} cmd={command} dest={host}:{request.port}"

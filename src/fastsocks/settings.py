@@ -1,0 +1,94 @@
+"""Server settings: one frozen value built once from the command line, passed down.
+
+Every check happens here, before anything is bound or forked, and a bad value raises
+ConfigError naming the field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+
+from fastsocks.errors import ConfigError
+
+DEFAULT_PORT = 1080
+ACCEPT_MODES = ("reuseport", "shared")
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    @property
+    def family_is_ipv6(self) -> bool:
+        return ":" in self.host
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.family_is_ipv6 else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    listen: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", DEFAULT_PORT),)
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    accept_mode: str = "reuseport"
+    backlog: int = 4096
+    graceful_timeout_s: float = 30.0
+    handshake_timeout_s: float = 10.0
+    connect_timeout_s: float = 10.0
+    idle_timeout_s: float = 300.0
+    worker_timeout_s: float = 30.0
+    splice: bool = True
+    pipe_size: int = 1 << 20
+    max_pipes: int = 1024
+    buffer_size: int = 65536
+    resolver_threads: int = 4
+    dns_cache_ttl_s: float = 60.0
+    dns_cache_size: int = 4096
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("listen", bool(self.listen), "at least one address is needed"),
+            ("workers", 1 <= self.workers <= 1024, "expected 1-1024"),
+            ("accept_mode", self.accept_mode in ACCEPT_MODES, f"expected one of {', '.join(ACCEPT_MODES)}"),
+            ("backlog", 1 <= self.backlog <= 65535, "expected 1-65535"),
+            ("graceful_timeout", self.graceful_timeout_s >= 0, "expected a number of seconds >= 0"),
+            ("handshake_timeout", self.handshake_timeout_s > 0, "expected a number of seconds > 0"),
+            ("connect_timeout", self.connect_timeout_s > 0, "expected a number of seconds > 0"),
+            ("idle_timeout", self.idle_timeout_s >= 0, "expected a number of seconds >= 0 (0: never)"),
+            ("worker_timeout", self.worker_timeout_s >= 2, "expected a number of seconds >= 2"),
+            ("pipe_size", 4096 <= self.pipe_size <= 1 << 30, "expected 4096 bytes to 1 GiB"),
+            ("max_pipes", 0 <= self.max_pipes, "expected >= 0"),
+            ("buffer_size", 1024 <= self.buffer_size <= 1 << 24, "expected 1 KiB to 16 MiB"),
+            ("resolver_threads", 1 <= self.resolver_threads <= 256, "expected 1-256"),
+            ("log_level", self.log_level in ("debug", "info", "warning", "error"),
+             "expected debug, info, warning or error"),
+        ]
+        for name, ok, msg in checks:
+            if not ok:
+                raise ConfigError(None, None, name, msg)
+
+
+def parse_listen(text: str) -> ListenAddress:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all IPv4 interfaces) into a ListenAddress."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep:
+        raise ConfigError(None, None, "listen", f"{text!r}: expected HOST:PORT or [IPv6]:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        family_ok = ":" in host
+    else:
+        host = host or "0.0.0.0"
+        family_ok = ":" not in host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(None, None, "listen", f"{text!r}: the host must be an IP address") from None
+    if not family_ok:
+        raise ConfigError(None, None, "listen", f"{text!r}: write IPv6 addresses as [ADDR]:PORT")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ConfigError(None, None, "listen", f"{text!r}: expected a port 1-65535")
+    return ListenAddress(host, int(port_text))

@@ -1,0 +1,244 @@
+"""A worker process: accepts on the sockets its master opened, runs the SOCKS control
+path on a selectors loop and hands established sessions to the relay engine.
+
+Theory of operation
+-------------------
+Everything happens on one thread but DNS (resolver.py). The loop watches: the listening
+sockets of this worker's slot, the client and upstream sockets of sessions still in the
+handshake or connect phase, the relay engine's epoll fd, the resolver's eventfd and a
+socketpair that signal handlers write to. Once a second a tick writes the heartbeat and
+counters into the shared stats slot, expires idle relays, and checks that the master is
+still alive.
+
+SIGTERM/SIGINT start a drain: stop accepting, let every live session finish until the
+graceful timeout, then exit 0. A second SIGINT, or SIGQUIT, exits at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import time
+
+from fastsocks.loop import Loop
+from fastsocks.resolver import Resolver
+from fastsocks.session import Session, access_log, format_peer
+from fastsocks.settings import Settings
+from fastsocks.stats import SharedStats, SlotStats
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_BOOT_ERROR = 3   # the master stops instead of respawning (gunicorn's habit)
+ACCEPT_BATCH = 64     # accepts per wake-up, so a flood cannot starve established relays
+ACCEPT_PAUSE_S = 0.5  # back-off when out of file descriptors
+TICK_S = 1.0
+FD_EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def load_relay_engine(settings: Settings):
+    from fastsocks._relay import RelayEngine
+
+    return RelayEngine(buffer_size=settings.buffer_size, splice=settings.splice,
+                       pipe_size=settings.pipe_size, max_pipes=settings.max_pipes,
+                       idle_timeout_s=settings.idle_timeout_s)
+
+
+class Worker:
+    def __init__(self, slot: int, settings: Settings, listeners: list[socket.socket],
+                 stats: SharedStats, master_pid: int) -> None:
+        self.slot = slot
+        self.settings = settings
+        self.listeners = listeners
+        self.stats = stats
+        self.master_pid = master_pid
+        self.loop = Loop()
+        self.handshaking: dict[int, Session] = {}
+        self.relayed: dict[int, tuple[str, float]] = {}
+        self.next_sid = 0
+        self.accepted = 0
+        self.errors = 0
+        self.draining = False
+        self.drain_deadline_s = 0.0
+        self.exit_code: int | None = None
+        self.paused_accept = False
+        self.engine = None
+        self.resolver = None
+        self.signal_rsock = self.signal_wsock = None
+        self.base = stats.read(slot)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def run(self) -> int:
+        try:
+            self.boot()
+        except Exception:
+            log.exception("worker %d failed to start", self.slot)
+            return EXIT_BOOT_ERROR
+        log.debug("worker %d (pid %d) ready", self.slot, os.getpid())
+        while self.exit_code is None:
+            self.loop.run_once(0.0 if self.engine.pending else TICK_S)
+            if self.draining and not self.handshaking and not self.engine.active:
+                self.exit_code = EXIT_OK
+        self.shutdown()
+        return self.exit_code
+
+    def boot(self) -> None:
+        self.engine = load_relay_engine(self.settings)
+        self.resolver = Resolver(self.settings.resolver_threads, self.settings.dns_cache_ttl_s,
+                                 self.settings.dns_cache_size)
+        self.signal_rsock, self.signal_wsock = socket.socketpair()
+        for sock in (self.signal_rsock, self.signal_wsock):
+            sock.setblocking(False)
+        signal.set_wakeup_fd(self.signal_wsock.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+            signal.signal(signum, _wake_only)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.loop.add_reader(self.signal_rsock, self.on_signal)
+        self.loop.add_reader(self.engine, self.on_engine_ready)
+        self.loop.add_reader(self.resolver, self.resolver.dispatch)
+        self.resume_accepting()
+        self.loop.call_later(0, self.tick)
+
+    def shutdown(self) -> None:
+        for session in list(self.handshaking.values()):
+            session.finish(None, "worker shutting down")
+        for ended in self.engine.close():
+            self.session_ended(ended)
+        self.write_stats()
+        self.resolver.close()
+        signal.set_wakeup_fd(-1)
+        self.loop.close()
+        for sock in (self.signal_rsock, self.signal_wsock, *self.listeners):
+            sock.close()
+
+    # ------------------------------------------------------------------ signals
+
+    def on_signal(self) -> None:
+        try:
+            data = self.signal_rsock.recv(64)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum == signal.SIGQUIT or (signum == signal.SIGINT and self.draining):
+                self.exit_code = EXIT_OK
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self.begin_drain()
+            # SIGHUP is the master's business: it starts a new generation of workers.
+
+    def begin_drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        self.drain_deadline_s = time.monotonic() + self.settings.graceful_timeout_s
+        self.stop_accepting()
+        for sock in self.listeners:
+            sock.close()  # with the master's copy closed too, new connections are refused
+        log.info("worker %d draining: %d sessions relayed, %d in handshake", self.slot,
+                 self.engine.active, len(self.handshaking))
+
+    # ------------------------------------------------------------------ accept
+
+    def resume_accepting(self) -> None:
+        self.paused_accept = False
+        if self.draining:
+            return
+        for sock in self.listeners:
+            self.loop.add_reader(sock, lambda sock=sock: self.accept_from(sock))
+
+    def stop_accepting(self) -> None:
+        for sock in self.listeners:
+            self.loop.remove(sock)
+
+    def accept_from(self, listener: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                client, address = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno in FD_EXHAUSTION:
+                    self.pause_accepting(exc)
+                else:
+                    log.error("accept on %s failed: %s", listener.getsockname(), exc)
+                return
+            self.accepted += 1
+            client.setblocking(False)
+            self.next_sid += 1
+            session = Session(self, self.next_sid, client, format_peer(address))
+            self.handshaking[session.sid] = session
+            session.start()
+
+    def pause_accepting(self, exc: OSError) -> None:
+        if self.paused_accept:
+            return
+        log.warning("worker %d: %s: not accepting for %.1f s (open fds: %d sessions relayed, %d in handshake)",
+                    self.slot, exc.strerror, ACCEPT_PAUSE_S, self.engine.active, len(self.handshaking))
+        self.paused_accept = True
+        self.stop_accepting()
+        self.loop.call_later(ACCEPT_PAUSE_S, self.resume_accepting)
+
+    # ------------------------------------------------------------------ sessions
+
+    def start_relay(self, session: Session, client_fd: int, upstream_fd: int, initial: bytes) -> None:
+        del self.handshaking[session.sid]
+        self.relayed[session.sid] = (session.describe(), session.started_s)
+        try:
+            self.engine.add(client_fd, upstream_fd, session.sid, initial)
+        except OSError as exc:
+            # The engine closed both fds: the session ends here.
+            self.relayed.pop(session.sid, None)
+            self.errors += 1
+            log.error("%s relay could not start: %s", session.describe(), exc)
+
+    def session_failed(self, session: Session, reply, why: str) -> None:
+        self.handshaking.pop(session.sid, None)
+        reply_name = reply.name.lower() if hasattr(reply, "name") else ("-" if reply is None else str(reply))
+        access_log.info("%s reply=%s duration_s=%.3f error=%r", session.describe(), reply_name,
+                        time.monotonic() - session.started_s, why)
+
+    def session_ended(self, ended: tuple) -> None:
+        sid, up, down, reason, err = ended
+        described, started_s = self.relayed.pop(sid, ("client=? cmd=connect dest=?", time.monotonic()))
+        if reason == "error":
+            reason = f"error:{errno.errorcode.get(err, err)}"
+        access_log.info("%s reply=succeeded up=%d down=%d duration_s=%.3f end=%s",
+                        described, up, down, time.monotonic() - started_s, reason)
+
+    def on_engine_ready(self) -> None:
+        for ended in self.engine.run():
+            self.session_ended(ended)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def tick(self) -> None:
+        if os.getppid() != self.master_pid:
+            log.warning("worker %d: master %d is gone, exiting", self.slot, self.master_pid)
+            self.exit_code = EXIT_OK
+            return
+        for ended in self.engine.expire_idle():
+            self.session_ended(ended)
+        if self.draining and time.monotonic() >= self.drain_deadline_s:
+            log.warning("worker %d: graceful timeout, closing %d sessions", self.slot,
+                        self.engine.active + len(self.handshaking))
+            self.exit_code = EXIT_OK
+        self.write_stats()
+        self.loop.call_later(TICK_S, self.tick)
+
+    def write_stats(self) -> None:
+        up, down, sessions, _switches, _pipes = self.engine.counters()
+        base = self.base
+        self.stats.write(self.slot, SlotStats(
+            pid=os.getpid(), heartbeat_s=time.monotonic(), accepted=base.accepted + self.accepted,
+            active=self.engine.active + len(self.handshaking), bytes_up=base.bytes_up + up,
+            bytes_down=base.bytes_down + down, sessions=base.sessions + sessions,
+            errors=base.errors + self.errors))
+
+
+def _wake_only(signum, frame) -> None:
+    """Signal handlers only wake the loop (through set_wakeup_fd); the loop does the work."""

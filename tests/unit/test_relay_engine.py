@@ -1,0 +1,282 @@
+"""The relay engine and its pure-Python twin, driven through real loopback TCP sockets.
+
+Each case runs on both implementations: the Cython engine must behave exactly like the
+simple reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import selectors
+import socket
+import threading
+import time
+
+import pytest
+
+from fastsocks import _relay, _relay_py
+
+ENGINES = {"cython": _relay.RelayEngine, "python": _relay_py.RelayEngine}
+
+
+@pytest.fixture(params=sorted(ENGINES))
+def engine_cls(request):
+    return ENGINES[request.param]
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    return a, b
+
+
+class Relay:
+    """app_client <-> [client_fd  engine  upstream_fd] <-> app_upstream"""
+
+    def __init__(self, engine, initial: bytes = b"", tag: int = 7) -> None:
+        self.engine = engine
+        self.app_client, client_side = tcp_pair()
+        upstream_side, self.app_upstream = tcp_pair()
+        for sock in (client_side, upstream_side):
+            sock.setblocking(False)
+        self.ended: list[tuple] = []
+        engine.add(client_side.detach(), upstream_side.detach(), tag, initial)
+
+    def pump(self, until, timeout_s: float = 20.0) -> None:
+        """Run the engine on this thread until ``until()`` is true."""
+        deadline = time.monotonic() + timeout_s
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.engine.fileno(), selectors.EVENT_READ)
+            while not until():
+                assert time.monotonic() < deadline, "relay made no progress in time"
+                if not self.engine.pending:
+                    sel.select(0.05)
+                self.ended.extend(self.engine.run())
+
+    def close_apps(self) -> None:
+        self.app_client.close()
+        self.app_upstream.close()
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_bytes_flow_both_ways_and_counters_add_up(engine_cls):
+    engine = engine_cls()
+    relay = Relay(engine)
+    relay.app_client.sendall(b"hello upstream")
+    relay.app_upstream.sendall(b"hello client")
+    got = {}
+
+    def read(sock, key, n):
+        data = b""
+        while len(data) < n:
+            data += sock.recv(n - len(data))
+        got[key] = data
+
+    readers = [threading.Thread(target=read, args=(relay.app_upstream, "up", 14)),
+               threading.Thread(target=read, args=(relay.app_client, "down", 12))]
+    for t in readers:
+        t.start()
+    relay.pump(lambda: len(got) == 2)
+    assert got == {"up": b"hello upstream", "down": b"hello client"}
+    relay.app_client.shutdown(socket.SHUT_WR)
+    relay.app_upstream.shutdown(socket.SHUT_WR)
+    relay.pump(lambda: relay.ended)
+    assert relay.ended == [(7, 14, 12, "eof", 0)]
+    assert engine.active == 0
+    up, down, sessions, _, _ = engine.counters()
+    assert (up, down, sessions) == (14, 12, 1)
+    relay.close_apps()
+    engine.close()
+
+
+def test_large_transfer_each_way_is_intact(engine_cls):
+    engine = engine_cls()
+    relay = Relay(engine)
+    payload_up = os.urandom(1 << 20) * 12     # 12 MiB: enough for the splice switch
+    payload_down = os.urandom(1 << 20) * 12
+    digests = {}
+
+    def send(sock, data):
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+
+    def drain(sock, key):
+        h, n = hashlib.sha256(), 0
+        while chunk := sock.recv(1 << 16):
+            h.update(chunk)
+            n += len(chunk)
+        digests[key] = (h.hexdigest(), n)
+
+    threads = [threading.Thread(target=send, args=(relay.app_client, payload_up)),
+               threading.Thread(target=send, args=(relay.app_upstream, payload_down)),
+               threading.Thread(target=drain, args=(relay.app_upstream, "up")),
+               threading.Thread(target=drain, args=(relay.app_client, "down"))]
+    for t in threads:
+        t.start()
+    relay.pump(lambda: relay.ended, timeout_s=60)
+    for t in threads:
+        t.join(10)
+    assert digests["up"] == (hashlib.sha256(payload_up).hexdigest(), len(payload_up))
+    assert digests["down"] == (hashlib.sha256(payload_down).hexdigest(), len(payload_down))
+    assert relay.ended == [(7, len(payload_up), len(payload_down), "eof", 0)]
+    relay.close_apps()
+    engine.close()
+
+
+def test_streaming_switches_cython_engine_to_splice():
+    engine = _relay.RelayEngine(buffer_size=16384)
+    relay = Relay(engine)
+    payload = os.urandom(4 << 20)
+    received = bytearray()
+
+    def drain():
+        while chunk := relay.app_upstream.recv(1 << 16):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    threading.Thread(target=lambda: (relay.app_client.sendall(payload),
+                                     relay.app_client.shutdown(socket.SHUT_WR))).start()
+    relay.pump(lambda: not reader.is_alive() or len(received) == len(payload))
+    assert bytes(received) == payload
+    assert engine.counters()[3] >= 1, "a 4 MiB stream should have switched to splice()"
+    relay.close_apps()
+    relay.pump(lambda: relay.ended)
+    engine.close()
+
+
+def test_pipelined_initial_data_goes_first(engine_cls):
+    engine = engine_cls()
+    relay = Relay(engine, initial=b"GET / HTTP/1.0\r\n")
+    relay.app_client.sendall(b"\r\n")
+    relay.app_client.shutdown(socket.SHUT_WR)
+    data = bytearray()
+    relay.app_upstream.setblocking(False)
+
+    def got_all():
+        try:
+            data.extend(relay.app_upstream.recv(100))
+        except BlockingIOError:
+            pass
+        return bytes(data) == b"GET / HTTP/1.0\r\n\r\n"
+
+    relay.pump(got_all)
+    relay.close_apps()
+    relay.pump(lambda: relay.ended)
+    assert relay.ended[0][1] == 18
+    engine.close()
+
+
+def test_half_close_keeps_the_other_direction(engine_cls):
+    engine = engine_cls()
+    relay = Relay(engine)
+    relay.app_client.sendall(b"request")
+    relay.app_client.shutdown(socket.SHUT_WR)   # client is done sending
+    seen_eof = []
+
+    def upstream_side():
+        data = b""
+        while chunk := relay.app_upstream.recv(100):
+            data += chunk
+        seen_eof.append(data)
+        relay.app_upstream.sendall(b"response after EOF")
+        relay.app_upstream.close()
+
+    t = threading.Thread(target=upstream_side)
+    t.start()
+    relay.pump(lambda: relay.ended)
+    t.join(5)
+    assert seen_eof == [b"request"]
+    assert relay.app_client.recv(100) == b"response after EOF"
+    assert relay.app_client.recv(100) == b""
+    assert relay.ended == [(7, 7, 18, "eof", 0)]
+    relay.close_apps()
+    engine.close()
+
+
+def test_backpressure_buffers_nothing_unbounded(engine_cls):
+    engine = engine_cls()
+    relay = Relay(engine)
+    relay.app_client.setblocking(False)
+    sent = 0
+    chunk = b"x" * 65536
+    stalled = 0
+    # The upstream app never reads: after the socket buffers and one engine buffer are
+    # full, the client's sends must stall instead of the engine soaking up everything.
+    while stalled < 20 and sent < (256 << 20):
+        try:
+            sent += relay.app_client.send(chunk)
+            stalled = 0
+        except BlockingIOError:
+            stalled += 1
+            end = time.monotonic() + 0.02
+            relay.pump(lambda: time.monotonic() > end)
+    assert sent < (64 << 20), f"{sent} bytes taken while the destination read nothing"
+    relay.close_apps()
+    relay.pump(lambda: relay.ended)
+    assert relay.ended[0][3] in ("error", "eof")
+    engine.close()
+
+
+def test_reset_by_peer_ends_with_error(engine_cls):
+    engine = engine_cls()
+    relay = Relay(engine)
+    relay.app_client.sendall(b"data that the upstream never reads")
+    time.sleep(0.05)
+    relay.app_upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    relay.app_upstream.close()                  # RST
+    relay.pump(lambda: relay.ended)
+    assert relay.ended[0][3] == "error"
+    relay.app_client.close()
+    engine.close()
+
+
+def test_idle_sessions_expire_and_peers_see_eof(engine_cls):
+    engine = engine_cls(idle_timeout_s=0.05)
+    relay = Relay(engine)
+    time.sleep(0.1)
+    relay.ended.extend(engine.run())
+    relay.ended.extend(engine.expire_idle())
+    assert [e[3] for e in relay.ended] == ["idle"]
+    relay.app_client.settimeout(5)
+    assert relay.app_client.recv(10) == b""
+    relay.close_apps()
+    engine.close()
+
+
+def test_close_ends_every_session_and_leaks_no_fd(engine_cls):
+    before = fd_count()
+    engine = engine_cls()
+    relays = [Relay(engine, tag=i) for i in range(20)]
+    assert engine.active == 20
+    ended = engine.close()
+    assert sorted(e[0] for e in ended) == list(range(20))
+    assert {e[3] for e in ended} == {"shutdown"}
+    for relay in relays:
+        relay.close_apps()
+    assert fd_count() == before
+    assert engine.close() == []                 # idempotent
+
+
+def test_many_sessions_finish_without_fd_leak(engine_cls):
+    before = fd_count()
+    engine = engine_cls()
+    for round_ in range(3):
+        relays = [Relay(engine, tag=i) for i in range(50)]
+        for relay in relays:
+            relay.app_client.sendall(b"ping")
+            relay.app_client.shutdown(socket.SHUT_WR)
+            relay.app_upstream.shutdown(socket.SHUT_WR)
+        ended = []
+        relays[0].pump(lambda: (ended.extend(engine.run()), len(ended) >= 50)[1] or
+                       sum(len(r.ended) for r in relays) + len(ended) >= 50)
+        for relay in relays:
+            relay.close_apps()
+    assert engine.active == 0
+    engine.close()
+    assert fd_count() == before
