@@ -89,6 +89,7 @@ def parse_listen(text: str) -> ListenAddress:
         raise ConfigError(None, None, "listen", f"{text!r}: the host must be an IP address") from None
     if not family_ok:
         raise ConfigError(None, None, "listen", f"{text!r}: write IPv6 addresses as [ADDR]:PORT")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ConfigError(None, None, "listen", f"{text!r}: expected a port 1-65535")
+    # Port 0 lets the kernel pick a free port; the first log line says which.
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(None, None, "listen", f"{text!r}: expected a port 0-65535")
     return ListenAddress(host, int(port_text))

@@ -19,10 +19,12 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import signal
 import socket
 import time
 
+from fastsocks.errors import BootError
 from fastsocks.loop import Loop
 from fastsocks.resolver import Resolver
 from fastsocks.session import Session, access_log, format_peer
@@ -40,8 +42,11 @@ FD_EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 def load_relay_engine(settings: Settings):
-    from fastsocks._relay import RelayEngine
-
+    try:
+        from fastsocks._relay import RelayEngine
+    except ImportError as exc:
+        raise BootError(f"the relay engine is not built ({exc}); install the package with "
+                        "'pip install .' so that its Cython extension is compiled") from None
     return RelayEngine(buffer_size=settings.buffer_size, splice=settings.splice,
                        pipe_size=settings.pipe_size, max_pipes=settings.max_pipes,
                        idle_timeout_s=settings.idle_timeout_s)
@@ -68,6 +73,7 @@ class Worker:
         self.engine = None
         self.resolver = None
         self.signal_rsock = self.signal_wsock = None
+        self.watches: list[ListenerWatch] = []
         self.base = stats.read(slot)
 
     # ------------------------------------------------------------------ lifecycle
@@ -75,6 +81,9 @@ class Worker:
     def run(self) -> int:
         try:
             self.boot()
+        except BootError as exc:
+            log.critical("worker %d failed to start: %s", self.slot, exc)
+            return EXIT_BOOT_ERROR
         except Exception:
             log.exception("worker %d failed to start", self.slot)
             return EXIT_BOOT_ERROR
@@ -100,6 +109,8 @@ class Worker:
         self.loop.add_reader(self.signal_rsock, self.on_signal)
         self.loop.add_reader(self.engine, self.on_engine_ready)
         self.loop.add_reader(self.resolver, self.resolver.dispatch)
+        shared = self.settings.accept_mode == "shared"
+        self.watches = [ListenerWatch(sock, exclusive=shared) for sock in self.listeners]
         self.resume_accepting()
         self.loop.call_later(0, self.tick)
 
@@ -112,6 +123,8 @@ class Worker:
         self.resolver.close()
         signal.set_wakeup_fd(-1)
         self.loop.close()
+        for watch in self.watches:
+            watch.close()
         for sock in (self.signal_rsock, self.signal_wsock, *self.listeners):
             sock.close()
 
@@ -135,6 +148,8 @@ class Worker:
         self.draining = True
         self.drain_deadline_s = time.monotonic() + self.settings.graceful_timeout_s
         self.stop_accepting()
+        for watch in self.watches:
+            watch.close()
         for sock in self.listeners:
             sock.close()  # with the master's copy closed too, new connections are refused
         log.info("worker %d draining: %d sessions relayed, %d in handshake", self.slot,
@@ -146,14 +161,15 @@ class Worker:
         self.paused_accept = False
         if self.draining:
             return
-        for sock in self.listeners:
-            self.loop.add_reader(sock, lambda sock=sock: self.accept_from(sock))
+        for watch in self.watches:
+            self.loop.add_reader(watch, lambda watch=watch: self.accept_from(watch))
 
     def stop_accepting(self) -> None:
-        for sock in self.listeners:
-            self.loop.remove(sock)
+        for watch in self.watches:
+            self.loop.remove(watch)
 
-    def accept_from(self, listener: socket.socket) -> None:
+    def accept_from(self, watch: ListenerWatch) -> None:
+        listener = watch.sock
         for _ in range(ACCEPT_BATCH):
             try:
                 client, address = listener.accept()
@@ -168,6 +184,7 @@ class Worker:
                     log.error("accept on %s failed: %s", listener.getsockname(), exc)
                 return
             self.accepted += 1
+            watch.accepted()
             client.setblocking(False)
             self.next_sid += 1
             session = Session(self, self.next_sid, client, format_peer(address))
@@ -238,6 +255,43 @@ class Worker:
             active=self.engine.active + len(self.handshaking), bytes_up=base.bytes_up + up,
             bytes_down=base.bytes_down + down, sessions=base.sessions + sessions,
             errors=base.errors + self.errors))
+
+
+class ListenerWatch:
+    """What the loop watches for a listening socket.
+
+    In ``reuseport`` mode the socket itself. In ``shared`` mode every worker waits on the
+    same socket, and plain epoll would wake them all for each connection; so each worker
+    watches it through a small epoll set of its own with EPOLLEXCLUSIVE (one waiter woken),
+    and re-arms that registration every REARM_EVERY accepts, which moves it to the back of
+    the socket's wait queue: without it, wake-ups are LIFO and one worker takes nearly
+    everything (nginx re-arms the same way).
+    """
+
+    REARM_EVERY = 16
+
+    def __init__(self, sock: socket.socket, exclusive: bool) -> None:
+        self.sock = sock
+        self._epoll = select.epoll() if exclusive else None
+        self._since_rearm = 0
+        if self._epoll is not None:
+            self._epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+
+    def fileno(self) -> int:
+        return self._epoll.fileno() if self._epoll is not None else self.sock.fileno()
+
+    def accepted(self) -> None:
+        if self._epoll is None:
+            return
+        self._since_rearm += 1
+        if self._since_rearm >= self.REARM_EVERY:
+            self._since_rearm = 0
+            self._epoll.unregister(self.sock.fileno())
+            self._epoll.register(self.sock.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+
+    def close(self) -> None:
+        if self._epoll is not None:
+            self._epoll.close()
 
 
 def _wake_only(signum, frame) -> None:

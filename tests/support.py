@@ -1,0 +1,355 @@
+"""Fixtures shared by every tier: the installed server in a subprocess, loopback targets,
+a raw SOCKS5 client, and the rule for real clients that are missing.
+
+Every destination here is on loopback; tests whose names must fail to resolve run the
+server inside a private network namespace (see ``netns_run``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REQUIRE_CLIENTS = os.environ.get("FASTSOCKS_REQUIRE_CLIENTS") == "1"
+LISTENING = re.compile(r"listening on (\S+?):(\d+)[, ]")
+
+
+def require_client(available: bool, what: str) -> None:
+    """Skip when a real client is missing, except in CI, where it is a failure."""
+    if available:
+        return
+    if REQUIRE_CLIENTS:
+        pytest.fail(f"{what} is required (FASTSOCKS_REQUIRE_CLIENTS=1) but missing")
+    pytest.skip(f"{what} is not installed")
+
+
+def require_tool(name: str) -> str:
+    path = shutil.which(name)
+    require_client(path is not None, name)
+    return path
+
+
+def fastsocks_command() -> list[str]:
+    script = Path(sys.executable).with_name("fastsocks")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "fastsocks"]
+
+
+def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval_s)
+
+
+def children_of(pid: int) -> list[int]:
+    """Live child pids of ``pid`` (from /proc; workers are the master's children)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(entry))
+    return kids
+
+
+class Server:
+    """A running ``fastsocks`` (master and workers), its log collected line by line."""
+
+    def __init__(self, args: list[str], prefix: list[str] | None = None, env: dict | None = None) -> None:
+        self.args = args
+        self.lines: list[str] = []
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(
+            (prefix or []) + fastsocks_command() + args,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=True, env=env,
+        )
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+        match = self.wait_for_log(LISTENING, what="the 'listening on' line")
+        self.host, self.port = match.group(1).strip("[]"), int(match.group(2))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read_log(self) -> None:
+        for line in self.proc.stderr:
+            with self._lock:
+                self.lines.append(line.rstrip("\n"))
+
+    def log_text(self) -> str:
+        with self._lock:
+            return "\n".join(self.lines)
+
+    def wait_for_log(self, pattern, timeout_s: float = 10.0, what: str | None = None):
+        regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+
+        def found():
+            exited = self.proc.poll() is not None and not self._reader.is_alive()
+            with self._lock:
+                for line in self.lines:
+                    m = regex.search(line)
+                    if m:
+                        return m
+            if exited:
+                raise AssertionError(f"server exited ({self.proc.returncode}):\n{self.log_text()}")
+            return None
+
+        return wait_until(found, timeout_s, what=what or f"log line {regex.pattern!r}")
+
+    def count_log(self, pattern: str) -> int:
+        regex = re.compile(pattern)
+        with self._lock:
+            return sum(1 for line in self.lines if regex.search(line))
+
+    def workers(self) -> list[int]:
+        return children_of(self.pid)
+
+    def wait_workers(self, n: int, timeout_s: float = 10.0) -> list[int]:
+        return wait_until(lambda: (w := self.workers()) and len(w) == n and w, timeout_s,
+                          what=f"{n} workers")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._reader.join(5)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """Last resort: SIGKILL the master's process group (it and the workers we started)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(5)
+
+
+@pytest.fixture
+def start_server():
+    """``start_server(*args)`` starts fastsocks on a free loopback port; always cleaned up."""
+    servers: list[Server] = []
+
+    def start(*args: str, listen: bool = True, **kwargs) -> Server:
+        argv = list(args)
+        if listen and "--listen" not in argv:
+            argv = ["--listen", "127.0.0.1:0"] + argv
+        if "--workers" not in argv:
+            argv += ["--workers", "1"]
+        server = Server(argv, **kwargs)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(timeout_s=10)
+        server.kill()
+
+
+@pytest.fixture
+def server(start_server) -> Server:
+    return start_server("--workers", "2")
+
+
+# --------------------------------------------------------------------- loopback targets
+
+
+class TcpTarget:
+    """A threaded loopback TCP server running ``handler(conn)`` per connection."""
+
+    def __init__(self, handler, host: str = "127.0.0.1") -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.create_server((host, 0), family=family, backlog=512)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        self.handler = handler
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            self.handler(conn)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self.sock.close()
+
+
+def echo_handler(conn: socket.socket) -> None:
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+def http_handler(body: bytes):
+    """A minimal HTTP/1.0 server that answers every request with ``body``."""
+
+    def handle(conn: socket.socket) -> None:
+        request = b""
+        while b"\r\n\r\n" not in request:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            request += chunk
+        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\nContent-Type: text/plain\r\n\r\n"
+                     % len(body) + body)
+
+    return handle
+
+
+@pytest.fixture
+def tcp_target():
+    targets: list[TcpTarget] = []
+
+    def make(handler=echo_handler, host: str = "127.0.0.1") -> TcpTarget:
+        target = TcpTarget(handler, host)
+        targets.append(target)
+        return target
+
+    yield make
+    for target in targets:
+        target.close()
+
+
+@pytest.fixture
+def echo_target(tcp_target) -> TcpTarget:
+    return tcp_target(echo_handler)
+
+
+HTTP_BODY = b"fastsocks says hello through the proxy\n"
+
+
+@pytest.fixture
+def http_target(tcp_target) -> TcpTarget:
+    return tcp_target(http_handler(HTTP_BODY))
+
+
+# --------------------------------------------------------------------- a raw SOCKS5 client
+
+
+def socks5_request_bytes(host: str, port: int, command: int = 1) -> bytes:
+    try:
+        packed = socket.inet_pton(socket.AF_INET, host)
+        address = b"\x01" + packed
+    except OSError:
+        try:
+            address = b"\x04" + socket.inet_pton(socket.AF_INET6, host)
+        except OSError:
+            name = host.encode()
+            address = b"\x03" + bytes([len(name)]) + name
+    return b"\x05" + bytes([command]) + b"\x00" + address + struct.pack("!H", port)
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError(f"closed after {len(data)} of {n} bytes")
+        data += chunk
+    return data
+
+
+def read_socks5_reply(sock: socket.socket) -> tuple[int, str, int]:
+    """(reply code, bound host, bound port) of a SOCKS5 command reply."""
+    head = recv_exact(sock, 4)
+    assert head[0] == 5, head
+    atyp = head[3]
+    if atyp == 1:
+        host = socket.inet_ntop(socket.AF_INET, recv_exact(sock, 4))
+    elif atyp == 4:
+        host = socket.inet_ntop(socket.AF_INET6, recv_exact(sock, 16))
+    else:
+        host = recv_exact(sock, recv_exact(sock, 1)[0]).decode()
+    port = struct.unpack("!H", recv_exact(sock, 2))[0]
+    return head[1], host, port
+
+
+def socks5_connect(proxy: tuple[str, int], host: str, port: int, timeout_s: float = 10.0,
+                   pipelined: bytes = b"") -> tuple[socket.socket, tuple[int, str, int]]:
+    """Greeting, CONNECT and (optionally) payload in one segment; returns the socket and reply."""
+    sock = socket.create_connection(proxy, timeout=timeout_s)
+    sock.sendall(b"\x05\x01\x00" + socks5_request_bytes(host, port) + pipelined)
+    assert recv_exact(sock, 2) == b"\x05\x00"
+    return sock, read_socks5_reply(sock)
+
+
+# --------------------------------------------------------------------- network namespaces
+
+
+def netns_available() -> tuple[bool, str]:
+    if os.geteuid() != 0:
+        return False, "needs root for unshare -n"
+    if not shutil.which("unshare") or not shutil.which("ip"):
+        return False, "needs unshare (util-linux) and ip (iproute2)"
+    probe = subprocess.run(["unshare", "-n", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        return False, f"unshare -n -m fails here: {probe.stderr.decode().strip()}"
+    return True, ""
+
+
+NETNS_SETUP = """set -e
+ip link set lo up
+mount --bind "$FS_RESOLV" /etc/resolv.conf
+mount --bind "$FS_HOSTS" /etc/hosts
+exec "$@"
+"""
+
+
+@pytest.fixture
+def netns_prefix(tmp_path):
+    """A command prefix that runs a program in a new network namespace holding only ``lo``,
+    with resolv.conf pointing at 127.0.0.1 (nothing listens there) and a hosts file of our
+    own: no packet and no DNS query can leave the machine."""
+    ok, why = netns_available()
+    require_client(ok, f"a private network namespace ({why})")
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost\n")
+    env = dict(os.environ, FS_RESOLV=str(resolv), FS_HOSTS=str(hosts))
+    return ["unshare", "-n", "-m", "--propagation", "private", "sh", "-c", NETNS_SETUP, "netns"], env
