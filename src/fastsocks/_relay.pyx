@@ -31,6 +31,9 @@ on a source is forwarded as ``shutdown(SHUT_WR)`` once everything read has been 
 the other direction keeps running. A session ends when both directions have forwarded
 EOF, on the first error, on idle timeout, or when the engine is shut down.
 
+splice() has no MSG_NOSIGNAL: the engine relies on SIGPIPE being ignored, which the
+Python interpreter does at start-up (and forked workers inherit).
+
 Fairness: a direction moves at most BUDGET chunks per call; a session that is still ready
 goes on a run queue served first by the next ``run()``, and ``pending`` tells the worker
 to poll again at once instead of sleeping.

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import selectors
 import time
 from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 
 class Timer:
@@ -54,7 +57,7 @@ class Loop:
         if self._timers:
             timeout = min(timeout, max(0.0, self._timers[0][0] - time.monotonic()))
         for key, _mask in self.selector.select(timeout):
-            key.data()
+            self._call(key.data)
         self._run_due_timers()
 
     def _run_due_timers(self) -> None:
@@ -62,7 +65,15 @@ class Loop:
         while self._timers and self._timers[0][0] <= now:
             _, _, timer = heapq.heappop(self._timers)
             if not timer.cancelled:
-                timer.callback()
+                self._call(timer.callback)
+
+    @staticmethod
+    def _call(callback: Callable[[], None]) -> None:
+        """A bug in one callback is logged and costs that callback, never the worker."""
+        try:
+            callback()
+        except Exception:
+            log.exception("unexpected error in %r", callback)
 
     def close(self) -> None:
         self.selector.close()

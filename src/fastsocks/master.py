@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -66,6 +67,7 @@ class Master:
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
+        raise_fd_limit()
         self.listeners = ListenerSet(self.settings)
         self.stats = SharedStats(self.settings.workers)
         self.install_signals()
@@ -252,6 +254,19 @@ class Master:
         log.info("stopped: accepted per worker %s, bytes up %d, down %d",
                  [s.accepted for s in slots], sum(s.bytes_up for s in slots),
                  sum(s.bytes_down for s in slots))
+
+
+def raise_fd_limit() -> None:
+    """Each relayed session holds two sockets (and up to two pipes while streaming): lift
+    the soft RLIMIT_NOFILE to the hard limit, which the workers inherit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+            return
+    log.debug("open-file limit: %d", max(soft, hard))
 
 
 def _wake_only(signum, frame) -> None:

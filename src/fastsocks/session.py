@@ -179,7 +179,11 @@ class Session:
 
     def start_connect(self, family: int, sockaddr: tuple, timeout_s: float) -> bool:
         """Begin one attempt; False when it failed at once (last_errno says why)."""
-        upstream = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            upstream = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        except OSError as exc:  # EMFILE/ENFILE, or no IPv6 on this host (EAFNOSUPPORT)
+            self.last_errno = exc.errno or errno.EIO
+            return False
         upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # No bind() before connect(): the kernel picks a port unique per destination,
         # so churn cannot exhaust the ephemeral range the way bind-first servers do.

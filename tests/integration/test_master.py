@@ -89,6 +89,15 @@ def test_killed_worker_is_replaced_and_the_port_keeps_answering(start_server, ec
         assert fetch_echo(server.address, echo_target) == b"ping"
 
 
+def test_a_hung_worker_is_killed_and_replaced(start_server, echo_target):
+    server = start_server("--workers", "1", "--worker-timeout", "2")
+    (hung,) = server.wait_workers(1)
+    os.kill(hung, signal.SIGSTOP)     # alive, but its heartbeat stops
+    server.wait_for_log(rf"worker 0 \(pid {hung}\) stopped answering", timeout_s=15)
+    wait_until(lambda: (w := server.workers()) and hung not in w, timeout_s=10, what="a new worker")
+    assert fetch_echo(server.address, echo_target) == b"ping"
+
+
 def test_sigterm_lets_a_running_transfer_finish_then_exits_zero(start_server, tcp_target):
     block = os.urandom(1 << 20)
     total_blocks = 40
