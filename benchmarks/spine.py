@@ -50,49 +50,43 @@ def tree(pid: int) -> list[int]:
     return [pid] + kids
 
 
-def source_server(total: int) -> socket.socket:
-    """Sends `total` bytes to every connection, after reading a 1-byte go."""
-    srv = socket.create_server(("127.0.0.1", 0), backlog=128)
-    block = memoryview(b"\0" * (4 << 20))
+def serve(handler, backlog: int = 4096) -> socket.socket:
+    """A loopback server running ``handler(conn)`` on a thread per connection."""
+    srv = socket.create_server(("127.0.0.1", 0), backlog=backlog)
 
-    def serve():
+    def accept_loop():
         while True:
             try:
                 conn, _ = srv.accept()
             except OSError:
                 return
-            threading.Thread(target=send, args=(conn,), daemon=True).start()
+            threading.Thread(target=handler, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept_loop, daemon=True).start()
+    return srv
+
+
+def source_server(total: int) -> socket.socket:
+    """Sends `total` bytes to every connection, after reading a 1-byte go."""
+    block = memoryview(b"\0" * (4 << 20))
 
     def send(conn):
         with conn:
             conn.recv(1)
             left = total
             while left > 0:
-                n = conn.send(block[: min(len(block), left)])
-                left -= n
+                left -= conn.send(block[: min(len(block), left)])
 
-    threading.Thread(target=serve, daemon=True).start()
-    return srv
+    return serve(send)
 
 
 def echo_server() -> socket.socket:
-    srv = socket.create_server(("127.0.0.1", 0), backlog=4096)
-
-    def serve():
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=echo, args=(conn,), daemon=True).start()
-
     def echo(conn):
         with conn:
             while data := conn.recv(65536):
                 conn.sendall(data)
 
-    threading.Thread(target=serve, daemon=True).start()
-    return srv
+    return serve(echo)
 
 
 def socks_connect(proxy, target) -> socket.socket:
