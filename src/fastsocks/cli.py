@@ -14,13 +14,22 @@ from fastsocks.settings import ACCEPT_MODES, Settings, parse_listen
 log = logging.getLogger("fastsocks")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where it says something (not for flags and unset options)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, True, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = Settings(workers=1)
     parser = argparse.ArgumentParser(
         prog="fastsocks",
         description="A prefork SOCKS5 proxy server. With no options it serves SOCKS5 "
                     "(no authentication) on 127.0.0.1:1080 with one worker per CPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fastsocks {__version__}")
     parser.add_argument("-l", "--listen", action="append", metavar="HOST:PORT", type=_listen,

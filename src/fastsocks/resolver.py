@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-# (family, sockaddr) pairs in the order getaddrinfo gave them, or the error.
-Addresses = list[tuple[int, tuple]]
+# (family, sockaddr) pairs in the order getaddrinfo gave them. A tuple: the same value is
+# handed to every caller and kept in the cache, so nobody may change it.
+Addresses = tuple[tuple[int, tuple], ...]
 Callback = Callable[[Addresses | None, OSError | None], None]
 
 
@@ -55,7 +56,7 @@ class Resolver:
         """Runs on a pool thread: nothing here touches the loop's state but the deque."""
         try:
             infos = socket.getaddrinfo(key[0], key[1], type=socket.SOCK_STREAM)
-            result = ([(family, sockaddr) for family, _, _, _, sockaddr in infos], None)
+            result = (tuple((family, sockaddr) for family, _, _, _, sockaddr in infos), None)
         except OSError as exc:
             result = (None, exc)
         self._done.append((key, result))

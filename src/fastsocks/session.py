@@ -162,7 +162,7 @@ class Session:
         if error is not None:
             self.fail(Reply.HOST_UNREACHABLE, f"cannot resolve {self.request.host!r}: {error}")
             return
-        self.candidates = addresses
+        self.candidates = list(addresses)  # ours to consume; the resolver's value is shared
         self.try_next_address()
 
     def try_next_address(self) -> None:

@@ -90,6 +90,10 @@ class Worker:
         log.debug("worker %d (pid %d) ready", self.slot, os.getpid())
         while self.exit_code is None:
             self.loop.run_once(0.0 if self.engine.pending else TICK_S)
+            if self.engine.pending:
+                # Sessions that used up their budget wait on the engine's run queue, not
+                # on a new epoll event: serve them now, or they would stall for good.
+                self.on_engine_ready()
             if self.draining and not self.handshaking and not self.engine.active:
                 self.exit_code = EXIT_OK
         self.shutdown()
