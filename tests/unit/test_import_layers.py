@@ -64,7 +64,6 @@ def violations(path: Path) -> list[str]:
 
 
 PROTOCOL_FILES = sorted((PACKAGE_DIR / "protocol").glob("*.py"))
-POLICY_FILES = sorted([*PACKAGE_DIR.glob("policy*.py"), *PACKAGE_DIR.glob("policy/**/*.py")])
 
 
 def test_protocol_package_exists() -> None:
@@ -77,10 +76,65 @@ def test_protocol_is_pure(path: Path) -> None:
     assert violations(path) == []
 
 
-@pytest.mark.skipif(not POLICY_FILES, reason="no policy module yet")
-@pytest.mark.parametrize("path", POLICY_FILES or [None], ids=lambda p: getattr(p, "name", "none"))
-def test_policy_is_pure(path: Path) -> None:
-    assert violations(path) == []
+# DESIGN.md §3: cli -> master -> worker -> session -> protocol; a module may import only
+# modules of a lower rank (imports under ``if TYPE_CHECKING:`` are for annotations only).
+RANKS = {
+    "errors": 0, "__init__": 0, "__main__": 6,
+    "protocol": 1, "settings": 1, "stats": 1, "logs": 1, "loop": 1, "resolver": 1,
+    "_relay": 1, "_relay_py": 1,
+    "listeners": 2, "session": 2,
+    "worker": 3,
+    "master": 4, "bench": 4,
+    "cli": 5,
+}
+
+
+def top_module(dotted: str) -> str | None:
+    parts = dotted.split(".")
+    if parts[0] != "fastsocks":
+        return None
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def runtime_fastsocks_imports(path: Path) -> set[str]:
+    """fastsocks modules imported at run time by the top-level module at ``path``."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            # A relative import in a top-level module is relative to the fastsocks package.
+            base = ("fastsocks." + (node.module or "")).rstrip(".") if node.level else (node.module or "")
+            found.update([base] + [f"{base}.{alias.name}" for alias in node.names])
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return {m for name in found if (m := top_module(name)) is not None}
+
+
+TOP_LEVEL = sorted(p for p in PACKAGE_DIR.glob("*.py"))
+
+
+def test_every_module_has_a_rank() -> None:
+    assert {p.stem for p in TOP_LEVEL} <= set(RANKS), "give new modules a rank above"
+
+
+@pytest.mark.parametrize("path", TOP_LEVEL, ids=lambda p: p.name)
+def test_no_module_imports_a_higher_layer(path: Path) -> None:
+    me = RANKS[path.stem]
+    upward = sorted(m for m in runtime_fastsocks_imports(path)
+                    if m in RANKS and m != path.stem and RANKS[m] >= me and m not in ("__init__", "errors"))
+    assert upward == [], f"{path.name} (rank {me}) imports {upward}"
+
+
+def test_layer_check_catches_an_upward_import(tmp_path: Path) -> None:
+    bad = tmp_path / "session.py"
+    bad.write_text("from fastsocks.worker import Worker\nif TYPE_CHECKING:\n    from fastsocks.master import Master\n")
+    assert runtime_fastsocks_imports(bad) == {"worker"}
 
 
 @pytest.mark.parametrize(
