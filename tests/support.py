@@ -78,7 +78,8 @@ def children_of(pid: int) -> list[int]:
 class Server:
     """A running ``fastsocks`` (master and workers), its log collected line by line."""
 
-    def __init__(self, args: list[str], prefix: list[str] | None = None, env: dict | None = None) -> None:
+    def __init__(self, args: list[str], prefix: list[str] | None = None, env: dict | None = None,
+                 on_spawn=None) -> None:
         self.args = args
         self.lines: list[str] = []
         self._lock = threading.Lock()
@@ -87,6 +88,8 @@ class Server:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
             start_new_session=True, env=env,
         )
+        if on_spawn is not None:
+            on_spawn(self)  # registered for clean-up before anything here can fail
         self._reader = threading.Thread(target=self._read_log, daemon=True)
         self._reader.start()
         match = self.wait_for_log(LISTENING, what="the 'listening on' line")
@@ -167,8 +170,7 @@ def start_server():
             argv = ["--listen", "127.0.0.1:0"] + argv
         if "--workers" not in argv:
             argv += ["--workers", "1"]
-        server = Server(argv, **kwargs)
-        servers.append(server)
+        server = Server(argv, on_spawn=servers.append, **kwargs)
         return server
 
     yield start

@@ -208,10 +208,10 @@ class Master:
     def kill_unresponsive(self) -> None:
         now = time.monotonic()
         for worker in list(self.workers.values()):
-            heartbeat_s = self.stats.read(worker.slot).heartbeat_s
-            if now - max(heartbeat_s, worker.started_s) > self.settings.worker_timeout_s:
-                log.error("worker %d (pid %d) stopped answering for %.0f s; killing it",
-                          worker.slot, worker.pid, now - heartbeat_s)
+            silent_s = now - max(self.stats.heartbeat(worker.slot), worker.started_s)
+            if silent_s > self.settings.worker_timeout_s:
+                log.error("worker %d (pid %d) stopped answering: last heartbeat %.0f s ago; killing it",
+                          worker.slot, worker.pid, silent_s)
                 self.signal_worker(worker.pid, signal.SIGKILL)
 
     def manage_workers(self) -> None:

@@ -1,19 +1,18 @@
 """Per-worker counters in one anonymous shared memory map, mapped by the master before forking.
 
 Each worker writes only its own slot; the master reads every slot for liveness (the
-heartbeat) and for its summary. No lock and no IPC: every field is a single aligned
-8-byte store.
+heartbeat) and for its summary. No lock and no IPC: every field is one aligned 8-byte
+word written with a single store (a typed memoryview), so a reader in another process
+sees the old value or the new one, never a mix (struct.pack_into would copy a double
+byte by byte).
 """
 
 from __future__ import annotations
 
 import mmap
-import struct
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, fields
 
-_SLOT = struct.Struct("=qdQQQQQQ")  # pid, heartbeat_s, accepted, active, bytes_up, bytes_down, sessions, errors
-SLOT_BYTES = 64
-assert _SLOT.size <= SLOT_BYTES
+SLOT_WORDS = 8  # 64 bytes: one cache line per worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,17 +27,33 @@ class SlotStats:
     errors: int
 
 
+HEARTBEAT = [f.name for f in fields(SlotStats)].index("heartbeat_s")
+assert len(fields(SlotStats)) <= SLOT_WORDS
+
+
 class SharedStats:
     def __init__(self, slots: int) -> None:
         self.slots = slots
-        self._map = mmap.mmap(-1, max(SLOT_BYTES * slots, mmap.PAGESIZE), flags=mmap.MAP_SHARED)
+        self._map = mmap.mmap(-1, max(8 * SLOT_WORDS * slots, mmap.PAGESIZE), flags=mmap.MAP_SHARED)
+        self._ints = memoryview(self._map).cast("q")
+        self._floats = memoryview(self._map).cast("d")
 
     def read(self, slot: int) -> SlotStats:
-        return SlotStats(*_SLOT.unpack_from(self._map, slot * SLOT_BYTES))
+        base = slot * SLOT_WORDS
+        values = [self._ints[base + i] for i in range(len(fields(SlotStats)))]
+        values[HEARTBEAT] = self._floats[base + HEARTBEAT]
+        return SlotStats(*values)
 
     def write(self, slot: int, stats: SlotStats) -> None:
-        _SLOT.pack_into(self._map, slot * SLOT_BYTES, stats.pid, stats.heartbeat_s, stats.accepted,
-                        stats.active, stats.bytes_up, stats.bytes_down, stats.sessions, stats.errors)
+        base = slot * SLOT_WORDS
+        for i, value in enumerate(astuple(stats)):
+            if i == HEARTBEAT:
+                self._floats[base + i] = value
+            else:
+                self._ints[base + i] = value
+
+    def heartbeat(self, slot: int) -> float:
+        return self._floats[slot * SLOT_WORDS + HEARTBEAT]
 
     def reset(self, slot: int, pid: int, now_s: float) -> None:
         """Start a slot afresh for a new worker (cumulative counts are kept)."""
@@ -47,4 +62,6 @@ class SharedStats:
                                    old.sessions, old.errors))
 
     def close(self) -> None:
+        self._ints.release()
+        self._floats.release()
         self._map.close()
