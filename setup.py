@@ -33,6 +33,12 @@ extensions = [
         define_macros=macros,
         extra_compile_args=compile_args,
     ),
+    Extension(
+        "fastsocks.bench._loadgen",
+        ["src/fastsocks/bench/_loadgen.pyx"],
+        define_macros=macros,
+        extra_compile_args=compile_args,
+    ),
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives, annotate=DEBUG))

@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastsocks",
         description="A prefork SOCKS5 proxy server. With no options it serves SOCKS5 "
                     "(no authentication) on 127.0.0.1:1080 with one worker per CPU.",
+        epilog="Subcommands: 'fastsocks bench --help' load-tests any SOCKS5 proxy.",
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fastsocks {__version__}")
@@ -82,7 +83,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings(**kwargs)
 
 
+SUBCOMMANDS = {"bench": "fastsocks.bench.cli"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        # `fastsocks bench ...`: the load generator has its own parser and help.
+        import importlib
+
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

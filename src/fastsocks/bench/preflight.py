@@ -1,0 +1,89 @@
+"""One exchange over the whole path, in plain blocking Python, before any load: a wrong
+port, a refused login or a target that does not echo is then one clear sentence instead
+of a table full of errors.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from fastsocks.bench import wire
+from fastsocks.bench._loadgen import pattern_bytes
+from fastsocks.bench.params import Address, Endpoint, ProxyURL
+
+PROBE_BYTES = 16
+
+
+class PreflightError(Exception):
+    """The path does not work; the message says where and why."""
+
+
+def check_path(address: Address, proxy: ProxyURL | None, target: Endpoint, bulk: bool,
+               timeout_s: float) -> None:
+    """Connect to ``address`` (the proxy's, or the target's when direct), go through the
+    proxy to ``target`` and check that the target answers as the mode needs."""
+    where = f"proxy {proxy.endpoint}" if proxy else f"target {target}"
+    try:
+        with socket.create_connection((address.ip, address.port), timeout=timeout_s) as sock:
+            if proxy:
+                _socks5_connect(sock, proxy, target)
+            if bulk:
+                _probe_bulk(sock, target)
+            else:
+                _probe_echo(sock, target)
+    except PreflightError:
+        raise
+    except socket.timeout:
+        raise PreflightError(f"{where}: no answer within {timeout_s:g} s") from None
+    except OSError as exc:
+        raise PreflightError(f"{where}: {exc.strerror or exc}") from None
+
+
+def _socks5_connect(sock: socket.socket, proxy: ProxyURL, target: Endpoint) -> None:
+    sock.sendall(wire.greeting(proxy.has_credentials))
+    version, method = _recv_exact(sock, 2, "the method selection")
+    if version != wire.SOCKS_VERSION:
+        raise PreflightError(f"proxy {proxy.endpoint} does not speak SOCKS5 (version byte {version})")
+    if method == 0x02 and proxy.has_credentials:
+        sock.sendall(wire.auth_request(proxy.username, proxy.password))
+        if _recv_exact(sock, 2, "the authentication status")[1] != 0:
+            raise PreflightError(f"proxy {proxy.endpoint} refused the user name and password")
+    elif method != 0x00:
+        offered = "username/password" if proxy.has_credentials else "no authentication"
+        hint = "" if proxy.has_credentials else " (give socks5://USER:PASS@HOST:PORT)"
+        raise PreflightError(f"proxy {proxy.endpoint} does not accept {offered}{hint}")
+    sock.sendall(wire.connect_request(target.host, target.port))
+    head = _recv_exact(sock, 5, "the CONNECT reply")
+    if head[1] != 0:
+        raise PreflightError(f"proxy {proxy.endpoint} refused CONNECT {target}: "
+                             f"{wire.reply_name(head[1])}")
+    length = wire.reply_length(head)
+    if length is None:
+        raise PreflightError(f"proxy {proxy.endpoint} sent a reply with address type {head[3]}")
+    _recv_exact(sock, length - 5, "the CONNECT reply")
+
+
+def _probe_echo(sock: socket.socket, target: Endpoint) -> None:
+    probe = pattern_bytes(0, PROBE_BYTES)
+    sock.sendall(probe)
+    if _recv_exact(sock, len(probe), f"the echo from {target}") != probe:
+        raise PreflightError(f"target {target} does not echo what it receives")
+
+
+def _probe_bulk(sock: socket.socket, target: Endpoint) -> None:
+    # An upload of zero bytes: the sink answers with its result at once.
+    sock.sendall(wire.bulk_header(wire.FLAG_UPLOAD, 0, 0))
+    answer = _recv_exact(sock, wire.RESULT_SIZE, f"the bulk result from {target}")
+    if wire.parse_result(answer)[0] != 0:
+        raise PreflightError(f"target {target} does not speak the bench protocol: "
+                             f"run `fastsocks bench serve` there")
+
+
+def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise PreflightError(f"the connection closed while waiting for {what}")
+        data += chunk
+    return data

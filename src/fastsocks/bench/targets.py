@@ -1,0 +1,127 @@
+"""The built-in target: echo, bulk source and bulk sink on one loopback port.
+
+The compiled ``TargetServer`` runs in a forked child, so that it has a core of its own
+and never shares the load generator's. The child serves until its stop pipe reports
+EOF: when we close our end, and just as well when we die and the kernel closes it for
+us, so no exit path of ours leaves a target behind. ``serve_forever`` runs the same
+server in the foreground for ``fastsocks bench serve``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Callable
+
+from fastsocks.bench._loadgen import Pattern, TargetServer
+from fastsocks.bench.params import Endpoint
+from fastsocks.bench.proctree import process_cpu_seconds, reap
+
+LOOPBACK = "127.0.0.1"
+BACKLOG = 4096
+
+
+def raise_fd_limit() -> int:
+    """Lift the soft RLIMIT_NOFILE to the hard one (idle runs hold many sockets)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def listening_socket(endpoint: Endpoint) -> socket.socket:
+    family = socket.AF_INET6 if endpoint.is_ipv6 else socket.AF_INET
+    sock = socket.create_server((endpoint.host, endpoint.port), family=family, backlog=BACKLOG)
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+class TargetProcess:
+    """The target server in a child process, listening on 127.0.0.1 only."""
+
+    def __init__(self, pattern: Pattern) -> None:
+        self.pattern = pattern
+        self.pid: int | None = None
+        self.stop_fd: int | None = None  # our end of the stop pipe; children must close it
+        self.endpoint: Endpoint | None = None
+
+    def start(self) -> Endpoint:
+        with listening_socket(Endpoint(LOOPBACK, 0)) as sock:
+            stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
+            pid = os.fork()
+            if pid == 0:
+                os.close(stop_w)
+                _serve_in_child(sock, stop_r, self.pattern)
+            os.close(stop_r)
+            self.pid, self.stop_fd = pid, stop_w
+            self.endpoint = Endpoint(LOOPBACK, sock.getsockname()[1])
+        return self.endpoint
+
+    def cpu_s(self) -> float | None:
+        return None if self.pid is None else process_cpu_seconds(self.pid)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Close the stop pipe, reap the child; SIGKILL it if it does not go. Idempotent."""
+        if self.stop_fd is not None:
+            os.close(self.stop_fd)
+            self.stop_fd = None
+        if self.pid is not None:
+            reap(self.pid, timeout_s)
+            self.pid = None
+
+    def __enter__(self) -> TargetProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _serve_in_child(sock: socket.socket, stop_fd: int, pattern: Pattern) -> None:
+    code = 0
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+        raise_fd_limit()
+        server = TargetServer(sock.fileno(), pattern)
+        server.serve(stop_fd)
+        server.close()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def serve_forever(endpoint: Endpoint, announce: Callable[[str], None]) -> None:
+    """Serve in the foreground until SIGINT or SIGTERM (``fastsocks bench serve``)."""
+    raise_fd_limit()
+    pattern = Pattern()
+    wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    # A signal writes a byte to wake_w: the C loop sees wake_r readable and returns, and
+    # Python then runs the handler (SIGINT raises KeyboardInterrupt).
+    previous_wakeup = signal.set_wakeup_fd(wake_w)
+    previous_term = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        with listening_socket(endpoint) as sock:
+            host, port = sock.getsockname()[:2]
+            announce(f"fastsocks bench serve: echo, bulk source and sink on "
+                     f"{Endpoint(host, port)} (Ctrl-C to stop)")
+            sys.stdout.flush()
+            server = TargetServer(sock.fileno(), pattern)
+            try:
+                server.serve(wake_r)
+            finally:
+                server.close()
+    finally:
+        signal.set_wakeup_fd(previous_wakeup)
+        signal.signal(signal.SIGTERM, previous_term)
+        os.close(wake_r)
+        os.close(wake_w)
+        pattern.close()
