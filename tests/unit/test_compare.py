@@ -1,0 +1,446 @@
+"""The comparison suite's own logic (benchmarks/compare.py): statistics, run order, the
+result document, the Markdown table, skipped peers, Dante's config, and one whole matrix
+driven end to end by stand-ins (a tiny SOCKS5 greeting server and a stand-in for
+`fastsocks bench` that writes JSON in its format). No assertion on speed anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+COMPARE = Path(__file__).resolve().parents[2] / "benchmarks" / "compare.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("fastsocks_bench_compare", COMPARE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module     # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = _load()
+W = compare.WORKLOADS
+
+
+def spec(name: str, kind: str = "peer", **kw):
+    return compare.ServerSpec(name, name.capitalize(), kind, **kw)
+
+
+def run(workload: str, server: str, repeat: int, ok: bool = True, **metrics):
+    return {"workload": workload, "server": server, "repeat": repeat, "ok": ok,
+            "metrics": metrics, "error": None if ok else "boom"}
+
+
+# ------------------------------------------------------------------ statistics
+
+
+def test_aggregate_median_min_max():
+    assert compare.aggregate([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3,
+                                                   "values": [3.0, 1.0, 2.0]}
+    assert compare.aggregate([4.0, 1.0])["median"] == 2.5
+    assert compare.aggregate([]) == {"median": None, "min": None, "max": None, "n": 0, "values": []}
+
+
+def test_summarize_ignores_failed_runs_and_missing_metrics():
+    runs = [run("bulk1", "dante", 0, gbit_s=8.0, proxy_s_per_gb=0.9),
+            run("bulk1", "dante", 1, ok=False),
+            run("bulk1", "dante", 2, gbit_s=10.0, proxy_s_per_gb=None),
+            run("bulk1", "direct", 0, gbit_s=28.0, proxy_s_per_gb=None)]
+    summary = compare.summarize(runs, [W["bulk1"]])
+    dante = summary["bulk1"]["dante"]
+    assert (dante["runs"], dante["ok"], dante["errors"]) == (3, 2, ["boom"])
+    assert dante["metrics"]["gbit_s"]["median"] == 9.0
+    assert dante["metrics"]["proxy_s_per_gb"]["values"] == [0.9]
+    assert summary["bulk1"]["direct"]["metrics"]["proxy_s_per_gb"]["n"] == 0
+
+
+def test_extract_reads_the_bench_json_format():
+    bench = {"tool": "fastsocks bench", "mode": "cps",
+             "results": {"connections": 900, "errors": 2, "conn_per_s": 4500.0,
+                         "latency_us": {"p50": 300, "p90": 500, "p99": 900, "max": 2000}},
+             "cpu": {"loadgen_s": 1.0, "proxy_s": 0.2, "proxy_ms_per_1000_conn": 222.2}}
+    got = compare.extract(W["cps"], bench)
+    assert got == {"conn_per_s": 4500.0, "p50_us": 300.0, "p99_us": 900.0,
+                   "proxy_ms_per_1000_conn": 222.2, "errors": 2.0}
+    idle = compare.extract(W["idle"], {"results": {"connections": 300, "answered": 299,
+                                                   "rss_per_conn_kb": 9.5, "pss_per_conn_kb": 4.0}})
+    assert idle == {"pss_per_conn_kb": 4.0, "rss_per_conn_kb": 9.5, "unanswered": 1.0}
+    assert compare.extract(W["bulk1"], {"results": {}})["gbit_s"] is None
+
+
+def test_cells_whose_load_generator_was_saturated_are_flagged():
+    runs = [dict(run("cps", "direct", r), loadgen_busy=b) for r, b in enumerate((0.95, 0.97, 0.5))]
+    runs += [dict(run("cps", "dante", r), loadgen_busy=0.4) for r in range(3)]
+    runs += [dict(run("cps", "pproxy", 0, ok=False), loadgen_busy=None)]
+    assert compare.saturated_loadgen(runs) == [{"workload": "cps", "server": "direct", "loadgen_busy": 0.95}]
+
+
+def test_best_peer_and_ratios_follow_the_direction_of_each_metric():
+    servers = [spec("direct", "direct"), spec("fastsocks-1w", "fastsocks"), spec("dante"), spec("microsocks")]
+    runs = [run("bulk1", "direct", 0, gbit_s=20.0),
+            run("bulk1", "fastsocks-1w", 0, gbit_s=10.0, proxy_s_per_gb=0.2),
+            run("bulk1", "dante", 0, gbit_s=5.0, proxy_s_per_gb=0.9),
+            run("bulk1", "microsocks", 0, gbit_s=2.0, proxy_s_per_gb=0.4)]
+    summary = compare.summarize(runs, [W["bulk1"]])
+    ratios = compare.compute_ratios(summary, [W["bulk1"]], servers)
+    speed = ratios["bulk1"]["gbit_s"]
+    assert (speed["best_peer"], speed["best_peer_median"]) == ("dante", 5.0)
+    assert speed["fastsocks"]["fastsocks-1w"] == {"vs_best_peer": 2.0, "vs_direct": 0.5}
+    cpu = ratios["bulk1"]["proxy_s_per_gb"]   # lower is better: microsocks is the best peer
+    assert cpu["best_peer"] == "microsocks"
+    assert cpu["fastsocks"]["fastsocks-1w"] == {"vs_best_peer": 0.5, "vs_direct": None}
+
+
+# ------------------------------------------------------------------ run order
+
+
+def test_schedule_interleaves_servers_round_by_round_within_each_workload():
+    servers = [spec("direct", "direct"), spec("a", "fastsocks"), spec("b"), spec("c")]
+    order = [(w.name, r, s.name) for w, r, s in compare.schedule([W["bulk1"], W["idle"]], servers, 3)]
+    bulk = [(r, s) for w, r, s in order if w == "bulk1"]
+    assert bulk == [(r, s) for r in range(3) for s in ("direct", "a", "b", "c")]
+    idle = [s for w, r, s in order if w == "idle"]
+    assert idle == ["a", "b", "c"] * 3               # direct has nothing to measure there
+    assert [w for w, _, _ in order] == ["bulk1"] * 12 + ["idle"] * 9
+
+
+def test_pin_splits_cpus_between_proxy_and_load_generator():
+    if not shutil.which("taskset"):
+        pytest.skip("taskset not installed")
+    proxy, load = compare.pin_prefixes("1", available=[0, 1])
+    assert proxy[1:] == ["-c", "1"] and load[1:] == ["-c", "0"]
+    proxy, load = compare.pin_prefixes("2-3", available=[0, 1, 2, 3])
+    assert proxy[-1] == "2,3" and load[-1] == "0,1"
+    assert compare.pin_prefixes(None) == ([], [])
+    with pytest.raises(ValueError, match="no CPU for the load generator"):
+        compare.pin_prefixes("0,1", available=[0, 1])
+    with pytest.raises(ValueError, match="not available"):
+        compare.pin_prefixes("7", available=[0, 1])
+
+
+# ------------------------------------------------------------------ peers and Dante
+
+
+def test_missing_peer_is_skipped_with_its_install_hint(capsys):
+    ghost = spec("ghost", requires=compare._which("no-such-socks-server-here"),
+                 install_hint="apt-get install ghost-socks")
+    here = spec("here", requires=lambda: None)
+    ready, skipped = compare.check_servers([ghost, here])
+    assert [s.name for s in ready] == ["here"]
+    assert skipped == [{"server": "ghost", "reason": "`no-such-socks-server-here` not found on PATH",
+                        "install": "apt-get install ghost-socks"}]
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["skipping ghost: `no-such-socks-server-here` not found on PATH; "
+                   "install it with: apt-get install ghost-socks"]
+
+
+def test_every_peer_says_how_to_install_it():
+    hints = {s.name: s.install_hint for s in compare.default_servers()}
+    assert hints["dante"] == "apt-get install dante-server"
+    assert hints["microsocks"] == "apt-get install microsocks"
+    assert hints["pproxy"] == "pip install pproxy"
+    assert "pip install ." in hints["fastsocks-1w"]
+    names = [s.name for s in compare.default_servers()]
+    assert names == ["direct", "fastsocks-1w", "fastsocks-2w", "dante", "microsocks", "pproxy"]
+
+
+def test_dante_config_is_loopback_only(tmp_path):
+    conf = compare.dante_config(10800, as_root=False)
+    lines = [line.strip() for line in conf.splitlines()]
+    assert "internal: 127.0.0.1 port = 10800" in lines
+    assert "external: 127.0.0.1" in lines
+    assert "socksmethod: none" in lines
+    assert not any(line.startswith("user.") for line in lines)
+    # Every pass rule is 127.0.0.0/8 -> 127.0.0.0/8; everything else is blocked.
+    blocks = conf.split("}")
+    passes = [b for b in blocks if " pass {" in b]
+    assert len(passes) == 2
+    for block in passes:
+        assert "from: 127.0.0.0/8 to: 127.0.0.0/8" in block
+        assert "0.0.0.0" not in block
+    assert sum(" block {" in b for b in blocks) == 2
+    assert "user.privileged: root" in compare.dante_config(1, as_root=True)
+    if shutil.which("danted"):   # Dante itself accepts it (-V: verify the config and exit)
+        path = tmp_path / "danted.conf"
+        path.write_text(compare.dante_config(10800))
+        done = subprocess.run(["danted", "-V", "-f", str(path)], capture_output=True, text=True, timeout=20)
+        assert done.returncode == 0, done.stderr
+
+
+def test_dante_argv_writes_its_config_into_the_work_dir(tmp_path):
+    argv = compare._dante_argv(12345, tmp_path)
+    assert argv[:2] == ["danted", "-f"] and argv[-2:] == ["-N", "1"]
+    assert "port = 12345" in Path(argv[2]).read_text()
+    assert Path(argv[2]).parent == tmp_path
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def _table_fixture():
+    servers = [spec("direct", "direct"), spec("fastsocks-1w", "fastsocks"), spec("dante"), spec("pproxy")]
+    runs = []
+    for r, (d, f, da, pp) in enumerate([(27.0, 14.7, 8.0, 3.0), (28.0, 13.9, 8.2, 4.0), (26.0, 15.1, 8.1, 5.0)]):
+        runs += [run("bulk1", "direct", r, gbit_s=d, proxy_s_per_gb=None),
+                 run("bulk1", "fastsocks-1w", r, gbit_s=f, proxy_s_per_gb=0.28),
+                 run("bulk1", "dante", r, gbit_s=da, proxy_s_per_gb=0.9),
+                 run("bulk1", "pproxy", r, gbit_s=pp, proxy_s_per_gb=1.7)]
+        runs += [run("idle", "fastsocks-1w", r, pss_per_conn_kb=2.0, rss_per_conn_kb=3.0, unanswered=0),
+                 run("idle", "dante", r, pss_per_conn_kb=319.0, rss_per_conn_kb=400.0, unanswered=0),
+                 run("idle", "pproxy", r, ok=r != 2, pss_per_conn_kb=11.0, rss_per_conn_kb=12.0, unanswered=0)]
+    workloads = [W["bulk1"], W["idle"]]
+    summary = compare.summarize(runs, workloads)
+    return servers, workloads, runs, summary, compare.compute_ratios(summary, workloads, servers)
+
+
+def test_markdown_table_shows_medians_ranges_and_ratios():
+    servers, workloads, _, summary, ratios = _table_fixture()
+    table = compare.render_table(summary, ratios, workloads, servers, repeats=3)
+    lines = table.splitlines()
+    assert lines[0] == ("| workload | unit | Direct | Fastsocks-1w | Dante | Pproxy | best peer "
+                        "| Fastsocks-1w ÷ best peer / ÷ direct |")
+    assert set(lines[1].replace("|", "")) == {"-"}
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ") for line in lines[2:]}
+    assert rows["1 stream download"] == ["1 stream download", "Gbit/s ↑", "27.0 (26.0–28.0)", "14.7 (13.9–15.1)",
+                                         "8.10 (8.00–8.20)", "4.00 (3.00–5.00)", "Dante 8.10", "1.81× / 0.54×"]
+    assert rows["1 stream: proxy CPU"][2] == "—"          # direct has no proxy
+    assert rows["1 stream: proxy CPU"][-1] == "0.31× / —"
+    pss = rows["idle connection: PSS growth"]
+    assert pss[2] == "—"                                   # direct did not run idle
+    assert pss[5] == "11.0 [n=2/3]"                        # one of three pproxy runs failed
+    assert pss[6] == "Pproxy 11.0"
+    assert "idle connections not answering" not in rows    # all zero: no row
+    assert len(lines) == 2 + 4
+
+
+def test_table_marks_a_cell_whose_runs_all_failed():
+    servers = [spec("fastsocks-1w", "fastsocks"), spec("microsocks")]
+    runs = [run("cps", "fastsocks-1w", 0, conn_per_s=9000.0, errors=0.0),
+            run("cps", "microsocks", 0, ok=False)]
+    summary = compare.summarize(runs, [W["cps"]])
+    table = compare.render_table(summary, compare.compute_ratios(summary, [W["cps"]], servers),
+                                 [W["cps"]], servers, repeats=1)
+    row = next(line for line in table.splitlines() if line.startswith("| connections/s"))
+    assert row.split(" | ")[3] == "failed"
+    assert row.rstrip(" |").endswith("— / —")               # no peer to compare with
+
+
+def test_number_formatting():
+    assert [compare.fmt_num(v) for v in (15530.4, 319.0, 27.04, 0.284, None)] == ["15,530", "319", "27.0", "0.28", "—"]
+    assert compare.fmt_num(3.0, "count") == "3"
+    assert compare.fmt_ratio(1.8149) == "1.81×" and compare.fmt_ratio(None) == "—"
+
+
+def _document(runs, servers, workloads, skipped=()):
+    return compare.build_document(
+        started_at="2026-11-28T04:00:00+00:00", finished_at="2026-11-28T04:10:00+00:00",
+        command="python benchmarks/compare.py --quick", params=compare.QUICK, repeats=3,
+        setup=compare.machine_info("not pinned"), versions={"dante": "1.4.2"}, workloads=workloads,
+        servers=servers, skipped=list(skipped), runs=runs, interrupted=False)
+
+
+def test_result_document_shape_and_files(tmp_path):
+    servers, workloads, runs, _, _ = _table_fixture()
+    skipped = [{"server": "microsocks", "reason": "not found", "install": "apt-get install microsocks"}]
+    doc = _document(runs, servers, workloads, skipped)
+    assert doc["schema"] == "fastsocks-compare/1"
+    assert {"started_at", "finished_at", "interrupted", "command", "repeats", "params", "order", "setup",
+            "versions", "workloads", "servers", "skipped", "failures", "runs", "summary", "ratios"} <= set(doc)
+    assert doc["workloads"] == ["bulk1", "idle"]
+    assert doc["servers"][0] == {"name": "direct", "label": "Direct", "kind": "direct"}
+    assert doc["failures"] == [{"workload": "idle", "server": "pproxy", "repeat": 2, "error": "boom"}]
+    assert len(doc["runs"]) == len(runs)
+    assert doc["summary"]["bulk1"]["fastsocks-1w"]["metrics"]["gbit_s"]["median"] == 14.7
+    assert doc["params"]["idle_connections"] == compare.QUICK.idle_connections
+    stem = compare.output_stem(tmp_path, "2026-11-28", "my host", quick=True)
+    assert stem.name == "2026-11-28-my_host-quick"
+    table = compare.write_outputs(doc, workloads, servers, stem)
+    loaded = json.loads(stem.with_suffix(".json").read_text())
+    assert loaded["summary"] == json.loads(json.dumps(doc["summary"]))
+    markdown = stem.with_suffix(".md").read_text()
+    assert table in markdown and "`python benchmarks/compare.py --quick`" in markdown
+    assert "skipped microsocks: not found (install: `apt-get install microsocks`)" in markdown
+    assert compare.output_stem(tmp_path, "2026-11-28", "my host", quick=True).name == "2026-11-28-my_host-quick-2"
+
+
+def test_chart_is_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    servers, workloads, runs, summary, ratios = _table_fixture()
+    doc = _document(runs, servers, workloads)
+    path = compare.render_chart(doc, summary, ratios, workloads, servers, tmp_path / "chart.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ the whole matrix, with stand-ins
+
+TINY_SOCKS = """
+import socket, sys
+srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+while True:
+    conn, _ = srv.accept()
+    with conn:
+        if conn.recv(3) == b"\\x05\\x01\\x00":
+            conn.sendall(b"\\x05\\x00")
+"""
+
+# Accepts `fastsocks bench`'s command line and writes JSON in its format; the numbers are
+# made up (they only have to flow through), but it does greet the proxy it is given.
+STANDIN_BENCH = """
+import argparse, json, os, socket, sys
+p = argparse.ArgumentParser()
+p.add_argument("mode", choices=["bulk", "cps", "rr", "idle"])
+g = p.add_mutually_exclusive_group(required=True)
+g.add_argument("--proxy"); g.add_argument("--direct", action="store_true")
+for opt in ("--connections", "--streams", "--bytes", "--size", "--count", "--proxy-pid"):
+    p.add_argument(opt, type=int)
+p.add_argument("--duration", type=float); p.add_argument("--direction")
+p.add_argument("--json"); p.add_argument("--quiet", action="store_true")
+a = p.parse_args()
+if os.environ.get("STANDIN_FAIL_MODE") == a.mode:
+    sys.exit("stand-in: failing on purpose")
+if a.proxy:
+    assert a.proxy_pid and os.path.exists(f"/proc/{a.proxy_pid}"), "the proxy pid must be live"
+    host, port = a.proxy.rsplit("/", 1)[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"\\x05\\x01\\x00")
+        assert s.recv(2) == b"\\x05\\x00"
+n = int(os.environ.get("STANDIN_BASE", "10")) + (7 if a.direct else 0)
+results = {
+    "bulk": {"bytes": (a.bytes or 0) * (a.streams or 1), "gbit_s": float(n), "streams": a.streams},
+    "cps": {"connections": 100, "errors": 0, "conn_per_s": 100.0 * n,
+            "latency_us": {"p50": 50, "p90": 80, "p99": 120, "max": 300}},
+    "rr": {"transactions": 1000, "txn_per_s": 1000.0 * n, "latency_us": {"p50": 30, "p99": 60, "max": 90}},
+    "idle": {"connections": a.connections, "answered": a.connections, "rss_per_conn_kb": 5.0,
+             "pss_per_conn_kb": 3.0},
+}[a.mode]
+cpu = {"loadgen_s": 0.1, "proxy_s": None if a.direct else 0.05}
+if not a.direct:
+    cpu.update(proxy_s_per_gb=0.3, proxy_ms_per_1000_conn=120.0, proxy_us_per_txn=20.0)
+problems = ["nothing completed: refused 16"] if os.environ.get("STANDIN_PROBLEM_MODE") == a.mode else []
+doc = {"tool": "fastsocks bench", "version": "stand-in", "mode": a.mode, "proxy": a.proxy,
+       "params": vars(a), "started_at": "2026-11-28T00:00:00Z", "duration_s": 0.1,
+       "results": results, "cpu": cpu, "ok": not problems, "problems": problems,
+       "warnings": ["3 connections failed: reset 3"] if a.mode == "cps" else []}
+with open(a.json, "w") as f:
+    json.dump(doc, f)
+sys.exit(1 if problems else 0)
+"""
+
+
+@pytest.fixture
+def standins(tmp_path):
+    server = tmp_path / "tiny_socks.py"
+    server.write_text(TINY_SOCKS)
+    bench = tmp_path / "bench_standin.py"
+    bench.write_text(textwrap.dedent(STANDIN_BENCH))
+    servers = [compare.ServerSpec("direct", "direct", "direct"),
+               compare.ServerSpec("tiny-a", "tiny A", "fastsocks",
+                                  lambda port, wd: [sys.executable, str(server), str(port)]),
+               compare.ServerSpec("tiny-b", "tiny B", "peer",
+                                  lambda port, wd: [sys.executable, str(server), str(port)])]
+    return servers, [sys.executable, str(bench)]
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_whole_matrix_with_standins_writes_everything_and_stops_every_server(standins, tmp_path, monkeypatch):
+    servers, bench = standins
+    monkeypatch.setenv("STANDIN_FAIL_MODE", "rr")
+    assert compare.bench_available(bench) is None
+    lines = []
+    workloads = [W["bulk1"], W["rr"]]
+    doc, stem, table = compare.run_matrix(
+        workloads=workloads, servers=servers, params=compare.QUICK, repeats=2, bench_cmd=bench, pin=None,
+        out_dir=tmp_path / "results", quick=True, run_timeout_s=30, command="test", settle_s=0,
+        log=lines.append)
+    order = [(r["workload"], r["server"]) for r in doc["runs"]]
+    everyone = ("direct", "tiny-a", "tiny-b")
+    assert order == [("bulk1", s) for s in everyone] * 2 + [("rr", s) for s in everyone] * 2
+    assert len(lines) == len(order) and lines[0].startswith("[1/12] bulk1")
+    bulk = [r for r in doc["runs"] if r["workload"] == "bulk1"]
+    assert all(r["ok"] for r in bulk)
+    argv = bulk[1]["bench_argv"]
+    assert argv[:len(bench) + 1] == bench + ["bulk"]
+    assert argv[-9:] == ["--streams", "1", "--bytes", str(compare.QUICK.bulk_bytes), "--direction", "download",
+                         "--json", argv[-2], "--quiet"]
+    assert "--direct" in bulk[0]["bench_argv"] and "--proxy-pid" in bulk[1]["bench_argv"]
+    assert all(not r["ok"] and "failing on purpose" in r["error"] for r in doc["runs"] if r["workload"] == "rr")
+    # Every server started was stopped (and reaped), and nothing is left in the registry.
+    pids = [r["server_pid"] for r in doc["runs"] if r["server_pid"]]
+    assert len(pids) == 8 and len(set(pids)) == 8
+    assert all(_pid_gone(pid) for pid in pids)
+    assert compare._LIVE == {}
+    assert doc["summary"]["bulk1"]["direct"]["metrics"]["gbit_s"]["median"] == 17.0
+    assert doc["ratios"]["bulk1"]["gbit_s"]["fastsocks"]["tiny-a"] == {"vs_best_peer": 1.0,
+                                                                     "vs_direct": 10.0 / 17.0}
+    assert "| 1 stream download | Gbit/s ↑ | 17.0 | 10.0 | 10.0 | tiny B 10.0 | 1.00× / 0.59× |" in table
+    assert "failed" in table
+    assert {p.suffix for p in stem.parent.iterdir()} >= {".json", ".md"}
+    markdown = stem.with_suffix(".md").read_text()
+    assert "| cores busy: proxy / load side | direct | tiny A | tiny B |" in markdown
+    assert "| 1 stream download | — / 1.00 | 0.50 / 1.00 | 0.50 / 1.00 |" in markdown
+    # --render rebuilds the same table from the raw runs alone.
+    assert compare.rerender(stem.with_suffix(".json"))[2] == table
+    assert stem.with_suffix(".md").read_text() == markdown
+    saved = json.loads(stem.with_suffix(".json").read_text())
+    assert saved["runs"][0]["bench"]["tool"] == "fastsocks bench"
+    assert saved["runs"][0]["loadgen_busy"] == pytest.approx(0.1 / 0.1 / (os.cpu_count() or 1), abs=1e-3)
+
+
+def test_interrupt_stops_servers_and_keeps_what_was_measured(standins, tmp_path):
+    servers, bench = standins
+
+    lines = []
+
+    def log(line):
+        lines.append(line)
+        if len(lines) == 1:
+            raise KeyboardInterrupt   # as if Ctrl-C arrived right after the first run
+
+    doc, stem, _ = compare.run_matrix(
+        workloads=[W["cps"]], servers=servers, params=compare.QUICK, repeats=3, bench_cmd=bench, pin=None,
+        out_dir=tmp_path, quick=False, run_timeout_s=30, command="test", settle_s=0, log=log)
+    assert doc["interrupted"] is True and len(doc["runs"]) == 1
+    assert lines[-1].startswith("interrupted")
+    assert compare._LIVE == {}
+    assert json.loads(stem.with_suffix(".json").read_text())["interrupted"] is True
+
+
+def test_a_server_that_never_answers_fails_its_run_only(tmp_path):
+    silent = compare.ServerSpec("silent", "silent", "peer",
+                                lambda port, wd: [sys.executable, "-c", "import time; time.sleep(60)"])
+    with pytest.raises(compare.ServerError, match="did not answer"):
+        compare.start_server(silent, tmp_path, [], ready_timeout_s=0.5, attempts=1)
+    assert compare._LIVE == {}
+
+
+def test_bench_problems_fail_the_run_and_warnings_are_kept(standins, tmp_path, monkeypatch):
+    servers, bench = standins
+    monkeypatch.setenv("STANDIN_PROBLEM_MODE", "rr")
+    doc, stem, _ = compare.run_matrix(
+        workloads=[W["cps"], W["rr"]], servers=servers[1:], params=compare.QUICK, repeats=1, bench_cmd=bench,
+        pin=None, out_dir=tmp_path, quick=True, run_timeout_s=30, command="test", settle_s=0, log=lambda _: None)
+    cps, rr = [r for r in doc["runs"] if r["server"] == "tiny-b"]
+    assert cps["ok"] and cps["warnings"] == ["3 connections failed: reset 3"]
+    assert not rr["ok"] and rr["error"] == "bench: nothing completed: refused 16"
+    assert rr["bench"]["problems"] and rr["metrics"]["txn_per_s"] == 10000.0   # kept for a look, not counted
+    assert doc["summary"]["rr"]["tiny-b"]["metrics"]["txn_per_s"]["n"] == 0
+    markdown = stem.with_suffix(".md").read_text()
+    assert "- bench warning, cps / tiny-b run 0: 3 connections failed: reset 3" in markdown
+    assert "- failed: rr / tiny-b run 0: bench: nothing completed: refused 16" in markdown
