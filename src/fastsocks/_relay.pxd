@@ -3,58 +3,7 @@
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 
 
-cdef extern from "<sys/epoll.h>" nogil:
-    ctypedef union epoll_data_t:
-        void *ptr
-        int fd
-        uint32_t u32
-        uint64_t u64
-
-    struct epoll_event:
-        uint32_t events
-        epoll_data_t data
-
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
-    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
-
-    enum:
-        EPOLLIN
-        EPOLLOUT
-        EPOLLERR
-        EPOLLHUP
-        EPOLLRDHUP
-        EPOLLET
-        EPOLL_CTL_ADD
-        EPOLL_CTL_DEL
-        EPOLL_CLOEXEC
-
-
-cdef extern from "<fcntl.h>" nogil:
-    ctypedef long long loff_t
-    ssize_t splice(int fd_in, loff_t *off_in, int fd_out, loff_t *off_out,
-                   size_t length, unsigned int flags)
-    int fcntl(int fd, int cmd, ...)
-    enum:
-        SPLICE_F_MOVE
-        SPLICE_F_NONBLOCK
-        F_SETPIPE_SZ
-        O_NONBLOCK
-        O_CLOEXEC
-
-
-cdef extern from "<unistd.h>" nogil:
-    int pipe2(int *pipefd, int flags)
-    int close(int fd)
-
-
-cdef extern from "<sys/socket.h>" nogil:
-    ssize_t recv(int fd, void *buf, size_t length, int flags)
-    ssize_t send(int fd, const void *buf, size_t length, int flags)
-    int shutdown(int fd, int how)
-    enum:
-        MSG_NOSIGNAL
-        SHUT_WR
+from fastsocks._system cimport *
 
 
 # Direction flags.
