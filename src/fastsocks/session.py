@@ -99,7 +99,11 @@ class Session:
         except OSError as exc:
             self.finish(None, f"client error during handshake: {exc.strerror}")
             return
-        self.conn.receive_data(data)
+        try:
+            self.conn.receive_data(data)  # raises past the parser's buffer cap
+        except ProtocolError as exc:
+            self.protocol_failure(exc)
+            return
         self.handshake()
 
     def handshake(self) -> None:

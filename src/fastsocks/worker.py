@@ -238,6 +238,8 @@ class Worker:
     # ------------------------------------------------------------------ housekeeping
 
     def tick(self) -> None:
+        # Re-arm first: nothing that fails below may stop the heartbeat.
+        self.loop.call_later(TICK_S, self.tick)
         if os.getppid() != self.master_pid:
             log.warning("worker %d: master %d is gone, exiting", self.slot, self.master_pid)
             self.exit_code = EXIT_OK
@@ -249,7 +251,6 @@ class Worker:
                         self.engine.active + len(self.handshaking))
             self.exit_code = EXIT_OK
         self.write_stats()
-        self.loop.call_later(TICK_S, self.tick)
 
     def write_stats(self) -> None:
         up, down, sessions, _switches, _pipes = self.engine.counters()
