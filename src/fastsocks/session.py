@@ -27,7 +27,7 @@ import time
 from typing import TYPE_CHECKING
 
 from fastsocks.errors import ProtocolError
-from fastsocks.protocol import socks5
+from fastsocks.protocol import socks4, socks5
 from fastsocks.protocol.socks5 import Command, Method, Reply
 
 if TYPE_CHECKING:
@@ -70,9 +70,9 @@ class Session:
         self.sid = sid
         self.client = client
         self.peer = peer
-        self.conn = socks5.ServerConnection()
+        self.conn: socks5.ServerConnection | socks4.ServerConnection | None = None  # by the first byte
         self.upstream: socket.socket | None = None
-        self.request: socks5.Request | None = None
+        self.request: socks5.Request | socks4.Request | None = None
         self.candidates: list = []
         self.timer = None
         self.last_errno = 0
@@ -99,12 +99,28 @@ class Session:
         except OSError as exc:
             self.finish(None, f"client error during handshake: {exc.strerror}")
             return
+        if self.conn is None and not self.choose_protocol(data):
+            return
         try:
             self.conn.receive_data(data)  # raises past the parser's buffer cap
         except ProtocolError as exc:
             self.protocol_failure(exc)
             return
         self.handshake()
+
+    def choose_protocol(self, data: bytes) -> bool:
+        """SOCKS4 and SOCKS5 share the port: the version byte that opens the stream decides."""
+        if data[:1] == b"\x05":
+            self.conn = socks5.ServerConnection()
+        elif data[:1] == b"\x04":
+            self.conn = socks4.ServerConnection()
+        elif data:
+            self.finish(None, f"not a SOCKS request: first byte {data[0]:#04x}")
+            return False
+        else:
+            self.finish(None, "client closed before sending anything")
+            return False
+        return True
 
     def handshake(self) -> None:
         while not self.closed:
@@ -117,7 +133,7 @@ class Session:
                 return
             if isinstance(event, socks5.Greeting):
                 self.answer_greeting(event)
-            elif isinstance(event, socks5.Request):
+            else:  # a SOCKS5 or SOCKS4 request: the handshake is over
                 self.answer_request(event)
                 return
 
@@ -128,7 +144,7 @@ class Session:
         self.send(self.conn.send(socks5.MethodSelection(Method.NO_ACCEPTABLE)))
         self.finish(None, f"no acceptable authentication method in {list(greeting.methods)}")
 
-    def answer_request(self, request: socks5.Request) -> None:
+    def answer_request(self, request: socks5.Request | socks4.Request) -> None:
         self.request = request
         self.worker.loop.remove(self.client)
         if request.command != Command.CONNECT:
@@ -227,7 +243,7 @@ class Session:
     def established(self) -> None:
         self.worker.loop.remove(self.upstream)
         host, port = self.upstream.getsockname()[:2]
-        if not self.send(self.conn.send(socks5.CommandReply(Reply.SUCCEEDED, host, port))):
+        if not self.send(self.conn.send(self.reply_event(Reply.SUCCEEDED, host, port))):
             return
         initial, _eof = self.conn.trailing_data
         self.closed = True
@@ -248,10 +264,17 @@ class Session:
             return False
         return True
 
+    def reply_event(self, reply: Reply, host: str = "0.0.0.0", port: int = 0):
+        """The reply in the client's protocol; SOCKS4 has one code for every failure."""
+        if self.conn.version == socks4.SOCKS4_VERSION:
+            code = socks4.Reply.GRANTED if reply == Reply.SUCCEEDED else socks4.Reply.REJECTED
+            return socks4.CommandReply(code, host, port)
+        return socks5.CommandReply(reply, host, port)
+
     def fail(self, reply: Reply | None, why: str) -> None:
         if reply is not None and not self.closed:
             try:
-                self.send(self.conn.send(socks5.CommandReply(reply)))
+                self.send(self.conn.send(self.reply_event(reply)))
             except ProtocolError:
                 pass  # nothing can be answered in this state (e.g. still in the greeting)
         self.finish(reply, why)
@@ -272,8 +295,18 @@ class Session:
 
     def describe(self) -> str:
         request = self.request
+        who = f"client={self.peer} proto={self.protocol_name()}"
         if request is None:
-            return f"client={self.peer} cmd=- dest=-"
+            return f"{who} cmd=- dest=-"
+        if getattr(request, "userid", b""):
+            who += f" user={request.userid.decode('utf-8', 'backslashreplace')!r}"
         host = f"[{request.host}]" if ":" in request.host else request.host
         command = getattr(request.command, "name", str(request.command)).lower()
-        return f"client={self.peer} cmd={command} dest={host}:{request.port}"
+        return f"{who} cmd={command} dest={host}:{request.port}"
+
+    def protocol_name(self) -> str:
+        if self.conn is None:
+            return "-"
+        if self.conn.version == socks4.SOCKS4_VERSION:
+            return "socks4a" if self.request is not None and self.request.is_4a else "socks4"
+        return "socks5"

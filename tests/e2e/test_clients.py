@@ -89,7 +89,7 @@ def succeeded_lines(server) -> list[str]:
 
 def wait_access_line(server, dest_pattern: str, extra: str = "") -> str:
     match = server.wait_for_log(
-        rf"fastsocks\.access: client=\S+ cmd=connect dest={dest_pattern} reply=succeeded {extra}")
+        rf"fastsocks\.access: client=\S+ proto=socks5 cmd=connect dest={dest_pattern} reply=succeeded {extra}")
     return match.string
 
 

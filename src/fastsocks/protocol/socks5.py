@@ -256,13 +256,13 @@ def _read_domain(reader: _Reader) -> str:
     if size == 0:
         raise ProtocolError("request: empty domain name", Reply.GENERAL_FAILURE)
     name = reader.take(size)
-    problem = _domain_problem(name)
+    problem = domain_problem(name)
     if problem:
         raise ProtocolError(f"request: domain name {name!r} {problem}", Reply.GENERAL_FAILURE)
     return name.decode("ascii")
 
 
-def _domain_problem(name: bytes) -> str | None:
+def domain_problem(name: bytes) -> str | None:
     """What makes ``name`` unusable as a host name, or None.
 
     Only printable ASCII is accepted. Every other byte is refused, never cut
@@ -320,7 +320,7 @@ def _encode_domain(host: str) -> bytes:
         raise LocalProtocolError(f"reply: host {host!r} is not an ASCII name or IP address") from None
     if not 0 < len(name) <= _MAX_DOMAIN_BYTES:
         raise LocalProtocolError(f"reply: domain name must be 1-255 bytes, got {len(name)}")
-    problem = _domain_problem(name)
+    problem = domain_problem(name)
     if problem:
         raise LocalProtocolError(f"reply: domain name {name!r} {problem}")
     return bytes([AddressType.DOMAIN, len(name)]) + name
@@ -353,6 +353,8 @@ _CAN_REPLY: Final = frozenset({State.AWAIT_REQUEST, State.REQUEST_RECEIVED, Stat
 
 class ServerConnection:
     """The SOCKS5 handshake of one client connection, seen from the server."""
+
+    version = SOCKS_VERSION
 
     def __init__(self, max_buffer_bytes: int = 65536) -> None:
         # A pipelining client may send both messages before we answer one.
