@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="S", help="deadline for connecting to the destination")
     parser.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s,
                         metavar="S", help="close relayed sessions idle this long (0: never)")
+    parser.add_argument("--bind-timeout", type=float, default=defaults.bind_timeout_s,
+                        metavar="S", help="BIND: how long to wait for the peer to connect")
     parser.add_argument("--worker-timeout", type=float, default=defaults.worker_timeout_s,
                         metavar="S", help="kill and replace a worker silent this long")
     parser.add_argument("--no-splice", dest="splice", action="store_false",
@@ -75,6 +77,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         workers=args.workers, accept_mode=args.accept_mode,
         graceful_timeout_s=args.graceful_timeout, handshake_timeout_s=args.handshake_timeout,
         connect_timeout_s=args.connect_timeout, idle_timeout_s=args.idle_timeout,
+        bind_timeout_s=args.bind_timeout,
         worker_timeout_s=args.worker_timeout, splice=args.splice, pipe_size=args.pipe_size,
         max_pipes=args.max_pipes, log_level=args.log_level,
     )

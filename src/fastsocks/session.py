@@ -10,6 +10,12 @@ handshake has one deadline, so a client trickling a byte a second is cut too.
 address in turn with a non-blocking connect, each attempt getting an equal share of the
 time left before the connect deadline, and maps the last failure to a SOCKS reply code.
 
+``bind()`` (RFC 1928 §4 BIND, SOCKS4 "2) BIND") opens a listening socket on the address
+the expected peer can reach (the local address outbound traffic to it would leave from;
+the address the client reached us on when the request names no peer), answers with it,
+then waits a bounded time for one inbound connection from the expected peer address;
+others are closed and logged. The second reply names the peer that connected.
+
 On success the reply carries the outbound socket's real local address, and both sockets
 are detached and handed to the worker's relay engine together with any bytes the client
 pipelined behind its request. Every way out ends in ``finish()``, which closes what the
@@ -20,6 +26,7 @@ line of a relayed session is written when the engine reports it ended.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -56,6 +63,11 @@ def reply_for_errno(err: int) -> Reply:
     return ERRNO_REPLIES.get(err, Reply.GENERAL_FAILURE)
 
 
+def _unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address):
+    """::ffff:a.b.c.d compares as the IPv4 address it is."""
+    return ip.ipv4_mapped or ip if ip.version == 6 else ip
+
+
 def format_peer(address) -> str:
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -63,7 +75,7 @@ def format_peer(address) -> str:
 
 class Session:
     __slots__ = ("worker", "sid", "client", "peer", "conn", "upstream", "request", "candidates",
-                 "timer", "last_errno", "deadline_s", "started_s", "closed")
+                 "timer", "last_errno", "deadline_s", "started_s", "closed", "listener", "expected_peer")
 
     def __init__(self, worker: Worker, sid: int, client: socket.socket, peer: str) -> None:
         self.worker = worker
@@ -72,6 +84,8 @@ class Session:
         self.peer = peer
         self.conn: socks5.ServerConnection | socks4.ServerConnection | None = None  # by the first byte
         self.upstream: socket.socket | None = None
+        self.listener: socket.socket | None = None      # BIND only
+        self.expected_peer: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self.request: socks5.Request | socks4.Request | None = None
         self.candidates: list = []
         self.timer = None
@@ -147,10 +161,12 @@ class Session:
     def answer_request(self, request: socks5.Request | socks4.Request) -> None:
         self.request = request
         self.worker.loop.remove(self.client)
-        if request.command != Command.CONNECT:
-            self.fail(Reply.COMMAND_NOT_SUPPORTED, f"command {request.command!r} is not supported")
-            return
-        self.connect()
+        if request.command == Command.CONNECT:
+            self.connect()
+        elif request.command == Command.BIND:
+            self.bind()
+        else:
+            self.fail(Reply.COMMAND_NOT_SUPPORTED, f"command {request.command.name} is not supported")
 
     def protocol_failure(self, exc: ProtocolError) -> None:
         refusal = self.conn.refusal()
@@ -243,12 +259,111 @@ class Session:
     def established(self) -> None:
         self.worker.loop.remove(self.upstream)
         host, port = self.upstream.getsockname()[:2]
-        if not self.send(self.conn.send(self.reply_event(Reply.SUCCEEDED, host, port))):
-            return
+        if self.send(self.conn.send(self.reply_event(Reply.SUCCEEDED, host, port))):
+            self.hand_off()
+
+    def hand_off(self) -> None:
+        """Both sockets, and what the client pipelined, go to the relay engine."""
         initial, _eof = self.conn.trailing_data
         self.closed = True
         client_fd, upstream_fd = self.client.detach(), self.upstream.detach()
         self.worker.start_relay(self, client_fd, upstream_fd, initial)
+
+    # ------------------------------------------------------------------ BIND
+
+    def bind(self) -> None:
+        self.timer.cancel()
+        request = self.request
+        if request.address_type == socks5.AddressType.DOMAIN:
+            self.worker.resolver.resolve(request.host, request.port, self.on_bind_resolved)
+        else:
+            self.open_bind_listener(request.host)
+
+    def on_bind_resolved(self, addresses, error: OSError | None) -> None:
+        if self.closed:
+            return
+        if error is not None:
+            self.fail(Reply.HOST_UNREACHABLE, f"cannot resolve {self.request.host!r}: {error}")
+            return
+        self.open_bind_listener(addresses[0][1][0])
+
+    def open_bind_listener(self, peer_ip: str) -> None:
+        expected = _unmapped(ipaddress.ip_address(peer_ip))
+        # A request with no peer (0.0.0.0 / ::) accepts whoever connects first.
+        self.expected_peer = None if expected.is_unspecified else expected
+        family = socket.AF_INET6 if expected.version == 6 else socket.AF_INET
+        try:
+            listener = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            self.listener = listener
+            listener.bind((self.reachable_address(family, str(expected)), 0))
+            listener.listen(1)
+        except OSError as exc:
+            self.fail(reply_for_errno(exc.errno or errno.EIO), f"BIND listener: {exc.strerror or exc}")
+            return
+        host, port = listener.getsockname()[:2]
+        if not self.send(self.conn.send(self.reply_event(Reply.SUCCEEDED, host, port))):
+            return
+        loop = self.worker.loop
+        loop.add_reader(listener, self.on_bind_peer)
+        loop.add_reader(self.client, self.on_client_during_bind)
+        self.timer = loop.call_later(self.worker.settings.bind_timeout_s, self.on_bind_timeout)
+
+    def reachable_address(self, family: int, peer_ip: str) -> str:
+        """The local address the peer can reach: never 0.0.0.0 (RFC 1928 §6, BND.ADDR)."""
+        if self.expected_peer is None or ipaddress.ip_address(peer_ip).is_loopback:
+            here = self.client.getsockname()[0]
+            if (":" in here) == (family == socket.AF_INET6):
+                return here
+        # connect() on a UDP socket picks the outbound route and sends nothing.
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((peer_ip, 9))
+            return probe.getsockname()[0]
+
+    def on_bind_peer(self) -> None:
+        if self.closed:
+            return
+        try:
+            peer, address = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.fail(Reply.GENERAL_FAILURE, f"BIND accept: {exc.strerror or exc}")
+            return
+        source = _unmapped(ipaddress.ip_address(address[0]))
+        if self.expected_peer is not None and source != self.expected_peer:
+            peer.close()
+            log.warning("%s BIND: closed a connection from %s, expecting %s", self.describe(),
+                        format_peer(address), self.expected_peer)
+            return
+        self.timer.cancel()
+        loop = self.worker.loop
+        loop.remove(self.listener)
+        loop.remove(self.client)
+        self.listener.close()
+        peer.setblocking(False)
+        peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.upstream = peer
+        if self.send(self.conn.send(self.reply_event(Reply.SUCCEEDED, address[0], address[1]))):
+            self.hand_off()
+
+    def on_client_during_bind(self) -> None:
+        """The client may only wait; notice if it leaves (peeking leaves its bytes queued)."""
+        if self.closed:
+            return
+        try:
+            data = self.client.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.finish(None, f"client error while waiting for the BIND peer: {exc.strerror or exc}")
+            return
+        if not data:
+            self.finish(None, "client closed while waiting for the BIND peer")
+        else:
+            self.worker.loop.remove(self.client)  # early bytes wait in the kernel for the relay
+
+    def on_bind_timeout(self) -> None:
+        self.fail(Reply.TTL_EXPIRED, "no peer connected to the BIND address in time")
 
     # ------------------------------------------------------------------ endings
 
@@ -288,9 +403,10 @@ class Session:
         loop = self.worker.loop
         loop.remove(self.client)
         self.client.close()
-        if self.upstream is not None:
-            loop.remove(self.upstream)
-            self.upstream.close()
+        for sock in (self.upstream, self.listener):
+            if sock is not None:
+                loop.remove(sock)
+                sock.close()
         self.worker.session_failed(self, reply, why)
 
     def describe(self) -> str:

@@ -39,6 +39,7 @@ class Settings:
     handshake_timeout_s: float = 10.0
     connect_timeout_s: float = 10.0
     idle_timeout_s: float = 300.0
+    bind_timeout_s: float = 120.0
     worker_timeout_s: float = 30.0
     splice: bool = True
     pipe_size: int = 1 << 20
@@ -59,6 +60,7 @@ class Settings:
             ("handshake_timeout", self.handshake_timeout_s > 0, "expected a number of seconds > 0"),
             ("connect_timeout", self.connect_timeout_s > 0, "expected a number of seconds > 0"),
             ("idle_timeout", self.idle_timeout_s >= 0, "expected a number of seconds >= 0 (0: never)"),
+            ("bind_timeout", self.bind_timeout_s > 0, "expected a number of seconds > 0"),
             ("worker_timeout", self.worker_timeout_s >= 2, "expected a number of seconds >= 2"),
             ("pipe_size", 4096 <= self.pipe_size <= 1 << 30, "expected 4096 bytes to 1 GiB"),
             ("max_pipes", 0 <= self.max_pipes, "expected >= 0"),

@@ -128,14 +128,6 @@ def test_socks4_refused_gets_91_then_close(start_server):
                         r"reply=connection_refused")
 
 
-def test_socks4_bind_is_refused_until_bind_lands(start_server):
-    server = start_server()
-    with socket.create_connection(server.address, timeout=CLIENT_TIMEOUT_S) as sock:
-        sock.sendall(socks4_request("127.0.0.1", 80, command=2))
-        assert recv_exact(sock, 2) == b"\x00\x5b"
-    server.wait_for_log(r"proto=socks4 cmd=bind dest=127\.0\.0\.1:80 reply=command_not_supported")
-
-
 NETNS_CLIENT = r"""
 import socket, struct, sys
 port, name = int(sys.argv[1]), sys.argv[2].encode()
