@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastsocks",
         description="A prefork SOCKS5 proxy server. With no options it serves SOCKS5 "
                     "(no authentication) on 127.0.0.1:1080 with one worker per CPU.",
-        epilog="Subcommands: 'fastsocks bench --help' load-tests any SOCKS5 proxy.",
+        epilog="Subcommands: 'fastsocks bench --help' load-tests any SOCKS5 proxy; "
+               "'fastsocks hash-password --user NAME' makes a line for --users.",
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"fastsocks {__version__}")
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="size asked for splice pipes (F_SETPIPE_SZ)")
     parser.add_argument("--max-pipes", type=int, default=defaults.max_pipes, metavar="N",
                         help="splice pipes per worker at most")
+    parser.add_argument("--users", metavar="FILE",
+                        help="require SOCKS5 username/password (RFC 1929) against FILE: one "
+                             "NAME:HASH per line, made by 'fastsocks hash-password --user NAME'; "
+                             "SIGHUP reloads it")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                         default=defaults.log_level,
                         help="info logs one access line per session; warning keeps only problems")
@@ -79,14 +84,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         connect_timeout_s=args.connect_timeout, idle_timeout_s=args.idle_timeout,
         bind_timeout_s=args.bind_timeout,
         worker_timeout_s=args.worker_timeout, splice=args.splice, pipe_size=args.pipe_size,
-        max_pipes=args.max_pipes, log_level=args.log_level,
+        max_pipes=args.max_pipes, log_level=args.log_level, users_file=args.users,
     )
     if args.listen:
         kwargs["listen"] = tuple(dict.fromkeys(args.listen))
     return Settings(**kwargs)
 
 
-SUBCOMMANDS = {"bench": "fastsocks.bench.cli"}
+SUBCOMMANDS = {  # fastsocks SUBCOMMAND ...: module and function, imported only when used
+    "bench": ("fastsocks.bench.cli", "main"),
+    "hash-password": ("fastsocks.users", "hash_password_main"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         # `fastsocks bench ...`: the load generator has its own parser and help.
         import importlib
 
-        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+        module, function = SUBCOMMANDS[argv[0]]
+        return getattr(importlib.import_module(module), function)(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -104,9 +113,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     logs.configure(settings.log_level)
     from fastsocks import master
+    from fastsocks.users import load_users
 
     try:
-        return master.run(settings)
+        users = load_users(settings.users_file) if settings.users_file else None
+    except ConfigError as exc:
+        log.critical("%s", exc)
+        return 2
+
+    try:
+        return master.run(settings, users)
     except BootError as exc:
         log.critical("%s", exc)
         return 1

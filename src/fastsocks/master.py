@@ -28,10 +28,11 @@ import time
 from dataclasses import dataclass
 
 from fastsocks import logs
-from fastsocks.errors import BootError
+from fastsocks.errors import BootError, ConfigError
 from fastsocks.listeners import ListenerSet
 from fastsocks.settings import Settings
 from fastsocks.stats import SharedStats
+from fastsocks.users import UserDB, load_users
 from fastsocks.worker import EXIT_BOOT_ERROR, Worker
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,9 @@ class WorkerProcess:
 
 
 class Master:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, users: UserDB | None = None) -> None:
         self.settings = settings
+        self.users = users
         self.pid = os.getpid()
         self.listeners: ListenerSet | None = None
         self.stats: SharedStats | None = None
@@ -127,7 +129,19 @@ class Master:
         self.done = True
 
     def handle_hup(self) -> None:
-        log.info("SIGHUP: nothing to reload yet (settings come from the command line only)")
+        """Re-read the users file; if it is valid, every worker reloads it (a bad file is
+        logged and the old users stay). Other settings come from the command line."""
+        if self.settings.users_file is None:
+            log.info("SIGHUP: nothing to reload (no --users file)")
+            return
+        try:
+            users = load_users(self.settings.users_file)
+        except ConfigError as exc:
+            log.error("SIGHUP: keeping the current users: %s", exc)
+            return
+        self.users = users
+        log.info("SIGHUP: %d users in %s; workers reload them", len(users), self.settings.users_file)
+        self.stop_workers(signal.SIGHUP)
 
     def handle_chld(self) -> None:
         pass  # reap_workers runs after every wake-up
@@ -168,7 +182,7 @@ class Master:
             for sock in self.listeners.all():
                 if sock.fileno() not in keep:
                     sock.close()
-            code = Worker(slot, self.settings, listeners, self.stats, self.pid).run()
+            code = Worker(slot, self.settings, listeners, self.stats, self.pid, self.users).run()
         except BaseException:
             log.exception("worker %d crashed", slot)
         finally:
@@ -273,9 +287,9 @@ def _wake_only(signum, frame) -> None:
     """Signal handlers only wake the loop (through set_wakeup_fd); the loop does the work."""
 
 
-def run(settings: Settings) -> int:
+def run(settings: Settings, users: UserDB | None = None) -> int:
     try:
-        return Master(settings).run()
+        return Master(settings, users).run()
     except OSError as exc:
         if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
             raise BootError(f"cannot listen: {exc.strerror}") from exc

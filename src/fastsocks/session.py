@@ -34,7 +34,7 @@ import time
 from typing import TYPE_CHECKING
 
 from fastsocks.errors import ProtocolError
-from fastsocks.protocol import socks4, socks5
+from fastsocks.protocol import socks4, socks5, userpass
 from fastsocks.protocol.socks5 import Command, Method, Reply
 
 if TYPE_CHECKING:
@@ -75,7 +75,8 @@ def format_peer(address) -> str:
 
 class Session:
     __slots__ = ("worker", "sid", "client", "peer", "conn", "upstream", "request", "candidates",
-                 "timer", "last_errno", "deadline_s", "started_s", "closed", "listener", "expected_peer")
+                 "timer", "last_errno", "deadline_s", "started_s", "closed", "listener", "expected_peer",
+                 "username", "checking")
 
     def __init__(self, worker: Worker, sid: int, client: socket.socket, peer: str) -> None:
         self.worker = worker
@@ -85,6 +86,8 @@ class Session:
         self.conn: socks5.ServerConnection | socks4.ServerConnection | None = None  # by the first byte
         self.upstream: socket.socket | None = None
         self.listener: socket.socket | None = None      # BIND only
+        self.username = b""                             # SOCKS5 user, once authenticated
+        self.checking = False                           # a password check is under way
         self.expected_peer: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self.request: socks5.Request | socks4.Request | None = None
         self.candidates: list = []
@@ -138,6 +141,9 @@ class Session:
 
     def handshake(self) -> None:
         while not self.closed:
+            if self.conn.state is socks5.State.AUTH:
+                self.authenticate()
+                return  # the check's result carries the handshake on
             try:
                 event = self.conn.next_event()
             except ProtocolError as exc:
@@ -152,11 +158,46 @@ class Session:
                 return
 
     def answer_greeting(self, greeting: socks5.Greeting) -> None:
-        if Method.NO_AUTH in greeting.methods:
-            self.send(self.conn.send(socks5.MethodSelection(Method.NO_AUTH)))
+        # The server picks (RFC 1928 §3): with users configured, only username/password.
+        wanted = Method.USERNAME_PASSWORD if self.worker.auth is not None else Method.NO_AUTH
+        if wanted in greeting.methods:
+            self.send(self.conn.send(socks5.MethodSelection(wanted)))
             return
         self.send(self.conn.send(socks5.MethodSelection(Method.NO_ACCEPTABLE)))
-        self.finish(None, f"no acceptable authentication method in {list(greeting.methods)}")
+        self.finish(None, f"no acceptable authentication method in {list(greeting.methods)} "
+                          f"(this server requires {wanted.name.lower()})")
+
+    def authenticate(self) -> None:
+        """RFC 1929: parse the credentials from what the client sent after the method
+        selection, and check them off the loop; one check at a time."""
+        if self.checking:
+            return
+        try:
+            parsed = userpass.parse_request(*self.conn.trailing_data)
+        except ProtocolError as exc:
+            if exc.reply is None or self.send(userpass.encode_reply(False)):
+                self.finish(None, f"protocol error: {exc}")
+            return
+        if parsed is socks5.NEED_DATA:
+            return
+        credentials, consumed = parsed
+        self.checking = True
+        self.worker.auth.verify(credentials.username, credentials.password,
+                                lambda ok: self.on_auth_checked(ok, credentials.username, consumed))
+
+    def on_auth_checked(self, ok: bool, username: bytes, consumed: int) -> None:
+        self.checking = False
+        if self.closed:
+            return
+        self.username = username
+        if not ok:
+            self.worker.auth_failed(self, username)
+            if self.send(userpass.encode_reply(False)):
+                self.finish(None, "authentication failed")  # RFC 1929 §2: MUST close
+            return
+        if self.send(userpass.encode_reply(True)):
+            self.conn.auth_done(consumed)
+            self.handshake()  # a request pipelined behind the credentials parses now
 
     def answer_request(self, request: socks5.Request | socks4.Request) -> None:
         self.request = request
@@ -414,8 +455,9 @@ class Session:
         who = f"client={self.peer} proto={self.protocol_name()}"
         if request is None:
             return f"{who} cmd=- dest=-"
-        if getattr(request, "userid", b""):
-            who += f" user={request.userid.decode('utf-8', 'backslashreplace')!r}"
+        user = getattr(request, "userid", b"") or self.username
+        if user:
+            who += f" user={user.decode('utf-8', 'backslashreplace')!r}"
         host = f"[{request.host}]" if ":" in request.host else request.host
         command = getattr(request.command, "name", str(request.command)).lower()
         return f"{who} cmd={command} dest={host}:{request.port}"

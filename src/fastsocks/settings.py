@@ -49,6 +49,7 @@ class Settings:
     dns_cache_ttl_s: float = 60.0
     dns_cache_size: int = 4096
     log_level: str = "info"
+    users_file: str | None = None       # enables SOCKS5 username/password (RFC 1929)
 
     def __post_init__(self) -> None:
         checks = [

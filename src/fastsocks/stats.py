@@ -12,7 +12,7 @@ from __future__ import annotations
 import mmap
 from dataclasses import astuple, dataclass, fields
 
-SLOT_WORDS = 8  # 64 bytes: one cache line per worker
+SLOT_WORDS = 16  # 128 bytes: two cache lines per worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +25,7 @@ class SlotStats:
     bytes_down: int
     sessions: int
     errors: int
+    auth_failures: int = 0
 
 
 HEARTBEAT = [f.name for f in fields(SlotStats)].index("heartbeat_s")
@@ -59,7 +60,7 @@ class SharedStats:
         """Start a slot afresh for a new worker (cumulative counts are kept)."""
         old = self.read(slot)
         self.write(slot, SlotStats(pid, now_s, old.accepted, 0, old.bytes_up, old.bytes_down,
-                                   old.sessions, old.errors))
+                                   old.sessions, old.errors, old.auth_failures))
 
     def close(self) -> None:
         self._ints.release()

@@ -24,12 +24,14 @@ import signal
 import socket
 import time
 
-from fastsocks.errors import BootError
+from fastsocks.auth import Authenticator
+from fastsocks.errors import BootError, ConfigError
 from fastsocks.loop import Loop
 from fastsocks.resolver import Resolver
 from fastsocks.session import Session, access_log, format_peer
 from fastsocks.settings import Settings
 from fastsocks.stats import SharedStats, SlotStats
+from fastsocks.users import UserDB, load_users
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ def load_relay_engine(settings: Settings):
 
 class Worker:
     def __init__(self, slot: int, settings: Settings, listeners: list[socket.socket],
-                 stats: SharedStats, master_pid: int) -> None:
+                 stats: SharedStats, master_pid: int, users: UserDB | None = None) -> None:
         self.slot = slot
         self.settings = settings
         self.listeners = listeners
@@ -72,6 +74,9 @@ class Worker:
         self.paused_accept = False
         self.engine = None
         self.resolver = None
+        self.users = users
+        self.auth: Authenticator | None = None
+        self.auth_failures = 0
         self.signal_rsock = self.signal_wsock = None
         self.watches: list[ListenerWatch] = []
         self.base = stats.read(slot)
@@ -113,6 +118,9 @@ class Worker:
         self.loop.add_reader(self.signal_rsock, self.on_signal)
         self.loop.add_reader(self.engine, self.on_engine_ready)
         self.loop.add_reader(self.resolver, self.resolver.dispatch)
+        if self.users is not None:
+            self.auth = Authenticator(self.users)
+            self.loop.add_reader(self.auth, self.auth.dispatch)
         shared = self.settings.accept_mode == "shared"
         self.watches = [ListenerWatch(sock, exclusive=shared) for sock in self.listeners]
         self.resume_accepting()
@@ -125,6 +133,8 @@ class Worker:
             self.session_ended(ended)
         self.write_stats()
         self.resolver.close()
+        if self.auth is not None:
+            self.auth.close()
         signal.set_wakeup_fd(-1)
         self.loop.close()
         for watch in self.watches:
@@ -144,7 +154,19 @@ class Worker:
                 self.exit_code = EXIT_OK
             elif signum in (signal.SIGTERM, signal.SIGINT):
                 self.begin_drain()
-            # SIGHUP is the master's business: it starts a new generation of workers.
+            elif signum == signal.SIGHUP:
+                self.reload_users()
+
+    def reload_users(self) -> None:
+        """The master validated the file before signalling; read it again here."""
+        if self.auth is None:
+            return
+        try:
+            users = load_users(self.settings.users_file)
+        except ConfigError as exc:
+            log.error("worker %d: keeping the current users: %s", self.slot, exc)
+            return
+        self.auth.replace_users(users)
 
     def begin_drain(self) -> None:
         if self.draining:
@@ -217,6 +239,11 @@ class Worker:
             self.errors += 1
             log.error("%s relay could not start: %s", session.describe(), exc)
 
+    def auth_failed(self, session: Session, username: bytes) -> None:
+        self.auth_failures += 1
+        log.warning("client=%s authentication failed for user %r", session.peer,
+                    username.decode("utf-8", "backslashreplace"))
+
     def session_failed(self, session: Session, reply, why: str) -> None:
         self.handshaking.pop(session.sid, None)
         reply_name = reply.name.lower() if hasattr(reply, "name") else ("-" if reply is None else str(reply))
@@ -259,7 +286,7 @@ class Worker:
             pid=os.getpid(), heartbeat_s=time.monotonic(), accepted=base.accepted + self.accepted,
             active=self.engine.active + len(self.handshaking), bytes_up=base.bytes_up + up,
             bytes_down=base.bytes_down + down, sessions=base.sessions + sessions,
-            errors=base.errors + self.errors))
+            errors=base.errors + self.errors, auth_failures=base.auth_failures + self.auth_failures))
 
 
 class ListenerWatch:

@@ -16,7 +16,7 @@ def test_a_forked_writer_is_seen_by_the_parent():
     os.waitpid(pid, 0)
     assert stats.read(1) == SlotStats(pid, 1234.5, 7, 2, 1 << 40, 99, 5, 1)
     assert stats.heartbeat(1) == 1234.5
-    assert stats.read(0) == SlotStats(0, 0.0, 0, 0, 0, 0, 0, 0)
+    assert stats.read(0) == SlotStats(0, 0.0, 0, 0, 0, 0, 0, 0, 0)
     stats.close()
 
 
