@@ -68,6 +68,20 @@ def _unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address):
     return ip.ipv4_mapped or ip if ip.version == 6 else ip
 
 
+def close_gently(sock: socket.socket, max_reads: int = 4) -> None:
+    """Close after a failure reply without destroying it: closing a socket with unread
+    bytes (a request or payload the client pipelined) makes Linux send RST, and the
+    client may lose our reply. Send FIN first and drain what is already queued."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        for _ in range(max_reads):
+            if not sock.recv(65536):
+                break
+    except OSError:
+        pass  # BlockingIOError: nothing more queued; others: the peer is gone anyway
+    sock.close()
+
+
 def format_peer(address) -> str:
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -443,7 +457,7 @@ class Session:
             self.timer.cancel()
         loop = self.worker.loop
         loop.remove(self.client)
-        self.client.close()
+        close_gently(self.client)
         for sock in (self.upstream, self.listener):
             if sock is not None:
                 loop.remove(sock)

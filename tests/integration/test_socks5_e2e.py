@@ -597,3 +597,21 @@ def test_handshake_deadline_cuts_a_trickling_client(start_server, echo_target):
     access_line(server, r"reply=- .*handshake timed out")
     assert echo_target.connections == 0
     echo_round_trip(server.address, echo_target)
+
+
+def test_a_refusal_survives_bytes_pipelined_behind_the_request(start_server):
+    """The server refuses a request that has payload queued behind it: the reply must
+    still reach the client. Closing with unread bytes sends RST, which on a Linux kernel
+    discards the reply still queued at the client; the client here reads only after the
+    server has closed. (gVisor's network stack keeps the data, so in this sandbox the
+    test also passes without the fix.)"""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    closed_port = probe.getsockname()[1]
+    probe.close()
+    server = start_server()
+    with socket.create_connection(server.address, timeout=RECV_TIMEOUT_S) as sock:
+        sock.sendall(b"\x05\x01\x00" + socks5_request_bytes("127.0.0.1", closed_port) + b"x" * 60000)
+        server.wait_for_log(rf"dest=127\.0\.0\.1:{closed_port} reply=connection_refused", timeout_s=10)
+        assert recv_exact(sock, 2) == b"\x05\x00"
+        assert read_socks5_reply(sock)[0] == 0x05
