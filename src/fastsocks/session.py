@@ -216,10 +216,16 @@ class Session:
     def answer_request(self, request: socks5.Request | socks4.Request) -> None:
         self.request = request
         self.worker.loop.remove(self.client)
+        if self.conn.version == socks4.SOCKS4_VERSION and self.worker.auth is not None:
+            # SOCKS4 carries no password: with --users it would be a way around them.
+            self.fail(Reply.CONNECTION_NOT_ALLOWED, "SOCKS4 has no password and this server requires one")
+            return
         if request.command == Command.CONNECT:
             self.connect()
         elif request.command == Command.BIND:
             self.bind()
+        elif request.command == Command.UDP_ASSOCIATE:
+            self.udp_associate()
         else:
             self.fail(Reply.COMMAND_NOT_SUPPORTED, f"command {request.command.name} is not supported")
 
@@ -482,3 +488,13 @@ class Session:
         if self.conn.version == socks4.SOCKS4_VERSION:
             return "socks4a" if self.request is not None and self.request.is_4a else "socks4"
         return "socks5"
+
+    # ------------------------------------------------------------------ UDP ASSOCIATE
+
+    def udp_associate(self) -> None:
+        """RFC 1928 §7, in udp.py (beside the session: the worker builds it, DESIGN §3). The
+        association answers the request; once it has, it owns the client socket, watches it
+        and ends with it, and this session is over."""
+        self.timer.cancel()
+        if self.worker.start_udp(self):
+            self.closed = True

@@ -18,7 +18,8 @@ import sys
 
 import pytest
 
-from support import (HTTP_BODY, recv_exact, require_client, require_tool, socks5_connect)
+from support import (HTTP_BODY, recv_exact, require_client, require_tool, socks5_connect,
+                     wait_until)
 
 CLIENT_TIMEOUT_S = 20
 PAYLOAD = os.urandom(64 * 1024)
@@ -111,6 +112,7 @@ def test_socks4_reply_carries_the_real_bound_address(start_server, tcp_target):
         sock.sendall(b"x")
     assert reply[:2] == b"\x00\x5a"
     bound = (socket.inet_ntoa(reply[4:8]), struct.unpack("!H", reply[2:4])[0])
+    wait_until(lambda: seen, what="the target to record its peer")
     assert bound == seen[0]
 
 
