@@ -101,3 +101,36 @@ cdef class RelayEngine:
     cdef void _count(self, Session *s, int d, ssize_t n) noexcept nogil
     cdef void _finish(self, int idx, int reason, int err) noexcept nogil
     cdef list _collect(self)
+
+
+# ---------------------------------------------------------------------- SOCKS5 UDP header
+# RFC 1928 §7: RSV(2) FRAG(1) ATYP(1) DST.ADDR DST.PORT(2), then the payload. The nogil
+# core below reads and writes raw memory, so that a batched (recvmmsg) path can use it
+# without Python objects; udp_unpack()/udp_pack() in _relay.pyx are its Python face.
+
+# What udp_parse() returns: UDP_OK or why the datagram is dropped.
+cdef enum:
+    UDP_OK = 0
+    UDP_TRUNCATED = -1      # the datagram ends inside the header
+    UDP_BAD_RSV = -2        # RSV is not X'0000'
+    UDP_FRAGMENTED = -3     # FRAG != 0: fragmentation is optional (§7) and not supported
+    UDP_BAD_ATYP = -4       # not X'01', X'03' or X'04'
+    UDP_BAD_DOMAIN = -5     # empty, or a byte outside printable ASCII: refused, never cut
+
+cdef enum:
+    UDP_ATYP_IPV4 = 1
+    UDP_ATYP_DOMAIN = 3
+    UDP_ATYP_IPV6 = 4
+    UDP_HEADER_MAX_IP = 22  # the longest header for an IP address: 4 + 16 + 2
+
+
+ctypedef struct UdpDest:
+    int atyp                    # UDP_ATYP_*
+    const unsigned char *addr   # 4 or 16 address bytes, or the name's bytes, inside the datagram
+    int addr_len
+    int port
+    int header_len              # where the payload starts
+
+
+cdef int udp_parse(const unsigned char *p, Py_ssize_t n, UdpDest *dest) noexcept nogil
+cdef int udp_header_write(unsigned char *out, int family, const unsigned char *addr, int port) noexcept nogil

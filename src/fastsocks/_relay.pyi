@@ -36,3 +36,16 @@ class RelayEngine:
     def expire_idle(self) -> list[Ended]: ...
     def close_all(self) -> list[Ended]: ...
     def close(self) -> list[Ended]: ...
+
+# ---------------------------------------------------------------------- SOCKS5 UDP header
+# RFC 1928 §7: RSV(2) FRAG(1) ATYP(1) DST.ADDR DST.PORT(2) DATA. Also in _relay_py.
+
+def udp_unpack(data: Buffer) -> tuple[int, str, int, int] | None:
+    """(atyp, host, port, header_len) of a client datagram's header, or None to drop it:
+    truncated, RSV != 0, FRAG != 0 (fragmentation unsupported), unknown ATYP, or a domain
+    name that is empty or not printable ASCII. ``host``: dotted IPv4, IPv6 as inet_ntop
+    writes it, or the name. The payload is ``data[header_len:]``."""
+
+def udp_pack(host: str, port: int) -> bytes:
+    """The header for a datagram from ``host:port``: IPv4 or IPv6 text (IPv4-mapped is
+    sent as IPv4); ValueError for anything else or a port outside 0-65535."""

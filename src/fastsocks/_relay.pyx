@@ -543,3 +543,121 @@ cdef class RelayEngine:
             self.free_head = idx
             idx = self.finished_head
         return ended
+
+
+# ====================================================================== SOCKS5 UDP header
+# RFC 1928 §7. Every datagram between the client and the relay carries
+#     RSV(2) FRAG(1) ATYP(1) DST.ADDR DST.PORT(2) DATA
+# udp_parse() reads the header of a client's datagram, udp_header_write() builds the one
+# put before a datagram coming back from a remote. Both are nogil and allocate nothing;
+# udp_unpack() and udp_pack() are their Python face (the twin is in _relay_py.py).
+
+
+cdef int udp_parse(const unsigned char *p, Py_ssize_t n, UdpDest *dest) noexcept nogil:
+    """UDP_OK and ``dest`` filled in, or the UDP_* reason to drop the datagram."""
+    cdef Py_ssize_t i, addr_off, size
+    if n < 4:
+        return UDP_TRUNCATED
+    if p[0] != 0 or p[1] != 0:
+        return UDP_BAD_RSV
+    if p[2] != 0:
+        return UDP_FRAGMENTED
+    dest.atyp = p[3]
+    if p[3] == UDP_ATYP_IPV4:
+        addr_off, size = 4, 4
+    elif p[3] == UDP_ATYP_IPV6:
+        addr_off, size = 4, 16
+    elif p[3] == UDP_ATYP_DOMAIN:
+        if n < 5:
+            return UDP_TRUNCATED
+        addr_off, size = 5, p[4]
+    else:
+        return UDP_BAD_ATYP
+    if n < addr_off + size + 2:
+        return UDP_TRUNCATED
+    if p[3] == UDP_ATYP_DOMAIN:
+        # The same rule as protocol/socks5.domain_problem: a resolver that stops at a
+        # NUL would resolve less than what policy saw.
+        if size == 0:
+            return UDP_BAD_DOMAIN
+        for i in range(addr_off, addr_off + size):
+            if p[i] < 0x21 or p[i] > 0x7E:
+                return UDP_BAD_DOMAIN
+    dest.addr = p + addr_off
+    dest.addr_len = <int>size
+    dest.port = (p[addr_off + size] << 8) | p[addr_off + size + 1]
+    dest.header_len = <int>(addr_off + size + 2)
+    return UDP_OK
+
+
+cdef inline bint _is_v4_mapped(const unsigned char *a) noexcept nogil:
+    cdef int i
+    for i in range(10):
+        if a[i] != 0:
+            return False
+    return a[10] == 0xFF and a[11] == 0xFF
+
+
+cdef int udp_header_write(unsigned char *out, int family, const unsigned char *addr, int port) noexcept nogil:
+    """Write the header for a datagram from ``addr`` (in_addr or in6_addr bytes) and
+    ``port`` into ``out`` (UDP_HEADER_MAX_IP bytes); return its length. An IPv4-mapped
+    IPv6 address is written as the IPv4 address it is."""
+    cdef int size = 4
+    out[0] = out[1] = out[2] = 0
+    out[3] = UDP_ATYP_IPV4
+    if family == AF_INET6:
+        if _is_v4_mapped(addr):
+            addr = addr + 12
+        else:
+            out[3] = UDP_ATYP_IPV6
+            size = 16
+    memcpy(out + 4, addr, size)
+    out[4 + size] = (port >> 8) & 0xFF
+    out[5 + size] = port & 0xFF
+    return 6 + size
+
+
+cdef str _udp_host(const UdpDest *dest):
+    cdef char text[INET6_ADDRSTRLEN]
+    if dest.atyp == UDP_ATYP_DOMAIN:
+        return (<const char *>dest.addr)[:dest.addr_len].decode("ascii")
+    inet_ntop(AF_INET if dest.atyp == UDP_ATYP_IPV4 else AF_INET6, dest.addr, text, sizeof(text))
+    return text.decode("ascii")
+
+
+def udp_unpack(const unsigned char[::1] data not None):
+    """(atyp, host, port, header_len) of a client datagram's SOCKS5 UDP header, or None.
+
+    None means "drop it": truncated, RSV != 0, FRAG != 0 (no reassembly, which §7 allows),
+    an unknown ATYP, or a domain name that is empty or not printable ASCII. ``host`` is
+    dotted IPv4, compressed IPv6 as inet_ntop writes it, or the domain name; the payload
+    is ``data[header_len:]``.
+    """
+    cdef UdpDest dest
+    if data.shape[0] < 4 or udp_parse(&data[0], data.shape[0], &dest) != UDP_OK:
+        return None
+    return (dest.atyp, _udp_host(&dest), dest.port, dest.header_len)
+
+
+def udp_pack(str host not None, port):
+    """The SOCKS5 UDP header for a datagram that came from ``host:port``.
+
+    ``host`` is IPv4 or IPv6 text (IPv4-mapped IPv6 is sent as IPv4); anything else, or a
+    port outside 0-65535, raises ValueError.
+    """
+    cdef unsigned char addr[16]
+    cdef unsigned char out[UDP_HEADER_MAX_IP]
+    cdef int family, n
+    if not (isinstance(port, int) and 0 <= port <= 0xFFFF):
+        raise ValueError(f"port must be 0-65535, got {port!r}")
+    raw = host.encode("ascii", "replace")  # non-ASCII becomes "?", in no address
+    if b"\0" in raw:  # inet_pton reads a C string: it would stop at the NUL
+        raise ValueError(f"not an IP address: {host!r}")
+    if inet_pton(AF_INET, raw, addr) == 1:
+        family = AF_INET
+    elif inet_pton(AF_INET6, raw, addr) == 1:
+        family = AF_INET6
+    else:
+        raise ValueError(f"not an IP address: {host!r}")
+    n = udp_header_write(out, family, addr, <int>port)
+    return (<char *>out)[:n]

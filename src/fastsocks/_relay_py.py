@@ -180,3 +180,60 @@ class RelayEngine:
 
 
 __all__ = ["RelayEngine", "REASONS"]
+
+
+# ====================================================================== SOCKS5 UDP header
+# RFC 1928 §7: RSV(2) FRAG(1) ATYP(1) DST.ADDR DST.PORT(2) DATA. The reference for
+# udp_unpack()/udp_pack() in _relay.pyx: same results on every input.
+
+_UDP_ATYP_IPV4, _UDP_ATYP_DOMAIN, _UDP_ATYP_IPV6 = 1, 3, 4
+_UDP_MAX_HEADER = 4 + 1 + 255 + 2
+
+
+def udp_unpack(data) -> tuple[int, str, int, int] | None:
+    """(atyp, host, port, header_len) of a client datagram's header, or None to drop it
+    (truncated, RSV != 0, FRAG != 0, unknown ATYP, empty or non-printable domain name)."""
+    head = bytes(memoryview(data)[:_UDP_MAX_HEADER])
+    if len(head) < 4 or head[0] or head[1] or head[2]:
+        return None
+    atyp = head[3]
+    if atyp == _UDP_ATYP_IPV4:
+        start, size = 4, 4
+    elif atyp == _UDP_ATYP_IPV6:
+        start, size = 4, 16
+    elif atyp == _UDP_ATYP_DOMAIN and len(head) >= 5:
+        start, size = 5, head[4]
+    else:
+        return None
+    end = start + size
+    if len(head) < end + 2:
+        return None
+    raw = head[start:end]
+    if atyp == _UDP_ATYP_DOMAIN:
+        if not raw or not all(0x21 <= b <= 0x7E for b in raw):  # refused, never cut at a NUL
+            return None
+        host = raw.decode("ascii")
+    else:
+        host = socket.inet_ntop(socket.AF_INET if atyp == _UDP_ATYP_IPV4 else socket.AF_INET6, raw)
+    return atyp, host, int.from_bytes(head[end:end + 2], "big"), end + 2
+
+
+def udp_pack(host: str, port: int) -> bytes:
+    """The header for a datagram from ``host:port`` (IPv4 or IPv6 text; IPv4-mapped IPv6
+    is sent as IPv4); ValueError for anything else or a port outside 0-65535."""
+    if not isinstance(host, str):
+        raise TypeError(f"host must be a str, got {host!r}")
+    if not (isinstance(port, int) and 0 <= port <= 0xFFFF):
+        raise ValueError(f"port must be 0-65535, got {port!r}")
+    for family, atyp in ((socket.AF_INET, _UDP_ATYP_IPV4), (socket.AF_INET6, _UDP_ATYP_IPV6)):
+        try:
+            addr = socket.inet_pton(family, host)
+        except (OSError, ValueError, TypeError):
+            continue
+        if atyp == _UDP_ATYP_IPV6 and addr[:12] == b"\0" * 10 + b"\xff\xff":
+            atyp, addr = _UDP_ATYP_IPV4, addr[12:]
+        return bytes([0, 0, 0, atyp]) + addr + port.to_bytes(2, "big")
+    raise ValueError(f"not an IP address: {host!r}")
+
+
+__all__ += ["udp_pack", "udp_unpack"]

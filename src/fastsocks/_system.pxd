@@ -143,3 +143,13 @@ cdef extern from "<errno.h>" nogil:
         ENFILE
         ECONNRESET
         EPIPE
+
+
+# ---------------------------------------------------------------------- SOCKS5 UDP header
+# What the UDP header codec in _relay.pyx needs beyond the declarations above.
+
+cdef extern from "<arpa/inet.h>" nogil:
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
+    enum:
+        INET_ADDRSTRLEN
+        INET6_ADDRSTRLEN

@@ -40,6 +40,9 @@ class Settings:
     connect_timeout_s: float = 10.0
     idle_timeout_s: float = 300.0
     bind_timeout_s: float = 120.0
+    udp_idle_timeout_s: float = 120.0
+    max_udp_per_client: int = 8      # UDP associations per client IP, per worker
+    max_udp_per_worker: int = 1024
     worker_timeout_s: float = 30.0
     splice: bool = True
     pipe_size: int = 1 << 20
@@ -62,6 +65,9 @@ class Settings:
             ("connect_timeout", self.connect_timeout_s > 0, "expected a number of seconds > 0"),
             ("idle_timeout", self.idle_timeout_s >= 0, "expected a number of seconds >= 0 (0: never)"),
             ("bind_timeout", self.bind_timeout_s > 0, "expected a number of seconds > 0"),
+            ("udp_idle_timeout", self.udp_idle_timeout_s >= 0, "expected a number of seconds >= 0 (0: never)"),
+            ("max_udp_per_client", self.max_udp_per_client >= 1, "expected >= 1"),
+            ("max_udp_per_worker", self.max_udp_per_worker >= 1, "expected >= 1"),
             ("worker_timeout", self.worker_timeout_s >= 2, "expected a number of seconds >= 2"),
             ("pipe_size", 4096 <= self.pipe_size <= 1 << 30, "expected 4096 bytes to 1 GiB"),
             ("max_pipes", 0 <= self.max_pipes, "expected >= 0"),

@@ -23,6 +23,7 @@ import select
 import signal
 import socket
 import time
+from typing import TYPE_CHECKING
 
 from fastsocks.auth import Authenticator
 from fastsocks.errors import BootError, ConfigError
@@ -32,6 +33,9 @@ from fastsocks.session import Session, access_log, format_peer
 from fastsocks.settings import Settings
 from fastsocks.stats import SharedStats, SlotStats
 from fastsocks.users import UserDB, load_users
+
+if TYPE_CHECKING:
+    from fastsocks.udp import UdpAssociation
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,8 @@ class Worker:
         self.loop = Loop()
         self.handshaking: dict[int, Session] = {}
         self.relayed: dict[int, tuple[str, float]] = {}
+        self.udp_associations: dict[int, UdpAssociation] = {}  # UDP ASSOCIATE sessions, by sid
+        self.udp_buffer: memoryview | None = None  # their shared datagram buffer, made on first use
         self.next_sid = 0
         self.accepted = 0
         self.errors = 0
@@ -99,7 +105,7 @@ class Worker:
                 # Sessions that used up their budget wait on the engine's run queue, not
                 # on a new epoll event: serve them now, or they would stall for good.
                 self.on_engine_ready()
-            if self.draining and not self.handshaking and not self.engine.active:
+            if self.draining and not self.handshaking and not self.engine.active and not self.udp_associations:
                 self.exit_code = EXIT_OK
         self.shutdown()
         return self.exit_code
@@ -129,6 +135,8 @@ class Worker:
     def shutdown(self) -> None:
         for session in list(self.handshaking.values()):
             session.finish(None, "worker shutting down")
+        for association in list(self.udp_associations.values()):
+            association.end("shutdown")
         for ended in self.engine.close():
             self.session_ended(ended)
         self.write_stats()
@@ -239,6 +247,27 @@ class Worker:
             self.errors += 1
             log.error("%s relay could not start: %s", session.describe(), exc)
 
+    def start_udp(self, session: Session) -> bool:
+        """UDP ASSOCIATE: True once an association answered and owns the client socket."""
+        # Imported here: udp needs the built engine, which boot() has found by now.
+        from fastsocks.udp import UdpAssociation, new_buffer
+
+        if self.udp_buffer is None:
+            self.udp_buffer = new_buffer()
+        association = UdpAssociation(self, session)
+        if not association.start(session):
+            return False  # the session answered the failure and logged it
+        del self.handshaking[session.sid]
+        self.udp_associations[session.sid] = association
+        return True
+
+    def udp_ended(self, association: UdpAssociation, how: str) -> None:
+        self.udp_associations.pop(association.sid, None)
+        access_log.info("%s reply=succeeded datagrams_up=%d datagrams_down=%d up=%d down=%d dropped=%d "
+                        "duration_s=%.3f end=%s", association.described, association.datagrams_up,
+                        association.datagrams_down, association.bytes_up, association.bytes_down,
+                        association.dropped, time.monotonic() - association.started_s, how)
+
     def auth_failed(self, session: Session, username: bytes) -> None:
         self.auth_failures += 1
         log.warning("client=%s authentication failed for user %r", session.peer,
@@ -284,7 +313,7 @@ class Worker:
         base = self.base
         self.stats.write(self.slot, SlotStats(
             pid=os.getpid(), heartbeat_s=time.monotonic(), accepted=base.accepted + self.accepted,
-            active=self.engine.active + len(self.handshaking), bytes_up=base.bytes_up + up,
+            active=self.engine.active + len(self.handshaking) + len(self.udp_associations), bytes_up=base.bytes_up + up,
             bytes_down=base.bytes_down + down, sessions=base.sessions + sessions,
             errors=base.errors + self.errors, auth_failures=base.auth_failures + self.auth_failures))
 

@@ -347,8 +347,6 @@ REQUEST_BAD_CASES = {
                  r"reply=command_not_supported .*unknown command 0x09"),
     "cmd-0x00": (b"\x05\x00\x00\x01\x7f\x00\x00\x01\x00\x50", 0x07,
                  r"reply=command_not_supported .*unknown command 0x00"),
-    "udp-associate": (b"\x05\x03\x00\x01\x7f\x00\x00\x01\x00\x50", 0x07,
-                      r"cmd=udp_associate dest=127\.0\.0\.1:80 reply=command_not_supported"),
     "rsv-0x01": (b"\x05\x01\x01\x01\x7f\x00\x00\x01\x00\x50", 0x01,
                  r"reply=general_failure .*reserved byte is 0x01"),
     "request-version-4": (b"\x04\x01\x00\x01\x7f\x00\x00\x01\x00\x50", 0x01,

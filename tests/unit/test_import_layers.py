@@ -82,7 +82,7 @@ RANKS = {
     "errors": 0, "__init__": 0, "__main__": 6,
     "protocol": 1, "settings": 1, "stats": 1, "logs": 1, "loop": 1, "resolver": 1,
     "_relay": 1, "_relay_py": 1, "users": 1, "auth": 1,  # auth imports users only for annotations
-    "listeners": 2, "session": 2,
+    "listeners": 2, "session": 2, "udp": 2,  # udp sits beside session: only the worker imports it
     "worker": 3,
     "master": 4, "bench": 4,
     "cli": 5,
