@@ -26,6 +26,7 @@ line of a relayed session is written when the engine reports it ended.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
 import os
@@ -66,6 +67,27 @@ def reply_for_errno(err: int) -> Reply:
 def _unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address):
     """::ffff:a.b.c.d compares as the IPv4 address it is."""
     return ip.ipv4_mapped or ip if ip.version == 6 else ip
+
+
+def _entry_point(method):
+    """Wrap what the loop, the resolver or the authenticator calls: a bug in a session
+    ends that session (logged once, with its client) instead of leaving its sockets open."""
+
+    @functools.wraps(method)
+    def guarded(self: Session, *args):
+        try:
+            return method(self, *args)
+        except Exception:
+            log.exception("%s: internal error in %s", self.describe(), method.__name__)
+            if not self.closed:
+                try:
+                    self.fail(Reply.GENERAL_FAILURE, f"internal error in {method.__name__}")
+                except Exception:
+                    self.closed = True
+                    self.client.close()
+        return None
+
+    return guarded
 
 
 def close_gently(sock: socket.socket, max_reads: int = 4) -> None:
@@ -113,6 +135,7 @@ class Session:
 
     # ------------------------------------------------------------------ handshake
 
+    @_entry_point
     def start(self) -> None:
         loop = self.worker.loop
         loop.add_reader(self.client, self.on_client_readable)
@@ -120,6 +143,7 @@ class Session:
         # TCP_DEFER_ACCEPT means the greeting is usually here already: no loop round trip.
         self.on_client_readable()
 
+    @_entry_point
     def on_client_readable(self) -> None:
         if self.closed:
             return
@@ -199,6 +223,7 @@ class Session:
         self.worker.auth.verify(credentials.username, credentials.password,
                                 lambda ok: self.on_auth_checked(ok, credentials.username, consumed))
 
+    @_entry_point
     def on_auth_checked(self, ok: bool, username: bytes, consumed: int) -> None:
         self.checking = False
         if self.closed:
@@ -235,6 +260,7 @@ class Session:
             return
         self.finish(exc.reply, f"protocol error: {exc}")
 
+    @_entry_point
     def on_handshake_timeout(self) -> None:
         self.finish(None, "handshake timed out")
 
@@ -253,6 +279,7 @@ class Session:
             self.candidates = [(socket.AF_INET, (request.host, request.port))]
         self.try_next_address()
 
+    @_entry_point
     def on_resolved(self, addresses, error: OSError | None) -> None:
         if self.closed:
             return
@@ -294,6 +321,7 @@ class Session:
         self.timer = self.worker.loop.call_later(timeout_s, self.on_connect_timeout)
         return True
 
+    @_entry_point
     def on_upstream_writable(self) -> None:
         if self.closed:
             return
@@ -305,6 +333,7 @@ class Session:
             return
         self.established()
 
+    @_entry_point
     def on_connect_timeout(self) -> None:
         if self.closed:
             return
@@ -340,6 +369,7 @@ class Session:
         else:
             self.open_bind_listener(request.host)
 
+    @_entry_point
     def on_bind_resolved(self, addresses, error: OSError | None) -> None:
         if self.closed:
             return
@@ -380,6 +410,7 @@ class Session:
             probe.connect((peer_ip, 9))
             return probe.getsockname()[0]
 
+    @_entry_point
     def on_bind_peer(self) -> None:
         if self.closed:
             return
@@ -407,6 +438,7 @@ class Session:
         if self.send(self.conn.send(self.reply_event(Reply.SUCCEEDED, address[0], address[1]))):
             self.hand_off()
 
+    @_entry_point
     def on_client_during_bind(self) -> None:
         """The client may only wait; notice if it leaves (peeking leaves its bytes queued)."""
         if self.closed:
@@ -423,6 +455,7 @@ class Session:
         else:
             self.worker.loop.remove(self.client)  # early bytes wait in the kernel for the relay
 
+    @_entry_point
     def on_bind_timeout(self) -> None:
         self.fail(Reply.TTL_EXPIRED, "no peer connected to the BIND address in time")
 
