@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="S", help="close relayed sessions idle this long (0: never)")
     parser.add_argument("--bind-timeout", type=float, default=defaults.bind_timeout_s,
                         metavar="S", help="BIND: how long to wait for the peer to connect")
+    parser.add_argument("--bind-any-peer", action="store_true",
+                        help="BIND: accept the first peer from any address (default: only the "
+                             "address named in the request)")
+    parser.add_argument("--advertise", metavar="ADDR",
+                        help="IP address to put in BIND and UDP ASSOCIATE replies instead of the "
+                             "local one (a server behind NAT or a load balancer)")
     parser.add_argument("--udp-idle-timeout", type=float, default=defaults.udp_idle_timeout_s,
                         metavar="S", help="UDP ASSOCIATE: end associations that relayed no datagram this long (0: never)")
     parser.add_argument("--max-udp-per-client", type=int, default=defaults.max_udp_per_client,
@@ -88,7 +94,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         workers=args.workers, accept_mode=args.accept_mode,
         graceful_timeout_s=args.graceful_timeout, handshake_timeout_s=args.handshake_timeout,
         connect_timeout_s=args.connect_timeout, idle_timeout_s=args.idle_timeout,
-        bind_timeout_s=args.bind_timeout, udp_idle_timeout_s=args.udp_idle_timeout,
+        bind_timeout_s=args.bind_timeout, bind_any_peer=args.bind_any_peer, advertise=args.advertise, udp_idle_timeout_s=args.udp_idle_timeout,
         max_udp_per_client=args.max_udp_per_client, max_udp_per_worker=args.max_udp_per_worker,
         worker_timeout_s=args.worker_timeout, splice=args.splice, pipe_size=args.pipe_size,
         max_pipes=args.max_pipes, log_level=args.log_level, users_file=args.users,

@@ -381,7 +381,8 @@ class Session:
     def open_bind_listener(self, peer_ip: str) -> None:
         expected = _unmapped(ipaddress.ip_address(peer_ip))
         # A request with no peer (0.0.0.0 / ::) accepts whoever connects first.
-        self.expected_peer = None if expected.is_unspecified else expected
+        any_peer = expected.is_unspecified or self.worker.settings.bind_any_peer
+        self.expected_peer = None if any_peer else expected
         family = socket.AF_INET6 if expected.version == 6 else socket.AF_INET
         try:
             listener = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
@@ -392,6 +393,7 @@ class Session:
             self.fail(reply_for_errno(exc.errno or errno.EIO), f"BIND listener: {exc.strerror or exc}")
             return
         host, port = listener.getsockname()[:2]
+        host = self.worker.settings.advertise or host
         if not self.send(self.conn.send(self.reply_event(Reply.SUCCEEDED, host, port))):
             return
         loop = self.worker.loop

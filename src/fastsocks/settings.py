@@ -40,6 +40,8 @@ class Settings:
     connect_timeout_s: float = 10.0
     idle_timeout_s: float = 300.0
     bind_timeout_s: float = 120.0
+    bind_any_peer: bool = False         # BIND: accept the first peer from any address
+    advertise: str | None = None        # address put in BIND / UDP ASSOCIATE replies (NAT)
     udp_idle_timeout_s: float = 120.0
     max_udp_per_client: int = 8      # UDP associations per client IP, per worker
     max_udp_per_worker: int = 1024
@@ -65,6 +67,7 @@ class Settings:
             ("connect_timeout", self.connect_timeout_s > 0, "expected a number of seconds > 0"),
             ("idle_timeout", self.idle_timeout_s >= 0, "expected a number of seconds >= 0 (0: never)"),
             ("bind_timeout", self.bind_timeout_s > 0, "expected a number of seconds > 0"),
+            ("advertise", self.advertise is None or _is_ip(self.advertise), "expected an IP address"),
             ("udp_idle_timeout", self.udp_idle_timeout_s >= 0, "expected a number of seconds >= 0 (0: never)"),
             ("max_udp_per_client", self.max_udp_per_client >= 1, "expected >= 1"),
             ("max_udp_per_worker", self.max_udp_per_worker >= 1, "expected >= 1"),
@@ -79,6 +82,14 @@ class Settings:
         for name, ok, msg in checks:
             if not ok:
                 raise ConfigError(None, None, name, msg)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_listen(text: str) -> ListenAddress:

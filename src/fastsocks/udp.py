@@ -129,6 +129,7 @@ class UdpAssociation:
             session.fail(Reply.GENERAL_FAILURE, refusal)
             return False
         host, port = self.relay_sock.getsockname()[:2]
+        host = session.worker.settings.advertise or host  # behind NAT: what clients must use
         if not session.send(session.conn.send(session.reply_event(Reply.SUCCEEDED, host, port))):
             self.close()  # the session logged and closed; nothing of ours was in use
             return False

@@ -104,3 +104,15 @@ def test_socks4_bind(start_server):
             peer.sendall(b"ping")
             assert recv_exact(control, 4) == b"ping"
     server.wait_for_log(r"proto=socks4 user='dave' cmd=bind dest=127\.0\.0\.1:0 reply=succeeded")
+
+
+def test_bind_any_peer_and_advertised_address(start_server):
+    server = start_server("--bind-any-peer", "--advertise", "127.0.0.9")
+    control, bound = socks5_bind(server.address, "127.0.0.2")
+    with control:
+        assert bound[0] == "127.0.0.9"                       # what the peer is told to use
+        with connect_from("127.0.0.1", ("127.0.0.1", bound[1])) as peer:   # not 127.0.0.2: let in
+            code, host, _ = read_socks5_reply(control)
+            assert (code, host) == (0, "127.0.0.1")
+            peer.sendall(b"any")
+            assert recv_exact(control, 3) == b"any"

@@ -298,3 +298,16 @@ def test_associations_per_client_are_capped(start_server):
         assert recv_exact(second, 2) == b"\x05\x00"
         assert read_socks5_reply(second)[0] == 0x01
     server.wait_for_log(r"cmd=udp_associate .*reply=general_failure .*1 associations for 127\.0\.0\.1")
+
+
+def test_advertised_address_goes_in_the_reply(start_server, udp_echo):
+    """Behind NAT the relay's own address is useless to clients: --advertise replaces it
+    in the reply; the relay still listens on the address the client reached."""
+    server = start_server("--advertise", "127.0.0.9")
+    echo = udp_echo()
+    control, relay = associate(server.address)
+    with control:
+        assert relay[0] == "127.0.0.9"
+        with udp_client() as client:
+            assert round_trip(client, ("127.0.0.1", relay[1]), echo, b"via the real address") \
+                == (*echo.address, b"via the real address")
