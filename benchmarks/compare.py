@@ -93,10 +93,15 @@ class Params:
     rr_size: int = 64
     rr_duration_s: float = 5.0
     idle_connections: int = 3000
+    udp_associations: int = 4
+    udp_inflight: int = 32
+    udp_size: int = 512
+    udp_duration_s: float = 5.0
 
 
 FULL = Params()
-QUICK = Params(bulk_bytes=128 << 20, cps_duration_s=1.0, rr_duration_s=1.0, idle_connections=300)
+QUICK = Params(bulk_bytes=128 << 20, cps_duration_s=1.0, rr_duration_s=1.0, idle_connections=300,
+               udp_duration_s=1.0)
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,10 @@ class Workload:
     primary: str                  # the metric the chart shows
     cost: str | None = None       # the CPU (or memory) per unit of work, annotated on the chart
     direct: bool = True           # whether `direct` can run it
+    unsupported: tuple[tuple[str, str], ...] = ()  # (server name, why it cannot run this)
+
+    def skip_reason(self, server: str) -> str | None:
+        return dict(self.unsupported).get(server)
 
 
 def _bulk_metrics(tag: str) -> tuple[Metric, ...]:
@@ -180,7 +189,30 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
         ),
         primary="pss_per_conn_kb", direct=False,
     ),
+    Workload(
+        "udp", "UDP datagrams, 4 associations x 32 in flight", "udp",
+        lambda p: ["--connections", str(p.udp_associations), "--inflight", str(p.udp_inflight),
+                   "--size", str(p.udp_size), "--duration", f"{p.udp_duration_s:g}"],
+        (
+            Metric("dgram_per_s", "512 B UDP datagrams", "dgram/s", ("results", "dgram_per_s"), True),
+            Metric("p99_us", "UDP round trip p99", "µs", ("results", "latency_us", "p99"), False),
+            Metric("loss_pct", "UDP datagrams lost", "%", ("results", "loss_pct"), False, False),
+            Metric("proxy_us_per_dgram", "UDP: proxy CPU", "µs/dgram", ("cpu", "proxy_us_per_dgram"), False, False),
+        ),
+        primary="dgram_per_s", cost="proxy_us_per_dgram",
+        unsupported=(
+            ("microsocks", "microsocks has no UDP ASSOCIATE"),
+            ("pproxy", "pproxy's socks5 listener does not answer UDP ASSOCIATE on its TCP port "
+                       "(it relays UDP only on a separate -ul listener)"),
+        ),
+    ),
 )}
+
+
+def unsupported_cells(workloads: list[Workload], servers: list[ServerSpec]) -> list[dict]:
+    """The (workload, server) pairs that cannot run, each with its reason."""
+    return [{"workload": w.name, "server": s.name, "reason": why}
+            for w in workloads for s in servers if (why := w.skip_reason(s.name))]
 
 
 def dig(data: Any, path: Iterable[str]) -> float | None:
@@ -291,7 +323,7 @@ def dante_config(port: int, *, as_root: bool | None = None) -> str:
         f"{users}"
         "client pass {\n    from: 127.0.0.0/8 to: 127.0.0.0/8\n}\n"
         "client block {\n    from: 0.0.0.0/0 to: 0.0.0.0/0\n}\n"
-        "socks pass {\n    from: 127.0.0.0/8 to: 127.0.0.0/8\n    command: connect\n}\n"
+        "socks pass {\n    from: 127.0.0.0/8 to: 127.0.0.0/8\n    command: connect udpassociate udpreply\n}\n"
         "socks block {\n    from: 0.0.0.0/0 to: 0.0.0.0/0\n}\n"
     )
 
@@ -504,6 +536,8 @@ def schedule(workloads: list[Workload], servers: list[ServerSpec],
         for repeat in range(repeats):
             for spec in servers:
                 if spec.kind == "direct" and not workload.direct:
+                    continue
+                if workload.skip_reason(spec.name):
                     continue
                 order.append((workload, repeat, spec))
     return order
@@ -1185,7 +1219,10 @@ def main(argv: list[str] | None = None) -> int:
         cps_duration_s=args.duration or base.cps_duration_s,
         rr_duration_s=args.duration or base.rr_duration_s,
         idle_connections=args.idle_connections or base.idle_connections,
+        udp_duration_s=args.duration or base.udp_duration_s,
     )
+    for cell in unsupported_cells(workloads, ready):
+        print(f"skipping {cell['workload']} on {cell['server']}: {cell['reason']}")
     repeats = args.repeats or (1 if args.quick else 3)
     run_timeout = args.run_timeout or (60.0 if args.quick else 180.0)
     bench_cmd, why = resolve_bench_command(args.bench)

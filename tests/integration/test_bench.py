@@ -267,3 +267,42 @@ def test_interrupt_leaves_nothing_behind(proxy):
         if run.poll() is None:
             run.kill()
             run.wait()
+
+
+# --------------------------------------------------------------------- udp
+
+
+def test_udp_through_fastsocks(bench, proxy):
+    doc = bench("udp", "--proxy", url(proxy), "--connections", "2", "--inflight", "8", "--size", "300",
+                "--count", "4000")
+    r = doc["results"]
+    assert r["datagrams"] > 0 and r["sent"] == 4000
+    assert r["lost"] == r["sent"] - r["datagrams"] and r["lost"] <= 40   # loopback: none or a few
+    assert r["bytes_compared"] >= r["datagrams"] * 300 and r["error_kinds"].get("mismatch") is None
+    assert r["associations"] == 2
+    assert 0 < r["latency_us"]["p50"] <= r["latency_us"]["p99"] <= r["latency_us"]["max"]
+    assert doc["cpu"]["proxy_us_per_dgram"] is not None
+    timed = bench("udp", "--proxy", url(proxy), "--duration", "0.3")
+    assert timed["results"]["datagrams"] > 0 and timed["params"]["inflight"] == 32
+
+
+def test_udp_direct(bench):
+    doc = bench("udp", "--direct", "--count", "2000", "--size", "64")
+    r = doc["results"]
+    assert r["datagrams"] > 0 and r["lost"] <= 20 and r["bytes_compared"] >= r["datagrams"] * 64
+    assert doc["cpu"]["proxy_s"] is None
+
+
+def test_udp_refused_association_is_one_clear_error(bench):
+    # A TCP-only SOCKS5 stand-in that refuses UDP ASSOCIATE (command not supported).
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def serve():
+            with listener.accept()[0] as conn:
+                recv_exact(conn, 3)
+                conn.sendall(b"\x05\x00")
+                recv_exact(conn, 10)
+                conn.sendall(b"\x05\x07\x00\x01\x00\x00\x00\x00\x00\x00")
+        threading.Thread(target=serve, daemon=True).start()
+        done = bench("udp", "--proxy", f"socks5://127.0.0.1:{listener.getsockname()[1]}", "--count", "10",
+                     expect=1)
+    assert "UDP ASSOCIATE" in done.stderr and "command_not_supported" in done.stderr

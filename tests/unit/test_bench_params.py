@@ -181,3 +181,23 @@ def test_help_lists_modes_and_options(capsys):
                  "--streams", "--bytes", "--size", "--duration", "--count", "--direction", "--proxy-pid",
                  "--json", "--quiet", "--clients-procs"):
         assert word in out
+
+
+def test_udp_plan_defaults_and_limits():
+    plan = plan_from_args(build_parser().parse_args(["udp", "--direct"]))
+    assert (plan.connections, plan.inflight, plan.size, plan.duration_s) == (1, 32, 512, 5.0)
+    plan = plan_from_args(build_parser().parse_args(["udp", "--direct", "--count", "100", "--inflight", "4"]))
+    assert (plan.count, plan.duration_s, plan.inflight) == (100, None, 4)
+    for bad, message in ((["--size", "8"], "--size"), (["--size", "70000"], "--size"),
+                         (["--inflight", "0"], "--inflight"), (["--connections", "5000"], "--connections")):
+        with pytest.raises(ValueError, match=message):
+            plan_from_args(build_parser().parse_args(["udp", "--direct", *bad]))
+    with pytest.raises(ValueError, match="--inflight does not apply to rr"):
+        plan_from_args(build_parser().parse_args(["rr", "--direct", "--inflight", "4"]))
+
+
+def test_udp_wire_messages():
+    assert wire.udp_associate_request() == b"\x05\x03\x00\x01\x00\x00\x00\x00\x00\x00"
+    assert wire.udp_header("127.0.0.1", 9) == b"\x00\x00\x00\x01\x7f\x00\x00\x01\x00\x09"
+    assert wire.udp_header("::1", 9)[3] == 4 and len(wire.udp_header("::1", 9)) == 22
+    assert _loadgen.UDP_TAG_SIZE == 12 and "udp" in _loadgen.MODES

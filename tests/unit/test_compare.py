@@ -444,3 +444,19 @@ def test_bench_problems_fail_the_run_and_warnings_are_kept(standins, tmp_path, m
     markdown = stem.with_suffix(".md").read_text()
     assert "- bench warning, cps / tiny-b run 0: 3 connections failed: reset 3" in markdown
     assert "- failed: rr / tiny-b run 0: bench: nothing completed: refused 16" in markdown
+
+
+def test_udp_workload_skips_servers_without_udp():
+    udp = W["udp"]
+    assert udp.mode == "udp" and "udp" in compare.parse_args([]).workloads.split(",")
+    assert {m.key for m in udp.metrics} >= {"dgram_per_s", "proxy_us_per_dgram"}
+    servers = [spec("direct", "direct"), spec("fastsocks-1w", "fastsocks"), spec("microsocks"), spec("pproxy"),
+               spec("dante")]
+    order = [s.name for w, r, s in compare.schedule([udp], servers, 1)]
+    assert order == ["direct", "fastsocks-1w", "dante"]   # Dante's config passes udpassociate
+    skipped = compare.unsupported_cells([udp, W["rr"]], servers)
+    assert {c["server"] for c in skipped} == {"microsocks", "pproxy"}
+    assert all(c["workload"] == "udp" and c["reason"] for c in skipped)
+    assert compare.QUICK.udp_duration_s < compare.FULL.udp_duration_s
+    args = udp.args(compare.QUICK)
+    assert args[args.index("--duration") + 1] == "1"

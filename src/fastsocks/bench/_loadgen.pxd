@@ -7,6 +7,20 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from fastsocks._system cimport *
 
 
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t recvfrom(int fd, void *buf, size_t length, int flags, sockaddr *addr, socklen_t *addrlen)
+    ssize_t sendto(int fd, const void *buf, size_t length, int flags, const sockaddr *addr,
+                   socklen_t addrlen)
+    enum:
+        MSG_DONTWAIT
+
+
+cdef extern from "<errno.h>" nogil:
+    enum:
+        ECONNREFUSED
+        ENOBUFS
+
+
 # --------------------------------------------------------------------- wire constants
 
 cdef enum:
@@ -30,6 +44,10 @@ cdef enum:
     MODE_CPS = 1
     MODE_RR = 2
     MODE_IDLE = 3
+    MODE_UDP = 4
+
+cdef enum:
+    UDP_TAG_BYTES = 12      # a udp datagram's payload starts SLOT(4) SEQ(8), big-endian
 
 # Connection states, in the order a connection goes through them.
 cdef enum:
@@ -92,6 +110,12 @@ ctypedef struct Conn:
     uint64_t down_pos
     int pipe_r             # bulk download without verification: socket -> pipe -> /dev/null
     int pipe_w
+
+
+ctypedef struct USlot:
+    uint64_t seq           # the datagram in flight in this slot (busy) or the last one
+    uint64_t t_sent_ns
+    int busy
 
 
 cdef class Pattern:
@@ -174,6 +198,18 @@ cdef class LoadGen:
     cdef uint64_t lat_max_ns
     cdef uint64_t lat_sum_ns
     cdef uint64_t lat_n
+    # udp: each association (a Conn: its connected UDP socket) keeps `inflight` slots
+    cdef USlot *slots
+    cdef int inflight
+    cdef int udp_busy              # datagrams in flight, all associations
+    cdef uint64_t loss_ns          # a datagram unanswered this long is lost
+    cdef bytes udp_header          # RFC 1928 §7 header before every payload (b"": direct)
+    cdef const unsigned char *udp_header_p
+    cdef int udp_header_len
+    cdef list udp_control          # the associations' TCP connections, held open
+    cdef uint64_t udp_timeouts     # datagrams given up as lost
+    cdef uint64_t udp_late         # echoes that came after their timeout (or twice)
+    cdef uint64_t udp_compared     # payload bytes compared, echoes intact or not
 
     cdef uint64_t _error_total(self) noexcept nogil
     cdef void _release(self) noexcept
@@ -201,6 +237,11 @@ cdef class LoadGen:
     cdef void _close_conn(self, Conn *c) noexcept nogil
     cdef void _record(self, uint64_t latency_ns) noexcept nogil
     cdef void _scan_timeouts(self) noexcept nogil
+    cdef int _udp_loop(self, uint64_t until_ns) noexcept nogil
+    cdef int _udp_send(self, int idx, int k) noexcept nogil
+    cdef void _udp_recv(self, int idx) noexcept nogil
+    cdef void _udp_take(self, int idx, ssize_t n) noexcept nogil
+    cdef void _udp_scan(self) noexcept nogil
 
 
 # --------------------------------------------------------------------- target server
@@ -262,8 +303,11 @@ cdef class TargetServer:
     cdef uint64_t echoed
     cdef uint64_t sent
     cdef uint64_t received
+    cdef int udp_fd                # -1: no UDP echo
+    cdef uint64_t udp_echoed       # datagrams echoed
 
     cdef int _loop(self, int stop_fd) noexcept nogil
+    cdef void _udp_echo(self) noexcept nogil
     cdef int _grow(self) noexcept nogil
     cdef void _accept(self) noexcept nogil
     cdef void _pump(self, int idx) noexcept nogil

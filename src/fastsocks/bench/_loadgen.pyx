@@ -64,7 +64,8 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 
 ERROR_KINDS = ("connect", "socks_method", "socks_auth", "socks_reply", "eof", "reset",
                "timeout", "mismatch", "aborted", "other")
-MODES = ("bulk", "cps", "rr", "idle")
+MODES = ("bulk", "cps", "rr", "idle", "udp")
+UDP_TAG_SIZE = UDP_TAG_BYTES
 
 PATTERN_PERIOD = PATTERN_BYTES
 MAGIC = BULK_MAGIC
@@ -88,6 +89,8 @@ cdef uint32_t EV_WRITABLE = EPOLLOUT | EPOLLERR | EPOLLHUP
 cdef uint32_t EV_READABLE = EPOLLIN | EPOLLRDHUP | EPOLLERR | EPOLLHUP
 cdef uint32_t LISTEN_TAG = 0xFFFFFFFFU
 cdef uint32_t STOP_TAG = 0xFFFFFFFEU
+cdef uint32_t UDP_TAG = 0xFFFFFFFDU
+cdef uint64_t UDP_SCAN_NS = 10000000  # udp: lost datagrams found (and replaced) every 10 ms
 
 
 # --------------------------------------------------------------------- helpers
@@ -281,13 +284,16 @@ cdef class LoadGen:
         self.events = NULL
         self.buf = NULL
         self.samples = NULL
+        self.slots = NULL
+        self.udp_control = []
 
     def __init__(self, Pattern pattern not None, *, str mode, int connections, int family,
                  str host, int port, bytes greeting=None, bytes auth=None, bytes request=None,
                  uint64_t size=64, uint64_t bulk_bytes=0, bint download=True, bint upload=False,
                  bint verify=False, uint64_t limit=0, double timeout_s=10.0, int open_limit=128,
                  size_t buffer_size=1 << 20, size_t max_samples=1 << 24, int pipe_size=1 << 20,
-                 int max_events=512, int source_addresses=1):
+                 int max_events=512, int source_addresses=1, int inflight=32,
+                 bytes udp_header=None, double loss_timeout_s=1.0):
         cdef sockaddr_in *sin
         cdef sockaddr_in6 *sin6
         cdef int i
@@ -301,6 +307,26 @@ cdef class LoadGen:
         if (greeting is None) != (request is None):
             raise ValueError("greeting and request come together (SOCKS5) or not at all (direct)")
         self.mode = MODES.index(mode)
+        if self.mode == MODE_UDP:
+            if not 1 <= inflight <= 65536:
+                raise ValueError("inflight must be 1..65536")
+            if udp_header is None:
+                udp_header = b""
+            if (len(udp_header) > 0) != (greeting is not None):
+                raise ValueError("udp: a header comes with the SOCKS5 messages (proxy) or neither (direct)")
+            if not UDP_TAG_BYTES <= size <= 65507 - len(udp_header) or size + len(udp_header) > buffer_size:
+                raise ValueError(f"udp: size must be {UDP_TAG_BYTES}..{65507 - len(udp_header)} bytes")
+            if not 0 < loss_timeout_s <= 600:
+                raise ValueError("loss_timeout_s must be in (0, 600]")
+            self.inflight = inflight
+            self.udp_header = udp_header
+            self.udp_header_p = <const unsigned char *><char *>udp_header
+            self.udp_header_len = len(udp_header)
+            self.loss_ns = <uint64_t>(loss_timeout_s * 1e9)
+            self.slots = <USlot *>malloc(sizeof(USlot) * connections * inflight)
+            if self.slots == NULL:
+                raise MemoryError()
+            memset(self.slots, 0, sizeof(USlot) * connections * inflight)
         self.pattern = pattern
         memset(&self.peer, 0, sizeof(self.peer))
         if family == AF_INET:
@@ -388,10 +414,12 @@ cdef class LoadGen:
         self._require_open()
         self.phase = PH_ESTABLISH
         self.now_ns = _now_ns()
+        if self.mode == MODE_UDP:
+            self._udp_establish()  # synchronous: run() then returns True at once
 
     def go(self, double duration_s=0.0):
         """Start the measured work now; with duration_s > 0 nothing new starts after it."""
-        cdef int i
+        cdef int i, k
         self._require_open()
         self.now_ns = self.t_go_ns = self.t_last_ns = _now_ns()
         self.stop_at_ns = self.t_go_ns + <uint64_t>(duration_s * 1e9) if duration_s > 0 else 0
@@ -403,7 +431,11 @@ cdef class LoadGen:
                 self.reopen[self.reopen_len] = i
                 self.reopen_len += 1
             elif self.conns[i].state == C_PARKED:
-                if self.mode == MODE_BULK:
+                if self.mode == MODE_UDP:
+                    for k in range(self.inflight):
+                        if self._udp_send(i, k) < 0:
+                            break
+                elif self.mode == MODE_BULK:
                     self._start_bulk(i)
                 elif self.mode == MODE_IDLE or self._can_start():
                     self._start_exchange(i)
@@ -423,6 +455,13 @@ cdef class LoadGen:
         """Stop starting work and end everything in flight (counted as "aborted")."""
         cdef int i
         self.stopping = True
+        if self.mode == MODE_UDP and self.slots != NULL:
+            for i in range(self.n_conns * self.inflight):
+                if self.slots[i].busy:
+                    self.slots[i].busy = 0
+                    self.errors[E_ABORTED] += 1
+            self.udp_busy = 0
+            return
         for i in range(self.n_conns):
             if _category(self.conns[i].state) in (1, 3):
                 self._fail(i, E_ABORTED, 0)
@@ -456,6 +495,9 @@ cdef class LoadGen:
             "latency_max_ns": self.lat_max_ns,
             "latency_samples": self.n_samples,
             "latency_stride": self.stride,
+            "udp_timeouts": self.udp_timeouts,
+            "udp_late": self.udp_late,
+            "udp_compared": self.udp_compared,
         }
 
     def stream_seconds(self):
@@ -474,6 +516,9 @@ cdef class LoadGen:
     def close(self):
         """Close every connection and the engine's fds. Idempotent."""
         self._release()
+        for sock in self.udp_control:
+            sock.close()
+        self.udp_control = []
 
     # ------------------------------------------------------------------ internals
 
@@ -507,6 +552,9 @@ cdef class LoadGen:
         free(self.events)
         free(self.buf)
         free(self.samples)
+        free(self.slots)
+        self.slots = NULL
+        self.udp_busy = 0
         self.conns = NULL
         self.n_conns = 0  # every later call sees no connections, never the freed array
         self.runq = self.runq_work = NULL
@@ -522,6 +570,8 @@ cdef class LoadGen:
         cdef uint64_t tag
         cdef uint64_t *work
         cdef Conn *c
+        if self.mode == MODE_UDP:
+            return self._udp_loop(until_ns)
         while True:
             self.now_ns = _now_ns()
             self._refill()
@@ -1007,6 +1057,267 @@ cdef class LoadGen:
             # t_active_ns may be a little newer than now_ns (stamped mid-iteration).
             if (cat == 1 or cat == 3) and self.now_ns > c.t_active_ns + self.timeout_ns:
                 self._fail(i, E_TIMEOUT, 0)
+
+    # ------------------------------------------------------------------ udp
+
+    def _udp_establish(self):
+        """Open every association: over the proxy, a TCP connection with the greeting,
+        [auth] and UDP ASSOCIATE (RFC 1928 §4, §6), then a UDP socket connected to the
+        relay it names; direct, a UDP socket connected to the target. A failure is counted
+        by kind and leaves that association closed."""
+        import socket as pysocket
+        import ipaddress
+        cdef int i
+        cdef epoll_event ev
+        cdef Conn *c
+        peer_host, peer_port = self._peer()
+        for i in range(self.n_conns):
+            c = &self.conns[i]
+            if self.stopping:
+                break
+            relay = (self.family, peer_host, peer_port)
+            if self.via_proxy:
+                try:
+                    relay = self._udp_associate(peer_host, peer_port)
+                except _AssociateError as exc:
+                    self.errors[exc.args[0]] += 1
+                    self.last_kind = exc.args[0]
+                    self.last_reply = exc.args[1]
+                    self.last_errno = exc.args[2]
+                    continue
+            try:
+                udp = pysocket.socket(relay[0], pysocket.SOCK_DGRAM)
+                udp.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVBUF, 1 << 20)
+                udp.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_SNDBUF, 1 << 20)
+                udp.connect(relay[1:])
+                udp.setblocking(False)
+            except OSError as exc:
+                self.errors[E_CONNECT] += 1
+                self.last_kind, self.last_errno = E_CONNECT, exc.errno or 0
+                continue
+            c.fd = udp.detach()
+            c.gen += 1
+            ev.events = EPOLLIN
+            ev.data.u64 = _tag(c.gen, i)
+            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, c.fd, &ev) < 0:
+                self.errors[E_OTHER] += 1
+                self.last_kind, self.last_errno = E_OTHER, errno
+                self._close_conn(c)
+                continue
+            self._set_state(c, C_PARKED)
+
+    def _peer(self):
+        import socket as pysocket
+        cdef sockaddr_in *sin = <sockaddr_in *>&self.peer
+        cdef sockaddr_in6 *sin6 = <sockaddr_in6 *>&self.peer
+        if self.family == AF_INET:
+            return pysocket.inet_ntop(pysocket.AF_INET, (<char *>&sin.sin_addr)[:4]), htons(sin.sin_port)
+        return pysocket.inet_ntop(pysocket.AF_INET6, (<char *>&sin6.sin6_addr)[:16]), htons(sin6.sin6_port)
+
+    def _udp_associate(self, host, port):
+        """One association's TCP side; (family, relay ip, relay port) or _AssociateError."""
+        import socket as pysocket
+        import ipaddress
+        timeout_s = self.timeout_ns / 1e9
+        try:
+            tcp = pysocket.create_connection((host, port), timeout=timeout_s)
+        except OSError as exc:
+            raise _AssociateError(E_CONNECT, 0, exc.errno or 0) from None
+        try:
+            tcp.sendall(self.greeting)
+            answer = _recv_exact(tcp, 2)
+            if answer[0] != 5:
+                raise _AssociateError(E_METHOD, 0, 0)
+            if answer[1] == 2 and self.auth is not None:
+                tcp.sendall(self.auth)
+                status = _recv_exact(tcp, 2)
+                if status[1] != 0:
+                    raise _AssociateError(E_AUTH, status[1], 0)
+            elif answer[1] != 0:
+                raise _AssociateError(E_METHOD, answer[1], 0)
+            tcp.sendall(self.request)
+            head = _recv_exact(tcp, 4)
+            if head[0] != 5 or head[1] != 0:
+                raise _AssociateError(E_REPLY, head[1], 0)
+            if head[3] == 1:
+                raw = _recv_exact(tcp, 6)
+                ip = pysocket.inet_ntop(pysocket.AF_INET, raw[:4])
+            elif head[3] == 4:
+                raw = _recv_exact(tcp, 18)
+                ip = pysocket.inet_ntop(pysocket.AF_INET6, raw[:16])
+            else:
+                raise _AssociateError(E_REPLY, 0, 0)  # a relay named by a domain: not for a bench
+            relay_port = (raw[len(raw) - 2] << 8) | raw[len(raw) - 1]
+            if ipaddress.ip_address(ip).is_unspecified:
+                ip = host  # "0.0.0.0": the relay is on the address we reached over TCP
+        except _AssociateError:
+            tcp.close()
+            raise
+        except EOFError:
+            tcp.close()
+            raise _AssociateError(E_EOF, 0, 0) from None
+        except pysocket.timeout:
+            tcp.close()
+            raise _AssociateError(E_TIMEOUT, 0, 0) from None
+        except OSError as exc:
+            tcp.close()
+            raise _AssociateError(_io_kind(exc.errno or 0), 0, exc.errno or 0) from None
+        self.udp_control.append(tcp)
+        family = pysocket.AF_INET6 if ":" in ip else pysocket.AF_INET
+        return family, ip, relay_port
+
+    cdef int _udp_loop(self, uint64_t until_ns) noexcept nogil:
+        cdef int i, n, idx, wait_ms
+        cdef uint64_t tag
+        if self.phase == PH_ESTABLISH:
+            return 1
+        while True:
+            self.now_ns = _now_ns()
+            if self.udp_busy == 0 and not self._can_start():
+                return 1
+            if self.now_ns >= until_ns:
+                return 0
+            if self.now_ns >= self.next_scan_ns:
+                self._udp_scan()
+                self.next_scan_ns = self.now_ns + UDP_SCAN_NS
+                continue
+            wait_ms = <int>_min(MAX_WAIT_MS, (_min(until_ns, self.next_scan_ns) - self.now_ns) // 1000000 + 1)
+            n = epoll_wait(self.epfd, self.events, self.max_events, wait_ms)
+            self.now_ns = _now_ns()
+            for i in range(n):
+                tag = self.events[i].data.u64
+                idx = <int>(tag & 0xFFFFFFFFU)
+                if self.conns[idx].gen == <uint32_t>(tag >> 32) and self.conns[idx].fd >= 0:
+                    self._udp_recv(idx)
+
+    cdef int _udp_send(self, int idx, int k) noexcept nogil:
+        """Send a new datagram in slot k of association idx. 1 sent, 0 not now (the slot
+        stays free for the next scan), -1 the association failed."""
+        cdef Conn *c = &self.conns[idx]
+        cdef USlot *slot = &self.slots[<size_t>idx * self.inflight + k]
+        cdef unsigned char *p = self.buf
+        cdef uint64_t seq
+        cdef ssize_t n
+        cdef size_t length = self.udp_header_len + self.size
+        if c.fd < 0 or not self._can_start():
+            return 0
+        seq = self.serial
+        memcpy(p, self.udp_header_p, self.udp_header_len)
+        p += self.udp_header_len
+        p[0] = <unsigned char>(k >> 24)
+        p[1] = <unsigned char>(k >> 16)
+        p[2] = <unsigned char>(k >> 8)
+        p[3] = <unsigned char>k
+        _put_be64(p + 4, seq)
+        memcpy(p + UDP_TAG_BYTES, self.pat + (seq * 4099) % PATTERN_BYTES, self.size - UDP_TAG_BYTES)
+        n = send(c.fd, self.buf, length, MSG_DONTWAIT)
+        if n < 0:
+            if errno == EAGAIN or errno == EINTR or errno == ENOBUFS:
+                return 0
+            # A hard error (ECONNREFUSED: nobody at the relay or the echo): the datagram
+            # counts as sent and lost, so that a --count run still ends.
+            self.serial += 1
+            self.started += 1
+            self.errors[E_RESET if errno == ECONNREFUSED else E_OTHER] += 1
+            self.last_kind = E_RESET if errno == ECONNREFUSED else E_OTHER
+            self.last_errno = errno
+            return -1
+        self.serial += 1
+        self.started += 1
+        self.bytes_up += self.size
+        slot.seq = seq
+        slot.t_sent_ns = _now_ns()
+        slot.busy = 1
+        self.udp_busy += 1
+        return 1
+
+    cdef void _udp_recv(self, int idx) noexcept nogil:
+        cdef Conn *c = &self.conns[idx]
+        cdef ssize_t n
+        cdef int i
+        for i in range(BUDGET * 2):
+            n = recv(c.fd, self.buf, self.buf_size, MSG_DONTWAIT)
+            if n < 0:
+                if errno == EAGAIN or errno == EINTR:
+                    return
+                self.errors[E_RESET if errno == ECONNREFUSED else E_OTHER] += 1
+                self.last_kind = E_RESET if errno == ECONNREFUSED else E_OTHER
+                self.last_errno = errno
+                if errno != ECONNREFUSED:
+                    return
+                continue
+            self._udp_take(idx, n)
+
+    cdef void _udp_take(self, int idx, ssize_t n) noexcept nogil:
+        """One datagram back: every byte compared (header, slot, sequence, payload)."""
+        cdef const unsigned char *p = self.buf + self.udp_header_len
+        cdef uint32_t k
+        cdef uint64_t seq, now
+        cdef USlot *slot
+        if (n != <ssize_t>(self.udp_header_len + self.size)
+                or memcmp(self.buf, self.udp_header_p, self.udp_header_len) != 0):
+            self.errors[E_MISMATCH] += 1
+            self.last_kind = E_MISMATCH
+            return
+        k = (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+        seq = _get_be64(p + 4)
+        if k >= <uint32_t>self.inflight:
+            self.errors[E_MISMATCH] += 1
+            self.last_kind = E_MISMATCH
+            return
+        slot = &self.slots[<size_t>idx * self.inflight + k]
+        if not slot.busy or slot.seq != seq:
+            if seq < self.serial:
+                self.udp_late += 1  # given up on already, or an echo twice
+            else:
+                self.errors[E_MISMATCH] += 1
+                self.last_kind = E_MISMATCH
+            return
+        self.udp_compared += self.size
+        slot.busy = 0
+        self.udp_busy -= 1
+        if memcmp(p + UDP_TAG_BYTES, self.pat + (seq * 4099) % PATTERN_BYTES, self.size - UDP_TAG_BYTES) != 0:
+            self.errors[E_MISMATCH] += 1
+            self.last_kind = E_MISMATCH
+        else:
+            now = _now_ns()
+            self._record(now - slot.t_sent_ns)
+            self.ok += 1
+            self.bytes_down += self.size
+            self.t_last_ns = now
+        self._udp_send(idx, k)
+
+    cdef void _udp_scan(self) noexcept nogil:
+        """Give up on datagrams older than loss_ns; refill every free slot."""
+        cdef int i, k
+        cdef USlot *slot
+        for i in range(self.n_conns):
+            if self.conns[i].fd < 0:
+                continue
+            for k in range(self.inflight):
+                slot = &self.slots[<size_t>i * self.inflight + k]
+                if slot.busy:
+                    if self.now_ns < slot.t_sent_ns + self.loss_ns:
+                        continue
+                    slot.busy = 0
+                    self.udp_busy -= 1
+                    self.udp_timeouts += 1
+                if self._udp_send(i, k) < 0:
+                    break
+
+
+class _AssociateError(Exception):
+    """(error kind, SOCKS reply code, errno) of a failed UDP ASSOCIATE."""
+
+
+def _recv_exact(sock, int n):
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError()
+        data += chunk
+    return data
 
 
 include "_target.pxi"

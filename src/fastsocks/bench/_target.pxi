@@ -14,9 +14,11 @@ cdef class TargetServer:
         self.events = NULL
         self.buf = NULL
         self.free_head = -1
+        self.udp_fd = -1
 
     def __init__(self, int listen_fd, Pattern pattern not None, *, size_t buffer_size=1 << 20,
-                 int pipe_size=1 << 20, int max_events=512):
+                 int pipe_size=1 << 20, int max_events=512, int udp_fd=-1):
+        """udp_fd: a bound UDP socket to echo datagrams on (-1: none); it stays the caller's."""
         cdef epoll_event ev
         if not 4096 <= buffer_size <= PATTERN_BYTES:
             raise ValueError(f"buffer_size must be 4096..{PATTERN_BYTES}")
@@ -41,6 +43,12 @@ cdef class TargetServer:
         ev.data.u64 = LISTEN_TAG
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, listen_fd, &ev) < 0:
             raise OSError(errno, "epoll_ctl(listening socket) failed")
+        if udp_fd >= 0:
+            ev.events = EPOLLIN
+            ev.data.u64 = UDP_TAG
+            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, udp_fd, &ev) < 0:
+                raise OSError(errno, "epoll_ctl(UDP socket) failed")
+            self.udp_fd = udp_fd
 
     def __dealloc__(self):
         self.close()
@@ -64,6 +72,10 @@ cdef class TargetServer:
     def counters(self):
         """(accepted, echoed bytes, source bytes sent, sink bytes received)."""
         return (self.accepted, self.echoed, self.sent, self.received)
+
+    def datagrams_echoed(self):
+        """Datagrams echoed."""
+        return self.udp_echoed
 
     def close(self):
         """Close every connection and the server's own fds (not the listening one)."""
@@ -108,6 +120,9 @@ cdef class TargetServer:
                 if tag == LISTEN_TAG:
                     self._accept()
                     continue
+                if tag == UDP_TAG:
+                    self._udp_echo()
+                    continue
                 if (self.conns[low].gen == <uint32_t>(tag >> 32)
                         and self.conns[low].state != T_FREE):
                     self._pump(low)
@@ -128,6 +143,23 @@ cdef class TargetServer:
                 ev.data.u64 = LISTEN_TAG
                 if epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.listen_fd, &ev) == 0:
                     self.accept_paused = False
+
+    cdef void _udp_echo(self) noexcept nogil:
+        """Send each datagram back to where it came from (level-triggered: a budget, then
+        the next epoll_wait)."""
+        cdef sockaddr_storage source
+        cdef socklen_t source_len
+        cdef ssize_t n
+        cdef int i
+        for i in range(BUDGET * 4):
+            source_len = sizeof(source)
+            n = recvfrom(self.udp_fd, self.buf, self.buf_size, MSG_DONTWAIT, <sockaddr *>&source, &source_len)
+            if n < 0:
+                if errno == EAGAIN:
+                    return
+                continue  # ECONNREFUSED from an earlier echo and the like: not ours to keep
+            if sendto(self.udp_fd, self.buf, n, MSG_DONTWAIT, <sockaddr *>&source, source_len) == n:
+                self.udp_echoed += 1
 
     cdef int _grow(self) noexcept nogil:
         cdef int old = self.capacity

@@ -26,10 +26,12 @@ Load generator for any SOCKS5 proxy. MODE is one of:
   rr     N long-lived connections doing S-byte request/response: transactions/s, latency
   idle   open N connections and hold them: the proxy's memory per connection (RSS and
          PSS of its process tree), then a ping on each
+  udp    N UDP associations each keeping K datagrams of S bytes in flight to a UDP
+         echo: datagrams/s, loss, round-trip latency
   serve  run the target (echo, bulk source and sink) in the foreground, for --target
 
-Targets: unless --target is given, a built-in echo/source/sink runs in a child process on
-127.0.0.1. Next to the results: the load generator's CPU seconds and the proxy's (its
+Targets: unless --target is given, a built-in echo/source/sink (and a UDP echo on the
+same port) runs in a child process on 127.0.0.1. Next to the results: the load generator's CPU seconds and the proxy's (its
 process tree, found by the listening port or --proxy-pid), per GB, per 1000 connections or
 per transaction."""
 
@@ -39,6 +41,7 @@ examples:
   fastsocks bench cps --proxy socks5://user:pass@127.0.0.1:1080 --connections 16 --duration 10
   fastsocks bench rr --direct --connections 32 --size 64 --count 1000000
   fastsocks bench idle --proxy 'socks5://[::1]:1080' --connections 3000 --json idle.json
+  fastsocks bench udp --proxy socks5://127.0.0.1:1080 --connections 4 --inflight 32 --size 512
   fastsocks bench serve --listen 0.0.0.0:9000   # then --target THAT-HOST:9000 elsewhere"""
 
 MODE_DEFAULTS = {
@@ -46,18 +49,20 @@ MODE_DEFAULTS = {
     "cps": {"connections": 16, "duration_s": 5.0},
     "rr": {"connections": 32, "duration_s": 5.0},
     "idle": {"connections": 1000, "duration_s": 1.0},
+    "udp": {"connections": 1, "duration_s": 5.0, "size": 512},
 }
 
 # Which modes each mode-specific option applies to (given elsewhere, it is an error).
 APPLIES_TO = {
     "streams": ("bulk", "rr"),
-    "connections": ("cps", "rr", "idle"),
+    "connections": ("cps", "rr", "idle", "udp"),
     "bytes": ("bulk",),
     "direction": ("bulk",),
     "verify": ("bulk",),
-    "size": ("cps", "rr", "idle"),
-    "duration": ("cps", "rr", "idle"),
-    "count": ("cps", "rr"),
+    "size": ("cps", "rr", "idle", "udp"),
+    "duration": ("cps", "rr", "idle", "udp"),
+    "count": ("cps", "rr", "udp"),
+    "inflight": ("udp",),
     "listen": ("serve",),
 }
 RUN_ONLY = ("proxy", "direct", "target", "proxy_pid", "json", "timeout", "max_time", "clients_procs",
@@ -68,7 +73,7 @@ DEFAULTED = ("timeout", "max_time", "clients_procs", "source_addresses")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastsocks bench", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=(*MODES, "serve"), metavar="MODE", help="bulk, cps, rr, idle or serve")
+    parser.add_argument("mode", choices=(*MODES, "serve"), metavar="MODE", help="bulk, cps, rr, idle, udp or serve")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--proxy", type=_typed(parse_proxy_url), metavar="socks5://[USER:PASS@]HOST:PORT",
                        help="the proxy to measure (IPv6 as [::1]; USER:PASS uses RFC 1929 auth)")
@@ -76,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--target", type=_typed(parse_endpoint), metavar="HOST:PORT",
                         help="an echo server, or `fastsocks bench serve` for bulk (default: built-in)")
     parser.add_argument("--connections", type=int, metavar="N",
-                        help="cps: concurrent clients (16); rr: connections (32); idle: connections (1000)")
+                        help="cps: concurrent clients (16); rr: connections (32); idle: connections (1000); "
+                             "udp: associations (1)")
     parser.add_argument("--streams", type=int, metavar="K", help="bulk: parallel streams (1); rr: same as --connections")
     parser.add_argument("--bytes", type=_typed(parse_size), metavar="B",
                         help="bulk: bytes per stream and direction, e.g. 256M, 1G (default 1G)")
@@ -84,11 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify", action="store_true",
                         help="bulk: compare every byte (costs load generator CPU; cps/rr/idle always do)")
     parser.add_argument("--size", type=_typed(parse_size), metavar="S",
-                        help="cps, rr: request and echo bytes; idle: ping bytes (default 64)")
+                        help="cps, rr: request and echo bytes; idle: ping bytes (default 64); "
+                             "udp: payload bytes per datagram (default 512)")
     parser.add_argument("--duration", type=float, metavar="S",
                         help=f"cps, rr: run this long (default 5); idle: hold this long (default 1); "
                              f"at most {MAX_DURATION_S:g}")
-    parser.add_argument("--count", type=int, metavar="N", help="cps: connections; rr: transactions (instead of --duration)")
+    parser.add_argument("--count", type=int, metavar="N",
+                        help="cps: connections; rr: transactions; udp: datagrams sent (instead of --duration)")
+    parser.add_argument("--inflight", type=int, metavar="K",
+                        help="udp: datagrams in flight per association (default 32); one unanswered "
+                             "for min(--timeout, 1 s) is lost and replaced")
     parser.add_argument("--proxy-pid", type=int, metavar="PID",
                         help="the proxy's (master) process, for CPU and memory (default: found by its port)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as one JSON object")
@@ -126,7 +137,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     plan = Plan(
         mode=mode, proxy=args.proxy, target=args.target,
         connections=connections if connections is not None else defaults["connections"],
-        size=args.size or 64, bytes_per_stream=args.bytes or 1 << 30,
+        size=args.size or defaults.get("size", 64), inflight=args.inflight if args.inflight is not None else 32, bytes_per_stream=args.bytes or 1 << 30,
         direction=args.direction or "download", verify=args.verify, duration_s=duration_s,
         count=args.count, proxy_pid=args.proxy_pid, timeout_s=args.timeout, max_time_s=args.max_time,
         procs=args.clients_procs, source_addresses=args.source_addresses, json_path=args.json,

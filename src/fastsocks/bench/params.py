@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 from urllib.parse import unquote
 
-MODES = ("bulk", "cps", "rr", "idle")
+MODES = ("bulk", "cps", "rr", "idle", "udp")
 DIRECTIONS = ("download", "upload", "both")
 DEFAULT_SOCKS_PORT = 1080
 
@@ -19,7 +19,10 @@ DEFAULT_SOCKS_PORT = 1080
 MAX_DURATION_S = 600.0
 MAX_TIME_S = 3600.0
 MAX_COUNT = 100_000_000
-MAX_CONNECTIONS = {"cps": 10_000, "rr": 10_000, "idle": 200_000, "bulk": 1024}
+MAX_CONNECTIONS = {"cps": 10_000, "rr": 10_000, "idle": 200_000, "bulk": 1024, "udp": 1024}
+MAX_INFLIGHT = 4096
+UDP_MIN_SIZE = 12      # the slot and sequence number every udp payload starts with
+UDP_MAX_SIZE = 65000   # payload bytes; the SOCKS5 UDP header comes on top
 MAX_BYTES = 1 << 40
 MAX_SIZE = 64 << 20
 MAX_PROCS = 64
@@ -86,6 +89,7 @@ class Plan:
     source_addresses: int = 32        # clients of an IPv4 loopback peer bind 127.0.0.1..N
     json_path: str | None = None
     quiet: bool = False
+    inflight: int = 32                # udp: datagrams in flight per association
 
     @property
     def direct(self) -> bool:
@@ -179,14 +183,17 @@ def check_plan(plan: Plan) -> None:
          f"expected 1-{MAX_PROCS}, and no more than the connections"),
         ("--proxy-pid", plan.proxy_pid is None or plan.proxy_pid > 0, "expected a process id"),
         ("--source-addresses", 1 <= plan.source_addresses <= 254, "expected 1-254"),
+        ("--inflight", 1 <= plan.inflight <= MAX_INFLIGHT, f"expected 1-{MAX_INFLIGHT}"),
     ]
+    if plan.mode == "udp" and not UDP_MIN_SIZE <= plan.size <= UDP_MAX_SIZE:
+        raise ValueError(f"--size: udp datagrams carry {UDP_MIN_SIZE}-{UDP_MAX_SIZE} bytes")
     for option, ok, msg in checks:
         if not ok:
             raise ValueError(f"{option}: {msg}")
     if plan.count is not None and plan.duration_s is not None:
         raise ValueError("--count and --duration exclude each other")
-    if plan.count is not None and plan.mode not in ("cps", "rr"):
-        raise ValueError(f"--count is for cps and rr; {plan.mode} takes --connections")
+    if plan.count is not None and plan.mode not in ("cps", "rr", "udp"):
+        raise ValueError(f"--count is for cps, rr and udp; {plan.mode} takes --connections")
     if plan.count is not None and plan.count < plan.procs:
         raise ValueError("--count must be at least --clients-procs (each process needs work)")
     if plan.direct and plan.proxy_pid is not None:

@@ -39,6 +39,78 @@ def check_path(address: Address, proxy: ProxyURL | None, target: Endpoint, bulk:
         raise PreflightError(f"{where}: {exc.strerror or exc}") from None
 
 
+def check_udp_path(address: Address, proxy: ProxyURL | None, target: Endpoint, timeout_s: float) -> None:
+    """udp: one datagram to the echo at ``target``, through a UDP ASSOCIATE when proxied."""
+    where = f"proxy {proxy.endpoint}" if proxy else f"target {target}"
+    probe = pattern_bytes(0, PROBE_BYTES)
+    header = wire.udp_header(target.host, target.port) if proxy else b""
+    tcp = None
+    try:
+        relay = (address.family, address.ip, address.port)
+        if proxy:
+            tcp = socket.create_connection((address.ip, address.port), timeout=timeout_s)
+            relay = _socks5_associate(tcp, proxy, address)
+        with socket.socket(relay[0], socket.SOCK_DGRAM) as udp:
+            udp.settimeout(min(timeout_s, 2.0))
+            udp.connect(relay[1:])
+            for _ in range(3):  # UDP may drop one; three tries before we call it dead
+                udp.send(header + probe)
+                try:
+                    answer = udp.recv(65536)
+                except socket.timeout:
+                    continue
+                if answer != header + probe:
+                    raise PreflightError(f"target {target} does not echo datagrams as sent"
+                                         f"{' (or the proxy rewrites the UDP header)' if proxy else ''}")
+                return
+        raise PreflightError(f"{where}: no UDP echo from {target} within 3 tries"
+                             f"{'' if proxy else ' (is a UDP echo listening there?)'}")
+    except PreflightError:
+        raise
+    except socket.timeout:
+        raise PreflightError(f"{where}: no answer within {timeout_s:g} s") from None
+    except OSError as exc:
+        raise PreflightError(f"{where}: {exc.strerror or exc}") from None
+    finally:
+        if tcp is not None:
+            tcp.close()
+
+
+def _socks5_associate(sock: socket.socket, proxy: ProxyURL, address: Address) -> tuple:
+    _negotiate(sock, proxy)
+    sock.sendall(wire.udp_associate_request())
+    head = _recv_exact(sock, 5, "the UDP ASSOCIATE reply")
+    if head[1] != 0:
+        raise PreflightError(f"proxy {proxy.endpoint} refused UDP ASSOCIATE: {wire.reply_name(head[1])} "
+                             f"(does it support UDP?)")
+    length = wire.reply_length(head)
+    if length is None or head[3] == 3:
+        raise PreflightError(f"proxy {proxy.endpoint} named its UDP relay with address type {head[3]}")
+    rest = head + _recv_exact(sock, length - 5, "the UDP ASSOCIATE reply")
+    if head[3] == 1:
+        family, ip = socket.AF_INET, socket.inet_ntop(socket.AF_INET, rest[4:8])
+    else:
+        family, ip = socket.AF_INET6, socket.inet_ntop(socket.AF_INET6, rest[4:20])
+    if ip in ("0.0.0.0", "::"):
+        ip, family = address.ip, address.family
+    return family, ip, int.from_bytes(rest[-2:], "big")
+
+
+def _negotiate(sock: socket.socket, proxy: ProxyURL) -> None:
+    sock.sendall(wire.greeting(proxy.has_credentials))
+    version, method = _recv_exact(sock, 2, "the method selection")
+    if version != wire.SOCKS_VERSION:
+        raise PreflightError(f"proxy {proxy.endpoint} does not speak SOCKS5 (version byte {version})")
+    if method == 0x02 and proxy.has_credentials:
+        sock.sendall(wire.auth_request(proxy.username, proxy.password))
+        if _recv_exact(sock, 2, "the authentication status")[1] != 0:
+            raise PreflightError(f"proxy {proxy.endpoint} refused the user name and password")
+    elif method != 0x00:
+        offered = "username/password" if proxy.has_credentials else "no authentication"
+        hint = "" if proxy.has_credentials else " (give socks5://USER:PASS@HOST:PORT)"
+        raise PreflightError(f"proxy {proxy.endpoint} does not accept {offered}{hint}")
+
+
 def _socks5_connect(sock: socket.socket, proxy: ProxyURL, target: Endpoint) -> None:
     sock.sendall(wire.greeting(proxy.has_credentials))
     version, method = _recv_exact(sock, 2, "the method selection")

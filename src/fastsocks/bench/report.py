@@ -32,6 +32,8 @@ from fastsocks.bench.stats import latency_summary_us, spread
 TOOL = "fastsocks bench"
 CPS_KEYS = ("p50", "p90", "p99", "max")
 RR_KEYS = ("p50", "p90", "p99", "max")
+UDP_KEYS = ("p50", "p99", "max")
+UDP_LOSS_WARN_PCT = 1.0
 
 
 def document(outcome: Outcome) -> dict:
@@ -134,7 +136,31 @@ def _idle(o: Outcome) -> dict:
     }
 
 
-RESULTS = {"bulk": _bulk, "cps": _cps, "rr": _rr, "idle": _idle}
+def _udp(o: Outcome) -> dict:
+    c = o.counters
+    sent, received = c["started"], c["ok"]
+    lost = max(sent - received, 0)
+    return {
+        "datagrams": received,
+        "lost": lost,
+        "loss_pct": round(100.0 * lost / sent, 3) if sent else 0.0,
+        "dgram_per_s": _round(_rate(received, o.measured_s), 1),
+        "latency_us": _latency(o, UDP_KEYS),
+        "latency_mean_us": _mean_us(c),
+        "sent": sent,
+        "late": c.get("udp_late", 0),
+        "timed_out": c.get("udp_timeouts", 0),
+        "bytes_compared": c.get("udp_compared", 0),
+        "associations": o.established,
+        "inflight": o.plan.inflight,
+        "size": o.plan.size,
+        "errors": _error_total(c),
+        "error_kinds": c["errors"],
+        "latency_samples": c["latency_samples"],
+    }
+
+
+RESULTS = {"bulk": _bulk, "cps": _cps, "rr": _rr, "idle": _idle, "udp": _udp}
 
 
 # --------------------------------------------------------------------- params, cpu, verdict
@@ -157,6 +183,9 @@ def _params(o: Outcome) -> dict:
                       direction=plan.direction, verify=plan.verify)
     elif plan.mode == "idle":
         params.update(connections=plan.connections, size=plan.size, hold_s=plan.duration_s)
+    elif plan.mode == "udp":
+        params.update(connections=plan.connections, inflight=plan.inflight, size=plan.size,
+                      count=plan.count, duration_s=plan.duration_s)
     else:
         params.update(connections=plan.connections, size=plan.size, count=plan.count,
                       duration_s=plan.duration_s)
@@ -178,6 +207,8 @@ def _cpu(o: Outcome, results: dict) -> dict:
         units, suffix, scale = results["bytes"] / 1e9, "s_per_gb", 1.0
     elif mode == "rr":
         units, suffix, scale = results["transactions"], "us_per_txn", 1e6
+    elif mode == "udp":
+        units, suffix, scale = results["datagrams"], "us_per_dgram", 1e6
     else:
         units, suffix, scale = (results["connections"] or 0) / 1000, "ms_per_1000_conn", 1e3
     for who, seconds in (("proxy", o.proxy_cpu_s), ("loadgen", o.loadgen_cpu_s)):
@@ -192,7 +223,8 @@ def _judge(o: Outcome, results: dict) -> tuple[list[str], list[str]]:
         problems.append(f"stopped by --max-time {plan.max_time_s:g} s before the end: "
                         f"the figures cover what finished")
     if c["errors"].get("mismatch"):
-        problems.append(f"{c['errors']['mismatch']:,} connections got bytes other than those sent "
+        what = "datagrams came back" if plan.mode == "udp" else "connections got bytes"
+        problems.append(f"{c['errors']['mismatch']:,} {what} other than those sent "
                         f"(or the sink counted wrong): the proxy corrupts data")
     if c["ok"] == 0:
         problems.append(f"nothing completed: {_describe_errors(c) or 'no error recorded'}")
@@ -206,6 +238,15 @@ def _judge(o: Outcome, results: dict) -> tuple[list[str], list[str]]:
         if c["ok"] < held:
             warnings.append(f"{held - c['ok']:,} of the {held:,} connections held did not answer the ping")
         warnings.append(f"errors: {_describe_errors(c)}")
+    elif plan.mode == "udp":
+        if o.established is not None and o.established < plan.connections:
+            problems.append(f"{plan.connections - o.established} of {plan.connections} associations "
+                            f"failed: {_describe_errors(c)}")
+        elif _error_total(c):
+            warnings.append(f"{_error_total(c):,} errors: {_describe_errors(c)}")
+        if results["loss_pct"] > UDP_LOSS_WARN_PCT:
+            warnings.append(f"{results['loss_pct']:.2f}% of the datagrams were lost (unanswered "
+                            f"within the loss timeout); fewer --inflight may help")
     elif _error_total(c):
         warnings.append(f"{_error_total(c):,} connections failed: {_describe_errors(c)}")
     return problems, warnings
@@ -273,6 +314,11 @@ def _setup(doc: dict) -> str:
         plural = "s" if p["streams"] != 1 else ""
         return (f"{p['streams']} stream{plural} x {_bytes(p['bytes_per_stream'])} {p['direction']}"
                 f"{', every byte verified' if p['verify'] else ''}")
+    if mode == "udp":
+        amount = f"{p['count']:,} datagrams" if p["count"] else f"{p['duration_s']:g} s"
+        via = "direct to the echo" if p["direct"] else "through UDP ASSOCIATE"
+        return (f"{p['connections']:,} association{'s' if p['connections'] != 1 else ''} x "
+                f"{p['inflight']} in flight, {p['size']}-byte datagrams {via}, every byte compared; {amount}")
     if mode == "idle":
         return (f"{p['connections']:,} connections held {p['hold_s']:g} s, then a {p['size']}-byte "
                 f"ping on each")
@@ -326,12 +372,23 @@ def _idle_rows(r: dict, doc: dict) -> list[tuple[str, str]]:
     ]
 
 
-ROWS = {"bulk": _bulk_rows, "cps": _cps_rows, "rr": _rr_rows, "idle": _idle_rows}
+def _udp_rows(r: dict, doc: dict) -> list[tuple[str, str]]:
+    return [
+        ("rate", f"{_num(r['dgram_per_s'], 0)} datagrams/s"),
+        ("datagrams", f"{r['datagrams']:,} echoed of {r['sent']:,} sent in {doc['duration_s']:.2f} s, "
+                      f"{r['bytes_compared']:,} bytes compared"),
+        ("loss", f"{r['lost']:,} lost ({r['loss_pct']:.3f}%), {r['late']:,} late, {r['errors']:,} errors"),
+        ("latency", _latency_text(r["latency_us"])),
+    ]
+
+
+ROWS = {"bulk": _bulk_rows, "cps": _cps_rows, "rr": _rr_rows, "idle": _idle_rows, "udp": _udp_rows}
 
 
 def _cpu_text(doc: dict) -> str:
     cpu = doc["cpu"]
-    unit = {"bulk": ("s_per_gb", "s/GB"), "rr": ("us_per_txn", "µs/transaction")}.get(
+    unit = {"bulk": ("s_per_gb", "s/GB"), "rr": ("us_per_txn", "µs/transaction"),
+            "udp": ("us_per_dgram", "µs/datagram")}.get(
         doc["mode"], ("ms_per_1000_conn", "ms/1000 connections"))
     parts = [f"load generator {cpu['loadgen_s']:.2f} s ({_num(cpu['loadgen_cores'], 2)} cores, "
              f"{_num(cpu['loadgen_' + unit[0]], 3)} {unit[1]})"]

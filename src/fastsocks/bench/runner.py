@@ -33,12 +33,15 @@ from dataclasses import dataclass, field
 from fastsocks.bench import wire
 from fastsocks.bench._loadgen import Pattern
 from fastsocks.bench.params import Address, Endpoint, Plan
-from fastsocks.bench.preflight import PreflightError, check_path
+from fastsocks.bench.preflight import PreflightError, check_path, check_udp_path
 from fastsocks.bench.progress import ProgressBar
 from fastsocks.bench.proctree import ProcessTree, Sample, pids_listening_on
 from fastsocks.bench.shares import SLICE_S, ForkedShare, LocalShare, ShareError, merge, own_cpu_s, split
 from fastsocks.bench.targets import TargetProcess, raise_fd_limit
 from fastsocks.errors import FastSocksError
+
+
+UDP_LOSS_TIMEOUT_S = 1.0  # udp: a datagram unanswered this long is lost (and replaced)
 
 
 class BenchError(FastSocksError):
@@ -86,7 +89,10 @@ def run(plan: Plan, bar: ProgressBar) -> Outcome:
         target = target_proc.start() if target_proc else plan.target
         address = resolve(plan.proxy.endpoint if plan.proxy else target)
         try:
-            check_path(address, plan.proxy, target, plan.mode == "bulk", plan.timeout_s)
+            if plan.mode == "udp":
+                check_udp_path(address, plan.proxy, target, plan.timeout_s)
+            else:
+                check_path(address, plan.proxy, target, plan.mode == "bulk", plan.timeout_s)
         except PreflightError as exc:
             raise BenchError(str(exc)) from None
         notes: list[str] = []
@@ -128,6 +134,11 @@ def engine_configs(plan: Plan, address: Address, target: Endpoint) -> list[dict]
         base.update(greeting=wire.greeting(proxy.has_credentials),
                     auth=wire.auth_request(proxy.username, proxy.password) if proxy.has_credentials else None,
                     request=wire.connect_request(target.host, target.port))
+    if plan.mode == "udp":
+        base.update(inflight=plan.inflight, loss_timeout_s=min(plan.timeout_s, UDP_LOSS_TIMEOUT_S),
+                    udp_header=wire.udp_header(target.host, target.port) if plan.proxy else None)
+        if plan.proxy:
+            base.update(request=wire.udp_associate_request())
     counts = split(plan.count, plan.procs) if plan.count else [0] * plan.procs
     return [dict(base, connections=n, limit=count) for n, count in zip(split(plan.connections, plan.procs), counts)]
 
@@ -182,7 +193,7 @@ def _measure(plan: Plan, shares: list, tree: ProcessTree | None, target_proc: Ta
 
 def _drive(plan: Plan, shares: list, phase: str, deadline: float, bar: ProgressBar) -> bool:
     """Run one phase on every share to its end; False when --max-time cut it short."""
-    timed = phase == "run" and plan.mode in ("cps", "rr")
+    timed = phase == "run" and plan.mode in ("cps", "rr", "udp")
     duration_s = (plan.duration_s or 0.0) if timed else 0.0
     started = time.monotonic()
     for share in shares:
@@ -211,7 +222,7 @@ def _show_progress(plan: Plan, shares: list, phase: str, elapsed_s: float, bar: 
     elif plan.mode == "idle":
         bar.update(None, f"pinged {ok:,} connections{failed}")
     else:
-        unit = "connections" if plan.mode == "cps" else "transactions"
+        unit = {"cps": "connections", "udp": "datagrams"}.get(plan.mode, "transactions")
         fraction = ok / plan.count if plan.count else elapsed_s / (plan.duration_s or 1.0)
         bar.update(fraction, f"{ok:,} {unit}{failed}")
 

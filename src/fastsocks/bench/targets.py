@@ -54,12 +54,13 @@ class TargetProcess:
         self.endpoint: Endpoint | None = None
 
     def start(self) -> Endpoint:
-        with listening_socket(Endpoint(LOOPBACK, 0)) as sock:
+        sock, udp = listening_pair(Endpoint(LOOPBACK, 0))
+        with sock, udp:
             stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
             pid = os.fork()
             if pid == 0:
                 os.close(stop_w)
-                _serve_in_child(sock, stop_r, self.pattern)
+                _serve_in_child(sock, stop_r, self.pattern, udp)
             os.close(stop_r)
             self.pid, self.stop_fd = pid, stop_w
             self.endpoint = Endpoint(LOOPBACK, sock.getsockname()[1])
@@ -84,12 +85,40 @@ class TargetProcess:
         self.stop()
 
 
-def _serve_in_child(sock: socket.socket, stop_fd: int, pattern: Pattern) -> None:
+def udp_socket(endpoint: Endpoint) -> socket.socket:
+    """The UDP echo's socket (bound, non-blocking, large buffers for bursts)."""
+    sock = socket.socket(socket.AF_INET6 if endpoint.is_ipv6 else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, 4 << 20)
+        sock.bind((endpoint.host, endpoint.port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def listening_pair(endpoint: Endpoint, tries: int = 20) -> tuple[socket.socket, socket.socket]:
+    """A TCP listener and a UDP echo socket on the same port (port 0: one the kernel picks
+    for TCP that is also free for UDP)."""
+    for _ in range(tries if endpoint.port == 0 else 1):
+        sock = listening_socket(endpoint)
+        try:
+            return sock, udp_socket(Endpoint(endpoint.host, sock.getsockname()[1]))
+        except OSError:
+            sock.close()
+            if endpoint.port:
+                raise
+    raise OSError(f"no port free for both TCP and UDP on {endpoint.host}")
+
+
+def _serve_in_child(sock: socket.socket, stop_fd: int, pattern: Pattern, udp: socket.socket) -> None:
     code = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
         raise_fd_limit()
-        server = TargetServer(sock.fileno(), pattern)
+        server = TargetServer(sock.fileno(), pattern, udp_fd=udp.fileno())
         server.serve(stop_fd)
         server.close()
     except BaseException:
@@ -109,12 +138,13 @@ def serve_forever(endpoint: Endpoint, announce: Callable[[str], None]) -> None:
     previous_wakeup = signal.set_wakeup_fd(wake_w)
     previous_term = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
-        with listening_socket(endpoint) as sock:
+        sock, udp = listening_pair(endpoint)
+        with sock, udp:
             host, port = sock.getsockname()[:2]
-            announce(f"fastsocks bench serve: echo, bulk source and sink on "
+            announce(f"fastsocks bench serve: echo, bulk source, sink and UDP echo on "
                      f"{Endpoint(host, port)} (Ctrl-C to stop)")
             sys.stdout.flush()
-            server = TargetServer(sock.fileno(), pattern)
+            server = TargetServer(sock.fileno(), pattern, udp_fd=udp.fileno())
             try:
                 server.serve(wake_r)
             finally:

@@ -60,6 +60,17 @@ def connect_request(host: str, port: int) -> bytes:
     return bytes([SOCKS_VERSION, Command.CONNECT, 0]) + encoded + struct.pack("!H", port)
 
 
+def udp_associate_request() -> bytes:
+    """UDP ASSOCIATE (§4) with DST 0.0.0.0:0: the proxy takes our IP from the TCP
+    connection and our port from the first datagram (§6)."""
+    return bytes([SOCKS_VERSION, Command.UDP_ASSOCIATE, 0, AddressType.IPV4, 0, 0, 0, 0, 0, 0])
+
+
+def udp_header(host: str, port: int) -> bytes:
+    """RSV RSV FRAG ATYP DST.ADDR DST.PORT (§7), FRAG 0, before every datagram's payload."""
+    return b"\0\0\0" + connect_request(host, port)[3:]
+
+
 def reply_length(head: bytes) -> int | None:
     """Length of the reply (§6) whose first five bytes are ``head``; None if ATYP is unknown."""
     atyp = head[3]
