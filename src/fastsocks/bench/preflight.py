@@ -112,18 +112,7 @@ def _negotiate(sock: socket.socket, proxy: ProxyURL) -> None:
 
 
 def _socks5_connect(sock: socket.socket, proxy: ProxyURL, target: Endpoint) -> None:
-    sock.sendall(wire.greeting(proxy.has_credentials))
-    version, method = _recv_exact(sock, 2, "the method selection")
-    if version != wire.SOCKS_VERSION:
-        raise PreflightError(f"proxy {proxy.endpoint} does not speak SOCKS5 (version byte {version})")
-    if method == 0x02 and proxy.has_credentials:
-        sock.sendall(wire.auth_request(proxy.username, proxy.password))
-        if _recv_exact(sock, 2, "the authentication status")[1] != 0:
-            raise PreflightError(f"proxy {proxy.endpoint} refused the user name and password")
-    elif method != 0x00:
-        offered = "username/password" if proxy.has_credentials else "no authentication"
-        hint = "" if proxy.has_credentials else " (give socks5://USER:PASS@HOST:PORT)"
-        raise PreflightError(f"proxy {proxy.endpoint} does not accept {offered}{hint}")
+    _negotiate(sock, proxy)
     sock.sendall(wire.connect_request(target.host, target.port))
     head = _recv_exact(sock, 5, "the CONNECT reply")
     if head[1] != 0:
