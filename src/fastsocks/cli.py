@@ -3,82 +3,96 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
-import os
 import sys
 
-from fastsocks import __version__, logs
+from fastsocks import __version__, config, logs
 from fastsocks.errors import BootError, ConfigError
 from fastsocks.settings import ACCEPT_MODES, Settings, parse_listen
 
 log = logging.getLogger("fastsocks")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show a default only where it says something (not for flags and unset options)."""
+class _HelpFormatter(argparse.HelpFormatter):
+    """Show the built-in default where it says something. Options default to "not given"
+    (SUPPRESS), so that a flag overrides the config file only when it is on the line."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default in (None, True, False):
+        default = _DEFAULTS.get(action.dest)
+        if default in (None, True, False, ()) or "default" in (action.help or ""):
             return action.help
-        return super()._get_help_string(action)
+        return f"{action.help} (default: {default})"
+
+
+# option dest -> Settings field, where the names differ
+OPTION_FIELDS = {
+    "graceful_timeout": "graceful_timeout_s", "handshake_timeout": "handshake_timeout_s",
+    "connect_timeout": "connect_timeout_s", "idle_timeout": "idle_timeout_s",
+    "bind_timeout": "bind_timeout_s", "udp_idle_timeout": "udp_idle_timeout_s",
+    "worker_timeout": "worker_timeout_s", "users": "users_file",
+}
+_BASE = Settings(workers=1)
+_DEFAULTS = {dest: getattr(_BASE, OPTION_FIELDS.get(dest, dest), None)
+             for dest in ("accept_mode", "graceful_timeout", "handshake_timeout", "connect_timeout",
+                          "idle_timeout", "bind_timeout", "udp_idle_timeout", "max_udp_per_client",
+                          "max_udp_per_worker", "worker_timeout", "pipe_size", "max_pipes", "log_level",
+                          "max_sessions", "max_sessions_per_worker", "max_sessions_per_client",
+                          "max_sessions_per_user")}
+_DEFAULTS["workers"] = "one per CPU"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = Settings(workers=1)
     parser = argparse.ArgumentParser(
         prog="fastsocks",
-        description="A prefork SOCKS5 proxy server. With no options it serves SOCKS5 "
+        description="A prefork SOCKS4/SOCKS5 proxy server. With no options it serves SOCKS "
                     "(no authentication) on 127.0.0.1:1080 with one worker per CPU.",
-        epilog="Subcommands: 'fastsocks bench --help' load-tests any SOCKS5 proxy; "
+        epilog="Subcommands: 'fastsocks check-config FILE' validates a config file; "
+               "'fastsocks explain --config FILE --client IP --command connect --dest HOST:PORT' "
+               "says which rule decides; 'fastsocks bench --help' load-tests any SOCKS5 proxy; "
                "'fastsocks hash-password --user NAME' makes a line for --users.",
         formatter_class=_HelpFormatter,
+        argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--version", action="version", version=f"fastsocks {__version__}")
-    parser.add_argument("-l", "--listen", action="append", metavar="HOST:PORT", type=_listen,
-                        help="address to listen on, repeatable; IPv6 as [::1]:1080 "
-                             "(default: 127.0.0.1:1080)")
-    parser.add_argument("-w", "--workers", type=int, default=os.cpu_count() or 1,
-                        help="worker processes")
-    parser.add_argument("--accept-mode", choices=ACCEPT_MODES, default=defaults.accept_mode,
-                        help="reuseport: one SO_REUSEPORT socket per worker (even spread); "
-                             "shared: one socket for all workers")
-    parser.add_argument("--graceful-timeout", type=float, default=defaults.graceful_timeout_s,
-                        metavar="S", help="on SIGTERM/SIGINT, how long live sessions may finish")
-    parser.add_argument("--handshake-timeout", type=float, default=defaults.handshake_timeout_s,
-                        metavar="S", help="deadline for the whole SOCKS handshake")
-    parser.add_argument("--connect-timeout", type=float, default=defaults.connect_timeout_s,
-                        metavar="S", help="deadline for connecting to the destination")
-    parser.add_argument("--idle-timeout", type=float, default=defaults.idle_timeout_s,
-                        metavar="S", help="close relayed sessions idle this long (0: never)")
-    parser.add_argument("--bind-timeout", type=float, default=defaults.bind_timeout_s,
-                        metavar="S", help="BIND: how long to wait for the peer to connect")
-    parser.add_argument("--bind-any-peer", action="store_true",
-                        help="BIND: accept the first peer from any address (default: only the "
-                             "address named in the request)")
-    parser.add_argument("--advertise", metavar="ADDR",
-                        help="IP address to put in BIND and UDP ASSOCIATE replies instead of the "
-                             "local one (a server behind NAT or a load balancer)")
-    parser.add_argument("--udp-idle-timeout", type=float, default=defaults.udp_idle_timeout_s,
-                        metavar="S", help="UDP ASSOCIATE: end associations that relayed no datagram this long (0: never)")
-    parser.add_argument("--max-udp-per-client", type=int, default=defaults.max_udp_per_client,
-                        metavar="N", help="UDP associations per client IP, per worker")
-    parser.add_argument("--max-udp-per-worker", type=int, default=defaults.max_udp_per_worker,
-                        metavar="N", help="UDP associations per worker")
-    parser.add_argument("--worker-timeout", type=float, default=defaults.worker_timeout_s,
-                        metavar="S", help="kill and replace a worker silent this long")
-    parser.add_argument("--no-splice", dest="splice", action="store_false",
-                        help="relay with recv/send only, never splice()")
-    parser.add_argument("--pipe-size", type=int, default=defaults.pipe_size, metavar="BYTES",
-                        help="size asked for splice pipes (F_SETPIPE_SZ)")
-    parser.add_argument("--max-pipes", type=int, default=defaults.max_pipes, metavar="N",
-                        help="splice pipes per worker at most")
-    parser.add_argument("--users", metavar="FILE",
-                        help="require SOCKS5 username/password (RFC 1929) against FILE: one "
-                             "NAME:HASH per line, made by 'fastsocks hash-password --user NAME'; "
-                             "SIGHUP reloads it")
-    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
-                        default=defaults.log_level,
-                        help="info logs one access line per session; warning keeps only problems")
+    add = parser.add_argument
+    add("--version", action="version", version=f"fastsocks {__version__}")
+    add("-c", "--config", metavar="FILE",
+        help="TOML configuration file (see fastsocks.example.toml); flags given here override it")
+    add("-l", "--listen", action="append", metavar="HOST:PORT", type=_listen,
+        help="address to listen on, repeatable; IPv6 as [::1]:1080 (default: 127.0.0.1:1080)")
+    add("-w", "--workers", type=int, help="worker processes")
+    add("--accept-mode", choices=ACCEPT_MODES,
+        help="reuseport: one SO_REUSEPORT socket per worker (even spread); shared: one socket for all workers")
+    add("--graceful-timeout", type=float, metavar="S", help="on SIGTERM/SIGINT, how long live sessions may finish")
+    add("--handshake-timeout", type=float, metavar="S", help="deadline for the whole SOCKS handshake")
+    add("--connect-timeout", type=float, metavar="S", help="deadline for connecting to the destination")
+    add("--idle-timeout", type=float, metavar="S", help="close relayed sessions idle this long (0: never)")
+    add("--bind-timeout", type=float, metavar="S", help="BIND: how long to wait for the peer to connect")
+    add("--bind-any-peer", action="store_true",
+        help="BIND: accept the first peer from any address (default: only the address named in the request)")
+    add("--advertise", metavar="ADDR",
+        help="IP address to put in BIND and UDP ASSOCIATE replies instead of the local one "
+             "(a server behind NAT or a load balancer)")
+    add("--udp-idle-timeout", type=float, metavar="S",
+        help="UDP ASSOCIATE: end associations that relayed no datagram this long (0: never)")
+    add("--max-udp-per-client", type=int, metavar="N", help="UDP associations per client IP, per worker")
+    add("--max-udp-per-worker", type=int, metavar="N", help="UDP associations per worker")
+    add("--max-sessions", type=int, metavar="N", help="sessions of all workers together (0: no cap)")
+    add("--max-sessions-per-worker", type=int, metavar="N", help="sessions of one worker (0: no cap)")
+    add("--max-sessions-per-client", type=int, metavar="N", help="sessions of one client IP (0: no cap)")
+    add("--max-sessions-per-user", type=int, metavar="N", help="sessions of one user name (0: no cap)")
+    add("--worker-timeout", type=float, metavar="S", help="kill and replace a worker silent this long")
+    add("--no-splice", dest="splice", action="store_false", help="relay with recv/send only, never splice()")
+    add("--pipe-size", type=int, metavar="BYTES", help="size asked for splice pipes (F_SETPIPE_SZ)")
+    add("--max-pipes", type=int, metavar="N", help="splice pipes per worker at most")
+    add("--users", metavar="FILE",
+        help="require SOCKS5 username/password (RFC 1929) against FILE: one NAME:HASH per line, made by "
+             "'fastsocks hash-password --user NAME'; SIGHUP reloads it")
+    add("--allow-open-proxy", action="store_true",
+        help="start even when listening on a non-loopback address with no authentication and no "
+             "client rule (refused otherwise)")
+    add("--log-level", choices=("debug", "info", "warning", "error"),
+        help="info logs one access line per session; warning keeps only problems")
     return parser
 
 
@@ -89,24 +103,27 @@ def _listen(text: str):
         raise argparse.ArgumentTypeError(exc.msg) from None
 
 
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """The Settings fields the command line sets: only the flags actually given."""
+    given = {OPTION_FIELDS.get(k, k): v for k, v in vars(args).items() if k != "config"}
+    if "listen" in given:
+        given["listen"] = tuple(dict.fromkeys(given["listen"]))
+    return given
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    kwargs = dict(
-        workers=args.workers, accept_mode=args.accept_mode,
-        graceful_timeout_s=args.graceful_timeout, handshake_timeout_s=args.handshake_timeout,
-        connect_timeout_s=args.connect_timeout, idle_timeout_s=args.idle_timeout,
-        bind_timeout_s=args.bind_timeout, bind_any_peer=args.bind_any_peer, advertise=args.advertise, udp_idle_timeout_s=args.udp_idle_timeout,
-        max_udp_per_client=args.max_udp_per_client, max_udp_per_worker=args.max_udp_per_worker,
-        worker_timeout_s=args.worker_timeout, splice=args.splice, pipe_size=args.pipe_size,
-        max_pipes=args.max_pipes, log_level=args.log_level, users_file=args.users,
-    )
-    if args.listen:
-        kwargs["listen"] = tuple(dict.fromkeys(args.listen))
-    return Settings(**kwargs)
+    overrides = overrides_from_args(args)
+    path = getattr(args, "config", None)
+    if path is not None:
+        return config.load(path, overrides)
+    return Settings(**overrides)
 
 
 SUBCOMMANDS = {  # fastsocks SUBCOMMAND ...: module and function, imported only when used
     "bench": ("fastsocks.bench.cli", "main"),
     "hash-password": ("fastsocks.users", "hash_password_main"),
+    "check-config": ("fastsocks.explain", "check_config_main"),
+    "explain": ("fastsocks.explain", "explain_main"),
 }
 
 
@@ -123,8 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:
-        parser.error(str(exc))
+        if exc.path is None:
+            parser.error(str(exc))  # a flag: usage and exit 2, as argparse does
+        logs.configure("info")
+        log.critical("%s", exc)
+        return 2
     logs.configure(settings.log_level)
+    if settings.allow_open_proxy and settings.open_proxy_problem():
+        log.warning("allow_open_proxy: %s", settings.open_proxy_problem())
     from fastsocks import master
     from fastsocks.users import load_users
 
@@ -134,8 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         log.critical("%s", exc)
         return 2
 
+    reload = None
+    if settings.config_path is not None:  # SIGHUP: the file again, with the same flags on top
+        reload = functools.partial(config.load, settings.config_path, overrides_from_args(args))
     try:
-        return master.run(settings, users)
+        return master.run(settings, users, reload)
     except BootError as exc:
         log.critical("%s", exc)
         return 1

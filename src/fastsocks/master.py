@@ -27,8 +27,9 @@ import socket
 import time
 from dataclasses import dataclass
 
-from fastsocks import logs
+from fastsocks import config, logs
 from fastsocks.errors import BootError, ConfigError
+from fastsocks.limits import SharedLimits
 from fastsocks.listeners import ListenerSet
 from fastsocks.settings import Settings
 from fastsocks.stats import SharedStats
@@ -52,12 +53,14 @@ class WorkerProcess:
 
 
 class Master:
-    def __init__(self, settings: Settings, users: UserDB | None = None) -> None:
+    def __init__(self, settings: Settings, users: UserDB | None = None, reload=None) -> None:
         self.settings = settings
         self.users = users
+        self.reload = reload  # () -> Settings from the config file and the same flags; None: no file
         self.pid = os.getpid()
         self.listeners: ListenerSet | None = None
         self.stats: SharedStats | None = None
+        self.limits: SharedLimits | None = None
         self.workers: dict[int, WorkerProcess] = {}
         self.crashes = [0] * settings.workers
         self.respawn_at_s = [0.0] * settings.workers
@@ -72,6 +75,7 @@ class Master:
         raise_fd_limit()
         self.listeners = ListenerSet(self.settings)
         self.stats = SharedStats(self.settings.workers)
+        self.limits = SharedLimits(self.settings.workers)
         self.install_signals()
         addresses = ", ".join(str(a) for a in self.listeners.addresses)
         log.info("fastsocks listening on %s with %d workers (accept mode %s, pid %d)",
@@ -129,18 +133,22 @@ class Master:
         self.done = True
 
     def handle_hup(self) -> None:
-        """Re-read the users file; if it is valid, every worker reloads it (a bad file is
-        logged and the old users stay). Other settings come from the command line."""
-        if self.settings.users_file is None:
-            log.info("SIGHUP: nothing to reload (no --users file)")
-            return
+        """Re-read the configuration (the file, if any, with the same flags on top) and the
+        users file; if both are valid every worker reloads them for its new sessions, and
+        established sessions go on. Otherwise the error is logged and nothing changes."""
         try:
-            users = load_users(self.settings.users_file)
+            settings, restart_only = config.reloaded(self.settings, self.reload)
+            users = load_users(settings.users_file) if settings.users_file else None
         except ConfigError as exc:
-            log.error("SIGHUP: keeping the current users: %s", exc)
+            log.error("SIGHUP: keeping the current configuration: %s", exc)
             return
-        self.users = users
-        log.info("SIGHUP: %d users in %s; workers reload them", len(users), self.settings.users_file)
+        for name in restart_only:
+            log.warning("SIGHUP: %s changed in the configuration; that takes a restart", name)
+        self.settings, self.users = settings, users
+        log.info("SIGHUP: reloaded%s: %d rules, default %s%s; workers reload it",
+                 f" {settings.config_path}" if settings.config_path else "", len(settings.policy.rules),
+                 "allow" if settings.policy.default_allow else "deny",
+                 f", {len(users)} users in {settings.users_file}" if users is not None else "")
         self.stop_workers(signal.SIGHUP)
 
     def handle_chld(self) -> None:
@@ -163,6 +171,7 @@ class Master:
 
     def spawn_worker(self, slot: int) -> None:
         self.stats.reset(slot, 0, time.monotonic())
+        self.limits.reset_sessions(slot)
         pid = os.fork()
         if pid == 0:
             self.become_worker(slot)
@@ -182,7 +191,8 @@ class Master:
             for sock in self.listeners.all():
                 if sock.fileno() not in keep:
                     sock.close()
-            code = Worker(slot, self.settings, listeners, self.stats, self.pid, self.users).run()
+            code = Worker(slot, self.settings, listeners, self.stats, self.pid, self.users,
+                          self.limits, self.reload).run()
         except BaseException:
             log.exception("worker %d crashed", slot)
         finally:
@@ -287,9 +297,9 @@ def _wake_only(signum, frame) -> None:
     """Signal handlers only wake the loop (through set_wakeup_fd); the loop does the work."""
 
 
-def run(settings: Settings, users: UserDB | None = None) -> int:
+def run(settings: Settings, users: UserDB | None = None, reload=None) -> int:
     try:
-        return Master(settings, users).run()
+        return Master(settings, users, reload).run()
     except OSError as exc:
         if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
             raise BootError(f"cannot listen: {exc.strerror}") from exc

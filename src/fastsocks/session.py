@@ -35,6 +35,7 @@ import time
 from typing import TYPE_CHECKING
 
 from fastsocks.errors import ProtocolError
+from fastsocks.policy import Query, Verdict, forbidden_destination, normal_name, unmapped
 from fastsocks.protocol import socks4, socks5, userpass
 from fastsocks.protocol.socks5 import Command, Method, Reply
 
@@ -64,9 +65,8 @@ def reply_for_errno(err: int) -> Reply:
     return ERRNO_REPLIES.get(err, Reply.GENERAL_FAILURE)
 
 
-def _unmapped(ip: ipaddress.IPv4Address | ipaddress.IPv6Address):
-    """::ffff:a.b.c.d compares as the IPv4 address it is."""
-    return ip.ipv4_mapped or ip if ip.version == 6 else ip
+METHODS = {"none": Method.NO_AUTH, "userpass": Method.USERNAME_PASSWORD}
+POLICY_COMMANDS = {Command.CONNECT: "connect", Command.BIND: "bind", Command.UDP_ASSOCIATE: "udp"}
 
 
 def _entry_point(method):
@@ -112,7 +112,7 @@ def format_peer(address) -> str:
 class Session:
     __slots__ = ("worker", "sid", "client", "peer", "conn", "upstream", "request", "candidates",
                  "timer", "last_errno", "deadline_s", "started_s", "closed", "listener", "expected_peer",
-                 "username", "checking")
+                 "username", "checking", "client_ip", "client_key", "denial")
 
     def __init__(self, worker: Worker, sid: int, client: socket.socket, peer: str) -> None:
         self.worker = worker
@@ -124,6 +124,9 @@ class Session:
         self.listener: socket.socket | None = None      # BIND only
         self.username = b""                             # SOCKS5 user, once authenticated
         self.checking = False                           # a password check is under way
+        self.client_ip = None                           # ipaddress, unmapped: set by the worker at accept
+        self.client_key = None                          # its buckets in limits.py, when counted
+        self.denial: str | None = None                  # why the last address was refused
         self.expected_peer: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self.request: socks5.Request | socks4.Request | None = None
         self.candidates: list = []
@@ -196,14 +199,15 @@ class Session:
                 return
 
     def answer_greeting(self, greeting: socks5.Greeting) -> None:
-        # The server picks (RFC 1928 §3): with users configured, only username/password.
-        wanted = Method.USERNAME_PASSWORD if self.worker.auth is not None else Method.NO_AUTH
-        if wanted in greeting.methods:
-            self.send(self.conn.send(socks5.MethodSelection(wanted)))
-            return
+        # The server picks (RFC 1928 §3): its first configured method the client offers.
+        names = self.worker.settings.methods
+        for name in names:
+            if METHODS[name] in greeting.methods and (name != "userpass" or self.worker.auth is not None):
+                self.send(self.conn.send(socks5.MethodSelection(METHODS[name])))
+                return
         self.send(self.conn.send(socks5.MethodSelection(Method.NO_ACCEPTABLE)))
         self.finish(None, f"no acceptable authentication method in {list(greeting.methods)} "
-                          f"(this server requires {wanted.name.lower()})")
+                          f"(this server accepts {', '.join(names)})")
 
     def authenticate(self) -> None:
         """RFC 1929: parse the credentials from what the client sent after the method
@@ -241,9 +245,13 @@ class Session:
     def answer_request(self, request: socks5.Request | socks4.Request) -> None:
         self.request = request
         self.worker.loop.remove(self.client)
-        if self.conn.version == socks4.SOCKS4_VERSION and self.worker.auth is not None:
+        if self.conn.version == socks4.SOCKS4_VERSION and "none" not in self.worker.settings.methods:
             # SOCKS4 carries no password: with --users it would be a way around them.
             self.fail(Reply.CONNECTION_NOT_ALLOWED, "SOCKS4 has no password and this server requires one")
+            return
+        refusal = self.worker.over_cap(self, self.policy_user())
+        if refusal is not None:
+            self.fail(Reply.GENERAL_FAILURE, refusal)
             return
         if request.command == Command.CONNECT:
             self.connect()
@@ -271,6 +279,10 @@ class Session:
         self.timer.cancel()
         self.deadline_s = time.monotonic() + self.worker.settings.connect_timeout_s
         if request.address_type == socks5.AddressType.DOMAIN:
+            verdict = self.worker.settings.policy.before_resolve(self.query())
+            if verdict is not None and not verdict.allowed:
+                self.deny(verdict)  # a denied name is not even looked up
+                return
             self.worker.resolver.resolve(request.host, request.port, self.on_resolved)
             return
         if request.address_type == socks5.AddressType.IPV6:
@@ -292,12 +304,19 @@ class Session:
     def try_next_address(self) -> None:
         while self.candidates:
             family, sockaddr = self.candidates.pop(0)
+            denial = self.screen(sockaddr[0], sockaddr[1])
+            if denial is not None:
+                self.denial = denial
+                continue
             left_s = self.deadline_s - time.monotonic()
             if left_s <= 0:
                 self.last_errno = errno.ETIMEDOUT
                 break
             if self.start_connect(family, sockaddr, left_s / (len(self.candidates) + 1)):
                 return
+        if self.denial is not None and not self.last_errno:
+            self.fail(Reply.CONNECTION_NOT_ALLOWED, self.denial)  # every address was refused
+            return
         err = self.last_errno or errno.EHOSTUNREACH
         self.fail(reply_for_errno(err), f"connect failed: {os.strerror(err)}")
 
@@ -359,6 +378,35 @@ class Session:
         client_fd, upstream_fd = self.client.detach(), self.upstream.detach()
         self.worker.start_relay(self, client_fd, upstream_fd, initial)
 
+    # ------------------------------------------------------------------ policy
+
+    def policy_user(self) -> bytes:
+        """The user the rules see: the SOCKS5 user once authenticated; the SOCKS4 USERID
+        only where no password is ever asked (else claiming a name would pass for it)."""
+        if self.username:
+            return self.username
+        userid = getattr(self.request, "userid", b"")
+        return userid if "userpass" not in self.worker.settings.methods else b""
+
+    def query(self) -> Query:
+        request = self.request
+        name = normal_name(request.host) if request.address_type == socks5.AddressType.DOMAIN else None
+        return Query(self.client_ip, POLICY_COMMANDS[request.command], request.port, self.policy_user(), name)
+
+    def screen(self, host: str, port: int) -> str | None:
+        """Why this session may not open ``host`` (an address, never a name), or None."""
+        ip = unmapped(ipaddress.ip_address(host.partition("%")[0]))
+        forbidden = forbidden_destination(ip)
+        if forbidden is not None:
+            return f"denied: {forbidden}"
+        if self.worker.is_own_listener(ip, port):
+            return f"denied: {format_peer((str(ip), port))} is this proxy itself"
+        verdict = self.worker.settings.policy.decide(self.query(), ip)
+        return None if verdict.allowed else f"{verdict}"
+
+    def deny(self, verdict: Verdict) -> None:
+        self.fail(Reply.CONNECTION_NOT_ALLOWED, str(verdict))
+
     # ------------------------------------------------------------------ BIND
 
     def bind(self) -> None:
@@ -379,9 +427,14 @@ class Session:
         self.open_bind_listener(addresses[0][1][0])
 
     def open_bind_listener(self, peer_ip: str) -> None:
-        expected = _unmapped(ipaddress.ip_address(peer_ip))
+        expected = unmapped(ipaddress.ip_address(peer_ip))
         # A request with no peer (0.0.0.0 / ::) accepts whoever connects first.
         any_peer = expected.is_unspecified or self.worker.settings.bind_any_peer
+        if not expected.is_unspecified:
+            verdict = self.worker.settings.policy.decide(self.query(), expected)
+            if not verdict.allowed:
+                self.deny(verdict)
+                return
         self.expected_peer = None if any_peer else expected
         family = socket.AF_INET6 if expected.version == 6 else socket.AF_INET
         try:
@@ -423,12 +476,19 @@ class Session:
         except OSError as exc:
             self.fail(Reply.GENERAL_FAILURE, f"BIND accept: {exc.strerror or exc}")
             return
-        source = _unmapped(ipaddress.ip_address(address[0]))
+        source = unmapped(ipaddress.ip_address(address[0]))
         if self.expected_peer is not None and source != self.expected_peer:
             peer.close()
             log.warning("%s BIND: closed a connection from %s, expecting %s", self.describe(),
                         format_peer(address), self.expected_peer)
             return
+        if self.expected_peer is None:  # any peer: the rules judge who came
+            verdict = self.worker.settings.policy.decide(self.query(), source)
+            if not verdict.allowed:
+                peer.close()
+                log.warning("%s BIND: closed a connection from %s: %s", self.describe(),
+                            format_peer(address), verdict)
+                return
         self.timer.cancel()
         loop = self.worker.loop
         loop.remove(self.listener)
@@ -531,5 +591,9 @@ class Session:
         association answers the request; once it has, it owns the client socket, watches it
         and ends with it, and this session is over."""
         self.timer.cancel()
+        verdict = self.worker.settings.policy.for_any_destination(self.query())
+        if verdict is not None:
+            self.deny(verdict)  # no destination could be allowed: refuse the association
+            return
         if self.worker.start_udp(self):
             self.closed = True

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from fastsocks.errors import ConfigError
+from fastsocks.policy import Policy
 
 DEFAULT_PORT = 1080
 ACCEPT_MODES = ("reuseport", "shared")
@@ -55,6 +56,24 @@ class Settings:
     dns_cache_size: int = 4096
     log_level: str = "info"
     users_file: str | None = None       # enables SOCKS5 username/password (RFC 1929)
+    auth_methods: tuple[str, ...] = ()  # in order of preference; () -> userpass with users, else none
+    auth_max_failures: int = 10         # failed logins from one client IP within the window...
+    auth_failure_window_s: float = 60.0
+    auth_block_s: float = 300.0         # ...block it this long (0: never block)
+    max_sessions: int = 0               # caps, 0 = none: all workers together,
+    max_sessions_per_worker: int = 0    # one worker,
+    max_sessions_per_client: int = 0    # one client IP (all workers),
+    max_sessions_per_user: int = 0      # one user name (all workers)
+    policy: Policy = field(default_factory=Policy)
+    allow_open_proxy: bool = False
+    config_path: str | None = None
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The SOCKS5 methods offered, in order of preference."""
+        if self.auth_methods:
+            return self.auth_methods
+        return ("userpass",) if self.users_file else ("none",)
 
     def __post_init__(self) -> None:
         checks = [
@@ -78,10 +97,32 @@ class Settings:
             ("resolver_threads", 1 <= self.resolver_threads <= 256, "expected 1-256"),
             ("log_level", self.log_level in ("debug", "info", "warning", "error"),
              "expected debug, info, warning or error"),
+            ("auth_methods", "userpass" not in self.methods or self.users_file is not None,
+             "userpass needs a users file (--users, or users_file in [auth])"),
+            ("auth_max_failures", self.auth_max_failures >= 1, "expected >= 1"),
+            ("auth_failure_window_s", self.auth_failure_window_s > 0, "expected a number of seconds > 0"),
+            ("auth_block_s", self.auth_block_s >= 0, "expected a number of seconds >= 0 (0: never block)"),
+            ("max_sessions", self.max_sessions >= 0, "expected >= 0 (0: no cap)"),
+            ("max_sessions_per_worker", self.max_sessions_per_worker >= 0, "expected >= 0 (0: no cap)"),
+            ("max_sessions_per_client", self.max_sessions_per_client >= 0, "expected >= 0 (0: no cap)"),
+            ("max_sessions_per_user", self.max_sessions_per_user >= 0, "expected >= 0 (0: no cap)"),
         ]
         for name, ok, msg in checks:
             if not ok:
                 raise ConfigError(None, None, name, msg)
+        problem = self.open_proxy_problem()
+        if problem is not None and not self.allow_open_proxy:
+            raise ConfigError(None, None, "listen", problem + "; add authentication or a client rule, "
+                              "or set allow_open_proxy = true (--allow-open-proxy) if you mean it")
+
+    def open_proxy_problem(self) -> str | None:
+        """Why this configuration is an open proxy, or None: anyone who reaches a public
+        address could use it (open-proxy scanners find one within hours)."""
+        public = [str(a) for a in self.listen if not ipaddress.ip_address(a.host).is_loopback]
+        if not public or "none" not in self.methods or any(rule.clients for rule in self.policy.rules):
+            return None
+        return (f"{', '.join(public)} is reachable from other hosts, with no authentication "
+                f"and no client rule: an open proxy")
 
 
 def _is_ip(text: str) -> bool:

@@ -17,6 +17,7 @@ graceful timeout, then exit 0. A second SIGINT, or SIGQUIT, exits at once.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import select
@@ -25,9 +26,11 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
+from fastsocks import config
 from fastsocks.auth import Authenticator
 from fastsocks.errors import BootError, ConfigError
 from fastsocks.loop import Loop
+from fastsocks.policy import unmapped
 from fastsocks.resolver import Resolver
 from fastsocks.session import Session, access_log, format_peer
 from fastsocks.settings import Settings
@@ -35,6 +38,7 @@ from fastsocks.stats import SharedStats, SlotStats
 from fastsocks.users import UserDB, load_users
 
 if TYPE_CHECKING:
+    from fastsocks.limits import SharedLimits
     from fastsocks.udp import UdpAssociation
 
 log = logging.getLogger(__name__)
@@ -60,9 +64,13 @@ def load_relay_engine(settings: Settings):
 
 class Worker:
     def __init__(self, slot: int, settings: Settings, listeners: list[socket.socket],
-                 stats: SharedStats, master_pid: int, users: UserDB | None = None) -> None:
+                 stats: SharedStats, master_pid: int, users: UserDB | None = None,
+                 limits: SharedLimits | None = None, reload=None) -> None:
         self.slot = slot
         self.settings = settings
+        self.limits = limits
+        self.reload = reload
+        self.counted: dict[int, tuple] = {}  # sid -> (client buckets, user buckets or None) in limits
         self.listeners = listeners
         self.stats = stats
         self.master_pid = master_pid
@@ -86,6 +94,7 @@ class Worker:
         self.signal_rsock = self.signal_wsock = None
         self.watches: list[ListenerWatch] = []
         self.base = stats.read(slot)
+        self.own_addresses = _own_addresses(listeners)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -163,18 +172,26 @@ class Worker:
             elif signum in (signal.SIGTERM, signal.SIGINT):
                 self.begin_drain()
             elif signum == signal.SIGHUP:
-                self.reload_users()
+                self.reload_config()
 
-    def reload_users(self) -> None:
-        """The master validated the file before signalling; read it again here."""
-        if self.auth is None:
-            return
+    def reload_config(self) -> None:
+        """The master validated the files before signalling; read them again here. New
+        sessions follow the new settings; established ones go on (DESIGN: rule sets are
+        swapped whole)."""
         try:
-            users = load_users(self.settings.users_file)
+            settings, _restart_only = config.reloaded(self.settings, self.reload)
+            users = load_users(settings.users_file) if settings.users_file else None
         except ConfigError as exc:
-            log.error("worker %d: keeping the current users: %s", self.slot, exc)
+            log.error("worker %d: keeping the current configuration: %s", self.slot, exc)
             return
-        self.auth.replace_users(users)
+        self.settings = settings
+        if users is not None and self.auth is not None:
+            self.auth.replace_users(users)
+        elif users is not None:
+            self.auth = Authenticator(users)
+            self.loop.add_reader(self.auth, self.auth.dispatch)
+        for association in self.udp_associations.values():
+            association.forget_verdicts()
 
     def begin_drain(self) -> None:
         if self.draining:
@@ -222,8 +239,73 @@ class Worker:
             client.setblocking(False)
             self.next_sid += 1
             session = Session(self, self.next_sid, client, format_peer(address))
+            if self.turned_away(session, address[0]):
+                continue
             self.handshaking[session.sid] = session
             session.start()
+
+    def turned_away(self, session: Session, client_ip: str) -> bool:
+        """Close at once a client the rules deny whatever it asks, or that is blocked for
+        failed logins; else start counting its session for the caps."""
+        settings = self.settings
+        session.client_ip = ip = unmapped(ipaddress.ip_address(client_ip.partition("%")[0]))
+        verdict = settings.policy.at_accept(ip)
+        if verdict is not None and not verdict.allowed:
+            access_log.info("client=%s denied at accept %s", session.peer, verdict)
+            session.client.close()  # nothing read, nothing to answer: SOCKS has no reply yet
+            return True
+        if self.limits is None or not (self.caps_on or "userpass" in settings.methods):
+            return False
+        session.client_key = buckets = self.limits.buckets(ip.packed)
+        blocked_ms = self.limits.blocked_until(buckets)
+        if blocked_ms and blocked_ms > _now_ms():
+            log.debug("client=%s closed at accept: blocked for %.0f s more after failed logins",
+                      session.peer, (blocked_ms - _now_ms()) / 1000)
+            session.client.close()
+            return True
+        self.limits.open_session(self.slot, buckets)
+        self.counted[session.sid] = (buckets, None)
+        return False
+
+    def is_own_listener(self, ip, port: int) -> bool:
+        """Whether connecting to ip:port would reach this proxy (a loop that would eat a
+        session per round until the fds run out)."""
+        ports = self.own_addresses.get(port)
+        if ports is None:
+            return False
+        return ip in ports or ip.is_loopback or ("*" in ports and _is_local(ip))
+
+    @property
+    def caps_on(self) -> bool:
+        s = self.settings
+        return bool(s.max_sessions or s.max_sessions_per_worker or s.max_sessions_per_client
+                    or s.max_sessions_per_user)
+
+    def over_cap(self, session: Session, user: bytes) -> str | None:
+        """Checked when the request arrives (the user is known by then); the session has
+        been counted since accept, so a count above the cap includes it."""
+        counted = self.counted.get(session.sid)
+        if counted is None or not self.caps_on:
+            return None
+        s, limits = self.settings, self.limits
+        if s.max_sessions_per_worker and limits.of_worker(self.slot) > s.max_sessions_per_worker:
+            return f"over max_sessions_per_worker ({s.max_sessions_per_worker})"
+        if s.max_sessions and limits.total() > s.max_sessions:
+            return f"over max_sessions ({s.max_sessions})"
+        if s.max_sessions_per_client and limits.of_client(counted[0]) > s.max_sessions_per_client:
+            return f"over max_sessions_per_client ({s.max_sessions_per_client})"
+        if user and s.max_sessions_per_user:
+            user_key = limits.buckets(b"user:" + user)
+            limits.add_user(self.slot, user_key)
+            self.counted[session.sid] = (counted[0], user_key)
+            if limits.of_user(user_key) > s.max_sessions_per_user:
+                return f"over max_sessions_per_user ({s.max_sessions_per_user})"
+        return None
+
+    def uncount(self, sid: int) -> None:
+        counted = self.counted.pop(sid, None)
+        if counted is not None:
+            self.limits.close_session(self.slot, *counted)
 
     def pause_accepting(self, exc: OSError) -> None:
         if self.paused_accept:
@@ -244,6 +326,7 @@ class Worker:
         except OSError as exc:
             # The engine closed both fds: the session ends here.
             self.relayed.pop(session.sid, None)
+            self.uncount(session.sid)
             self.errors += 1
             log.error("%s relay could not start: %s", session.describe(), exc)
 
@@ -263,24 +346,39 @@ class Worker:
 
     def udp_ended(self, association: UdpAssociation, how: str) -> None:
         self.udp_associations.pop(association.sid, None)
+        self.uncount(association.sid)
         access_log.info("%s reply=succeeded datagrams_up=%d datagrams_down=%d up=%d down=%d dropped=%d "
                         "duration_s=%.3f end=%s", association.described, association.datagrams_up,
                         association.datagrams_down, association.bytes_up, association.bytes_down,
                         association.dropped, time.monotonic() - association.started_s, how)
 
     def auth_failed(self, session: Session, username: bytes) -> None:
+        """Logged and counted; too many failures from one IP block it for a while, on
+        every worker (limits.py)."""
         self.auth_failures += 1
+        s = self.settings
         log.warning("client=%s authentication failed for user %r", session.peer,
                     username.decode("utf-8", "backslashreplace"))
+        key = getattr(session, "client_key", None)
+        if key is None or self.limits is None or not s.auth_block_s:
+            return
+        now = _now_ms()
+        failures = self.limits.note_failure(self.slot, key, now, int(s.auth_failure_window_s * 1000))
+        if failures >= s.auth_max_failures:
+            self.limits.block(self.slot, key, now + int(s.auth_block_s * 1000))
+            log.warning("client=%s blocked for %.0f s after %d failed logins in %.0f s", session.client_ip,
+                        s.auth_block_s, failures, s.auth_failure_window_s)
 
     def session_failed(self, session: Session, reply, why: str) -> None:
         self.handshaking.pop(session.sid, None)
+        self.uncount(session.sid)
         reply_name = reply.name.lower() if hasattr(reply, "name") else ("-" if reply is None else str(reply))
         access_log.info("%s reply=%s duration_s=%.3f error=%r", session.describe(), reply_name,
                         time.monotonic() - session.started_s, why)
 
     def session_ended(self, ended: tuple) -> None:
         sid, up, down, reason, err = ended
+        self.uncount(sid)
         described, started_s = self.relayed.pop(sid, ("client=? cmd=connect dest=?", time.monotonic()))
         if reason == "error":
             reason = f"error:{errno.errorcode.get(err, err)}"
@@ -353,6 +451,32 @@ class ListenerWatch:
     def close(self) -> None:
         if self._epoll is not None:
             self._epoll.close()
+
+
+def _own_addresses(listeners: list[socket.socket]) -> dict[int, set]:
+    """port -> the addresses this proxy listens on there ("*" for a wildcard)."""
+    own: dict[int, set] = {}
+    for sock in listeners:
+        host, port = sock.getsockname()[:2]
+        ip = unmapped(ipaddress.ip_address(host.partition("%")[0]))
+        own.setdefault(port, set()).add("*" if ip.is_unspecified else ip)
+    return own
+
+
+def _is_local(ip) -> bool:
+    """An address of this host: the route to it leaves from the address itself."""
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((str(ip), 9))  # picks a route, sends nothing
+            return unmapped(ipaddress.ip_address(probe.getsockname()[0].partition("%")[0])) == ip
+    except OSError:
+        return False
+
+
+def _now_ms() -> int:
+    """CLOCK_MONOTONIC in ms: the same clock in every process, for limits.py."""
+    return int(time.monotonic() * 1000)
 
 
 def _wake_only(signum, frame) -> None:

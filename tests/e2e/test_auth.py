@@ -69,7 +69,7 @@ def test_curl_with_a_wrong_password_fails_and_is_logged(auth_server, http_target
 def test_a_client_without_a_password_gets_no_acceptable_method(auth_server, http_target):
     out = curl(auth_server, http_target)
     assert out.returncode != 0
-    auth_server.wait_for_log(r"no acceptable authentication method in \[0(, 1)?\] \(this server requires username_password\)")
+    auth_server.wait_for_log(r"no acceptable authentication method in \[0(, 1)?\] \(this server accepts userpass\)")
     with socket.create_connection(auth_server.address, timeout=TIMEOUT_S) as sock:
         sock.sendall(b"\x05\x01\x00")
         assert recv_exact(sock, 2) == b"\x05\xff"
@@ -144,7 +144,7 @@ def test_sighup_reloads_the_users_file(auth_server, users_file, http_target):
     assert curl(auth_server, http_target, "-U", "alice:correct horse").returncode == 0
     users_file.write_text(hash_line("alice", "new secret") + "\n")
     auth_server.proc.send_signal(signal.SIGHUP)
-    auth_server.wait_for_log(r"SIGHUP: 1 users in ")
+    auth_server.wait_for_log(r"SIGHUP: reloaded: .*, 1 users in ")
     # Workers reload on their own signal: retry briefly until the new password is in force.
     for _ in range(50):
         if curl(auth_server, http_target, "-U", "alice:new secret").returncode == 0:
@@ -157,5 +157,5 @@ def test_sighup_reloads_the_users_file(auth_server, users_file, http_target):
 def test_sighup_with_a_broken_file_keeps_the_old_users(auth_server, users_file, http_target):
     users_file.write_text("alice:plaintext\n")
     auth_server.proc.send_signal(signal.SIGHUP)
-    auth_server.wait_for_log(r"SIGHUP: keeping the current users: .*users\.txt:1: users\[alice\]")
+    auth_server.wait_for_log(r"SIGHUP: keeping the current configuration: .*users\.txt:1: users\[alice\]")
     assert curl(auth_server, http_target, "-U", "alice:correct horse").returncode == 0

@@ -1,0 +1,283 @@
+"""The configuration file: TOML (stdlib ``tomllib``) into one frozen ``Settings``.
+
+Every key of the file maps to one ``Settings`` field (``FIELDS``); unknown tables and keys
+are errors, so a typo never silently keeps a default. Values are checked for their type
+here and for their range by ``Settings``; either way the error names the file, the line
+and the field (``fastsocks.toml:12: rules[2].port: expected 1-65535``). tomllib reports no
+line for a value, so ``_Lines`` finds it in the text: the line of ``key =`` inside the
+table it belongs to (for ``[[rules]]``, the n-th of them).
+
+Command-line flags override the file: ``load(path, overrides)`` takes them as ``Settings``
+field values. A relative ``users_file`` is relative to the config file's directory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import fields, replace
+from pathlib import Path
+
+from fastsocks.errors import ConfigError
+from fastsocks.policy import ACTIONS, COMMANDS, Destination, Policy, Rule, parse_ports
+from fastsocks.settings import Settings, parse_listen
+
+# (table, key) -> (Settings field, expected type). Types: int, float (int accepted), str,
+# bool, "listen" (a string or a list of them), "methods" (a list of method names).
+FIELDS: dict[tuple[str, str], tuple[str, object]] = {
+    ("server", "listen"): ("listen", "listen"),
+    ("server", "workers"): ("workers", int),
+    ("server", "accept_mode"): ("accept_mode", str),
+    ("server", "backlog"): ("backlog", int),
+    ("server", "advertise"): ("advertise", str),
+    ("server", "allow_open_proxy"): ("allow_open_proxy", bool),
+    ("server", "log_level"): ("log_level", str),
+    ("auth", "users_file"): ("users_file", str),
+    ("auth", "methods"): ("auth_methods", "methods"),
+    ("auth", "max_failures"): ("auth_max_failures", int),
+    ("auth", "failure_window_s"): ("auth_failure_window_s", float),
+    ("auth", "block_s"): ("auth_block_s", float),
+    ("timeouts", "handshake_s"): ("handshake_timeout_s", float),
+    ("timeouts", "connect_s"): ("connect_timeout_s", float),
+    ("timeouts", "idle_s"): ("idle_timeout_s", float),
+    ("timeouts", "bind_s"): ("bind_timeout_s", float),
+    ("timeouts", "udp_idle_s"): ("udp_idle_timeout_s", float),
+    ("timeouts", "graceful_s"): ("graceful_timeout_s", float),
+    ("timeouts", "worker_s"): ("worker_timeout_s", float),
+    ("limits", "max_sessions"): ("max_sessions", int),
+    ("limits", "max_sessions_per_worker"): ("max_sessions_per_worker", int),
+    ("limits", "max_sessions_per_client"): ("max_sessions_per_client", int),
+    ("limits", "max_sessions_per_user"): ("max_sessions_per_user", int),
+    ("limits", "max_udp_associations_per_client"): ("max_udp_per_client", int),
+    ("limits", "max_udp_associations_per_worker"): ("max_udp_per_worker", int),
+    ("bind", "any_peer"): ("bind_any_peer", bool),
+    ("relay", "splice"): ("splice", bool),
+    ("relay", "pipe_size"): ("pipe_size", int),
+    ("relay", "max_pipes"): ("max_pipes", int),
+    ("relay", "buffer_size"): ("buffer_size", int),
+    ("dns", "threads"): ("resolver_threads", int),
+    ("dns", "cache_ttl_s"): ("dns_cache_ttl_s", float),
+    ("dns", "cache_size"): ("dns_cache_size", int),
+}
+TABLES = sorted({table for table, _ in FIELDS} | {"policy"})
+POLICY_KEYS = ("default",)
+RULE_KEYS = ("action", "client", "user", "command", "dest", "port")
+AUTH_METHODS = ("none", "userpass")
+
+
+def load(path: str | Path, overrides: dict | None = None) -> Settings:
+    """Settings from the file at ``path``, then ``overrides`` (flags) on top."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), None, "file", f"cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
+    return parse(text, str(path), overrides or {})
+
+
+def parse(text: str, path: str, overrides: dict) -> Settings:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = re.search(r"line (\d+)", str(exc))
+        raise ConfigError(path, int(line.group(1)) if line else None, "TOML", str(exc).split(" (at")[0]) from None
+    reader = _Reader(path, _Lines(text), Path(path).parent)
+    values = reader.settings_values(doc)
+    values.update(overrides)
+    try:
+        return Settings(**values, config_path=path)
+    except ConfigError as exc:
+        raise reader.locate(exc, overrides) from None
+
+
+class _Reader:
+    """One document's values, checked, with the line of each."""
+
+    def __init__(self, path: str, lines: _Lines, base_dir: Path) -> None:
+        self.path, self.lines, self.base_dir = path, lines, base_dir
+        self.origin: dict[str, tuple[str, int | None]] = {}  # Settings field -> (toml name, line)
+
+    def error(self, table: str, key: str | None, msg: str, index: int | None = None) -> ConfigError:
+        name = table if index is None else f"{table}[{index + 1}]"
+        field = f"{name}.{key}" if key else name
+        return ConfigError(self.path, self.lines.find(table, index, key), field, msg)
+
+    def settings_values(self, doc: dict) -> dict:
+        values: dict = {}
+        for table, body in doc.items():
+            if table == "rules":
+                continue
+            if table not in TABLES:
+                raise self.error(table, None, f"unknown table; expected one of {', '.join(TABLES + ['rules'])}")
+            if not isinstance(body, dict):
+                raise self.error(table, None, "expected a table, like [" + table + "]")
+            for key, value in body.items():
+                if table == "policy":
+                    continue
+                spec = FIELDS.get((table, key))
+                if spec is None:
+                    known = sorted(k for t, k in FIELDS if t == table)
+                    raise self.error(table, key, f"unknown key; expected one of {', '.join(known)}")
+                name, kind = spec
+                values[name] = self.value(table, key, value, kind)
+                self.origin[name] = (f"{table}.{key}", self.lines.find(table, None, key))
+        values["policy"] = self.policy(doc)
+        return values
+
+    def value(self, table: str, key: str, value, kind):
+        if kind == "listen":
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, list) or not items or not all(isinstance(v, str) for v in items):
+                raise self.error(table, key, 'expected "HOST:PORT" or a list of them')
+            try:
+                return tuple(dict.fromkeys(parse_listen(v) for v in items))
+            except ConfigError as exc:
+                raise self.error(table, key, exc.msg) from None
+        if kind == "methods":
+            if not isinstance(value, list) or not value or any(v not in AUTH_METHODS for v in value):
+                raise self.error(table, key, f"expected a list of {' and/or '.join(repr(m) for m in AUTH_METHODS)}")
+            return tuple(dict.fromkeys(value))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.error(table, key, f"expected {_KIND_NAMES[kind]}, not {_toml_type(value)}")
+        if key == "users_file":
+            return str(self.base_dir / value)
+        return value
+
+    def policy(self, doc: dict):
+        body = doc.get("policy", {})
+        for key in body:
+            if key not in POLICY_KEYS:
+                raise self.error("policy", key, f"unknown key; expected one of {', '.join(POLICY_KEYS)}")
+        raw_rules = doc.get("rules", [])
+        if not isinstance(raw_rules, list) or not all(isinstance(r, dict) for r in raw_rules):
+            raise self.error("rules", None, "expected [[rules]] tables")
+        rules = tuple(self.rule(i, body) for i, body in enumerate(raw_rules))
+        default = body.get("default", "deny" if rules else "allow")
+        if default not in ACTIONS:
+            raise self.error("policy", "default", f"expected {' or '.join(repr(a) for a in ACTIONS)}")
+        return Policy(rules, default_allow=default == "allow")
+
+    def rule(self, i: int, body: dict) -> Rule:
+        for key in body:
+            if key not in RULE_KEYS:
+                raise self.error("rules", key, f"unknown key; expected one of {', '.join(RULE_KEYS)}", i)
+        if "action" not in body:
+            raise self.error("rules", "action", 'missing; expected "allow" or "deny"', i)
+        action = body["action"]
+        if action not in ACTIONS:
+            raise self.error("rules", "action", f"expected {' or '.join(repr(a) for a in ACTIONS)}, not {action!r}", i)
+        line = self.lines.find("rules", i, None)
+        fields_ = dict(
+            clients=self.items(i, body, "client", _client_network),
+            users=self.items(i, body, "user", _user),
+            commands=self.items(i, body, "command", _command),
+            dests=self.items(i, body, "dest", Destination.parse),
+            ports=self.items(i, body, "port", parse_ports),
+        )
+        return Rule(action, origin=f"{self.path}:{line}" if line else self.path, **fields_)
+
+    def items(self, i: int, body: dict, key: str, parse) -> tuple:
+        value = body.get(key, [])
+        values = value if isinstance(value, list) else [value]
+        if key in body and not values:
+            raise self.error("rules", key, "empty list: leave the key out to match anything", i)
+        out = []
+        for item in values:
+            try:
+                out.append(parse(item))
+            except (ValueError, TypeError) as exc:
+                raise self.error("rules", key, str(exc), i) from None
+        return tuple(dict.fromkeys(out))
+
+    def locate(self, exc: ConfigError, overrides: dict) -> ConfigError:
+        """A range error from Settings: name the file's key if the value came from it."""
+        for name in (exc.field, f"{exc.field}_s", f"{exc.field}_timeout_s"):
+            if name in self.origin and name not in overrides:
+                toml_name, line = self.origin[name]
+                return ConfigError(self.path, line, toml_name, exc.msg)
+        return exc
+
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _toml_type(value) -> str:
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _client_network(text):
+    if not isinstance(text, str):
+        raise ValueError("expected a network like \"10.0.0.0/8\" or an address")
+    try:
+        return ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a network: {exc}") from None
+
+
+def _user(text):
+    if not isinstance(text, str) or not 1 <= len(text.encode("utf-8")) <= 255:
+        raise ValueError("expected a user name of 1-255 bytes")
+    return text.encode("utf-8")
+
+
+def _command(text):
+    if text not in COMMANDS:
+        raise ValueError(f"{text!r}: expected some of {', '.join(repr(c) for c in COMMANDS)}")
+    return text
+
+
+class _Lines:
+    """Where each table header and key is written, for error messages."""
+
+    HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?")
+    KEY = re.compile(r"^\s*([A-Za-z0-9_\-]+|\"[^\"]*\")\s*=")
+
+    def __init__(self, text: str) -> None:
+        self.headers: dict[tuple[str, int | None], int] = {}
+        self.keys: dict[tuple[str, int | None, str], int] = {}
+        counts: dict[str, int] = {}
+        table, index = "", None
+        depth = 0  # inside a multi-line array: keys there are not keys
+        for number, line in enumerate(text.splitlines(), start=1):
+            stripped = line.split("#", 1)[0]
+            if depth == 0:
+                header = self.HEADER.match(stripped)
+                if header:
+                    table = header.group(2).strip().strip("\"'")
+                    if header.group(1) == "[[":
+                        index = counts.get(table, 0)
+                        counts[table] = index + 1
+                    else:
+                        index = None
+                    self.headers.setdefault((table, index), number)
+                    continue
+                key = self.KEY.match(stripped)
+                if key:
+                    self.keys.setdefault((table, index, key.group(1).strip('"')), number)
+            depth = max(0, depth + stripped.count("[") - stripped.count("]"))
+
+    def find(self, table: str, index: int | None, key: str | None) -> int | None:
+        if key is not None and (table, index, key) in self.keys:
+            return self.keys[(table, index, key)]
+        return self.headers.get((table, index))
+
+
+SETTINGS_FIELDS = frozenset(f.name for f in fields(Settings))
+
+# What a running server cannot change: sockets, processes and the engine are made at start.
+RESTART_FIELDS = ("listen", "workers", "accept_mode", "backlog", "splice", "pipe_size", "max_pipes",
+                  "buffer_size", "resolver_threads", "dns_cache_ttl_s", "dns_cache_size", "log_level")
+
+
+def reloaded(old: Settings, load) -> tuple[Settings, list[str]]:
+    """``load()`` again for SIGHUP, keeping what only a restart can change; also the names
+    of such fields that the file changed, for a warning. Raises ConfigError."""
+    new = load() if load is not None else old
+    changed = [name for name in RESTART_FIELDS if getattr(new, name) != getattr(old, name)]
+    if changed:
+        new = replace(new, **{name: getattr(old, name) for name in changed})
+    return new, changed

@@ -1,0 +1,129 @@
+"""The configuration file: every error names the file, the line and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fastsocks import config
+from fastsocks.errors import ConfigError
+from fastsocks.settings import ListenAddress, Settings
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "fastsocks.example.toml"
+
+
+def load_text(tmp_path: Path, text: str, overrides: dict | None = None) -> Settings:
+    path = tmp_path / "fastsocks.toml"
+    path.write_text(text)
+    return config.load(path, overrides)
+
+
+def error_of(tmp_path: Path, text: str, overrides: dict | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, text, overrides)
+    return str(info.value).replace(str(tmp_path) + "/", "")
+
+
+def test_the_shipped_example_loads_and_means_what_its_comments_say():
+    settings = config.load(EXAMPLE)
+    assert settings.listen == (ListenAddress("127.0.0.1", 1080),)
+    assert settings.methods == ("none",)
+    assert not settings.policy.default_allow
+    assert [r.action for r in settings.policy.rules] == ["deny", "allow", "deny", "allow"]
+    assert settings.policy.rules[0].origin == f"{EXAMPLE}:{_line_of(EXAMPLE, '[[rules]]', 1)}"
+
+
+def _line_of(path: Path, text: str, nth: int) -> int:
+    seen = 0
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip() == text:
+            seen += 1
+            if seen == nth:
+                return number
+    raise AssertionError(text)
+
+
+def test_values_reach_the_settings(tmp_path):
+    s = load_text(tmp_path, """
+[server]
+listen = "[::1]:1081"
+workers = 3
+[timeouts]
+handshake_s = 2
+[limits]
+max_sessions_per_client = 5
+[auth]
+users_file = "users.txt"
+methods = ["userpass", "none"]
+""")
+    assert s.listen == (ListenAddress("::1", 1081),) and s.workers == 3
+    assert s.handshake_timeout_s == 2.0 and s.max_sessions_per_client == 5
+    assert s.users_file == str(tmp_path / "users.txt")  # relative to the file
+    assert s.methods == ("userpass", "none")
+
+
+def test_flags_override_the_file(tmp_path):
+    s = load_text(tmp_path, "[server]\nworkers = 3\n[timeouts]\nidle_s = 5\n", {"workers": 1})
+    assert s.workers == 1 and s.idle_timeout_s == 5.0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[server]\nworkers = 0\n", "fastsocks.toml:2: server.workers: expected 1-1024"),
+    ("[server]\n\nworkers = true\n", "fastsocks.toml:3: server.workers: expected an integer, not true/false"),
+    ("[sever]\nworkers = 1\n", "fastsocks.toml:1: sever: unknown table"),
+    ("[server]\nworker = 1\n", "fastsocks.toml:2: server.worker: unknown key; expected one of accept_mode"),
+    ("[server]\nlisten = [\"localhost:1080\"]\n", "fastsocks.toml:2: server.listen: 'localhost:1080': the host must be an IP address"),
+    ("[timeouts]\nhandshake_s = -1\n", "fastsocks.toml:2: timeouts.handshake_s: expected a number of seconds > 0"),
+    ("[timeouts]\nhandshake_s = \"10\"\n", "fastsocks.toml:2: timeouts.handshake_s: expected a number, not a string"),
+    ("[auth]\nmethods = [\"password\"]\n", "fastsocks.toml:2: auth.methods: expected a list of 'none' and/or 'userpass'"),
+    ("[auth]\nmethods = [\"userpass\"]\n", "fastsocks.toml:2: auth.methods: userpass needs a users file"),
+    ("[limits]\nmax_sessions = -3\n", "fastsocks.toml:2: limits.max_sessions: expected >= 0 (0: no cap)"),
+    ("[policy]\ndefault = \"maybe\"\n", "fastsocks.toml:2: policy.default: expected 'allow' or 'deny'"),
+    ("[policy]\ndefualt = \"deny\"\n", "fastsocks.toml:2: policy.defualt: unknown key"),
+    ("workers = 3\n", "workers: unknown table"),
+    ("[server\n", "fastsocks.toml:1: TOML: "),
+    ("[[rules]]\ndest = [\"10.0.0.0/8\"]\n", "fastsocks.toml:1: rules[1].action: missing"),
+    ("[[rules]]\naction = \"allow\"\n[[rules]]\naction = \"permit\"\n",
+     "fastsocks.toml:4: rules[2].action: expected 'allow' or 'deny', not 'permit'"),
+    ("[[rules]]\naction = \"deny\"\n\n[[rules]]\naction = \"deny\"\ndest = [\n  \"10.0.0.0/8\",\n  \"10.0.0.1/8\",\n]\n",
+     "fastsocks.toml:6: rules[2].dest: '10.0.0.1/8' is not a network: 10.0.0.1/8 has host bits set"),
+    ("[[rules]]\naction = \"deny\"\nport = [\"80\", \"90000\"]\n", "fastsocks.toml:3: rules[1].port: '90000': ports are 0-65535"),
+    ("[[rules]]\naction = \"deny\"\nclient = [\"example.com\"]\n", "fastsocks.toml:3: rules[1].client: 'example.com' is not a network"),
+    ("[[rules]]\naction = \"deny\"\ncommand = [\"associate\"]\n", "fastsocks.toml:3: rules[1].command: 'associate': expected some of"),
+    ("[[rules]]\naction = \"deny\"\nuser = []\n", "fastsocks.toml:3: rules[1].user: empty list"),
+    ("[[rules]]\naction = \"deny\"\nhost = [\"a\"]\n", "fastsocks.toml:3: rules[1].host: unknown key"),
+])
+def test_every_error_names_file_line_and_field(tmp_path, text, message):
+    assert message in error_of(tmp_path, text)
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"nope\.toml: file: cannot read it: No such file"):
+        config.load(tmp_path / "nope.toml")
+
+
+def test_an_open_proxy_is_refused_unless_asked_for(tmp_path):
+    open_proxy = "[server]\nlisten = [\"0.0.0.0:1080\"]\n"
+    assert "listen: 0.0.0.0:1080 is reachable from other hosts, with no authentication and no client rule" \
+        in error_of(tmp_path, open_proxy)
+    assert load_text(tmp_path, open_proxy + "allow_open_proxy = true\n").allow_open_proxy
+    # a client rule, or authentication, makes it a deliberate choice
+    load_text(tmp_path, open_proxy + "[[rules]]\naction = \"allow\"\nclient = [\"10.0.0.0/8\"]\n")
+    load_text(tmp_path, open_proxy + "[auth]\nusers_file = \"u.txt\"\n")
+
+
+def test_the_command_line_is_held_to_the_same_rule():
+    with pytest.raises(ConfigError, match="an open proxy"):
+        Settings(listen=(ListenAddress("0.0.0.0", 1080),))
+    Settings(listen=(ListenAddress("0.0.0.0", 1080),), allow_open_proxy=True)
+
+
+def test_reload_keeps_what_takes_a_restart(tmp_path):
+    path = tmp_path / "fastsocks.toml"
+    path.write_text("[server]\nworkers = 2\n[timeouts]\nidle_s = 5\n")
+    old = config.load(path)
+    path.write_text("[server]\nworkers = 4\n[timeouts]\nidle_s = 7\n[[rules]]\naction = \"deny\"\n")
+    new, restart_only = config.reloaded(old, lambda: config.load(path))
+    assert restart_only == ["workers"] and new.workers == 2
+    assert new.idle_timeout_s == 7.0 and len(new.policy.rules) == 1
