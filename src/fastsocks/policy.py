@@ -302,6 +302,8 @@ class Policy:
 
     def at_accept(self, client: IPAddress) -> Verdict | None:
         """A denial from the client address alone, or None if the client may get somewhere."""
+        if not self.rules:
+            return None if self.default_allow else self._verdict(None)
         ix = self._index
         base = ix["any_client"] | ix["clients"].lookup(unmapped(client))
         return self._surely_denied(base, ix["only_client"])
@@ -326,6 +328,8 @@ class Policy:
 
     def before_resolve(self, query: Query) -> Verdict | None:
         """A verdict for a name request that its addresses cannot change, or None."""
+        if not self.rules:
+            return self._verdict(None)
         ix = self._index
         base = self._base(query)
         by_name = ix["any_dest"] | self._name_mask(query.name)

@@ -394,3 +394,31 @@ client = ["10.0.0.0/8"]
     out = run_cli("explain", "--config", str(path), "--client", "192.0.2.9", "--dest", "192.0.2.1:80")
     assert out.returncode == 1
     assert "at accept: client 192.0.2.9 denied by the default action" in out.stdout
+
+
+# ---------------------------------------------------------------- SOCKS4 USERID
+
+
+def socks4_as(proxy, port: int, userid: bytes) -> int:
+    with socket.create_connection(proxy, timeout=10) as sock:
+        sock.sendall(b"\x04\x01" + struct.pack("!H", port) + socket.inet_aton("127.0.0.1") + userid + b"\x00")
+        return recv_exact(sock, 8)[1]
+
+
+def test_socks4_can_be_restricted_by_userid(tmp_path, start_server, echo_target):
+    path = write_config(tmp_path, '[[rules]]\naction = "allow"\nuser = ["bob"]\n')
+    server = start_server("--config", str(path))
+    assert socks4_as(server.address, echo_target.port, b"bob") == 0x5A
+    assert socks4_as(server.address, echo_target.port, b"eve") == SOCKS4_REJECTED
+    server.wait_for_log(r"proto=socks4 user='eve' .*reply=connection_not_allowed .*default action")
+
+
+def test_a_socks4_userid_is_no_user_where_passwords_are_asked(tmp_path, start_server, echo_target):
+    users = tmp_path / "users.txt"
+    users.write_text(hash_line("bob", "pw") + "\n")
+    path = write_config(tmp_path, f'[auth]\nusers_file = "{users}"\nmethods = ["userpass", "none"]\n'
+                                  '[[rules]]\naction = "allow"\nuser = ["bob"]\n')
+    server = start_server("--config", str(path))
+    # Anyone can type "bob" into a SOCKS4 USERID: it must not pass for the user bob.
+    assert socks4_as(server.address, echo_target.port, b"bob") == SOCKS4_REJECTED
+    assert login(server.address, b"bob", b"pw") == "ok"
