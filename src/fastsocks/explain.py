@@ -15,7 +15,7 @@ import sys
 
 from fastsocks import config
 from fastsocks.errors import ConfigError
-from fastsocks.policy import COMMANDS, Query, forbidden_destination, normal_name
+from fastsocks.policy import COMMANDS, Query, forbidden_destination, normal_name, unmapped
 from fastsocks.settings import Settings
 
 EXIT_ALLOWED, EXIT_DENIED, EXIT_USAGE = 0, 1, 2
@@ -85,7 +85,7 @@ def explain(settings: Settings, args: argparse.Namespace, out) -> int:
         _reasons(policy, query, None, early.rule, out)
         return EXIT_DENIED
     if literal is not None:
-        return _judge_addresses(policy, query, [literal], out)
+        return _judge_addresses(policy, query, [literal], out, settings)
     verdict = policy.before_resolve(query)
     if verdict is not None:
         out(f"name {name}: {verdict}, whatever it resolves to")
@@ -98,18 +98,29 @@ def explain(settings: Settings, args: argparse.Namespace, out) -> int:
     if not addresses:
         out(f"verdict: denied ({name} resolves to nothing: the client would get host unreachable)")
         return EXIT_DENIED
-    return _judge_addresses(policy, query, addresses, out)
+    return _judge_addresses(policy, query, addresses, out, settings)
 
 
-def _judge_addresses(policy, query: Query, addresses, out) -> int:
+def _is_proxy_itself(settings: Settings, ip, port: int) -> bool:
+    for address in settings.listen:
+        here = ipaddress.ip_address(address.host)
+        if address.port == port and (ip == here or ip.is_loopback or here.is_unspecified):
+            return True
+    return False
+
+
+def _judge_addresses(policy, query: Query, addresses, out, settings: Settings) -> int:
     allowed = []
     for ip in addresses:
+        label = f"{ip} (IPv4-mapped {unmapped(ip)})" if unmapped(ip) != ip else str(ip)
         forbidden = forbidden_destination(ip)
+        if forbidden is None and _is_proxy_itself(settings, unmapped(ip), query.port):
+            forbidden = "that is this proxy itself"
         if forbidden is not None:
-            out(f"{ip}: denied, always: {forbidden}")
+            out(f"{label}: denied, always: {forbidden}")
             continue
         verdict = policy.decide(query, ip)
-        out(f"{ip}: {verdict}")
+        out(f"{label}: {verdict}")
         out(f"  {_rule_text(policy, verdict)}")
         _reasons(policy, query, ip, verdict.rule, out)
         if verdict.allowed:
