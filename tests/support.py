@@ -355,3 +355,59 @@ def netns_prefix(tmp_path):
     hosts.write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost\n")
     env = dict(os.environ, FS_RESOLV=str(resolv), FS_HOSTS=str(hosts))
     return ["unshare", "-n", "-m", "--propagation", "private", "sh", "-c", NETNS_SETUP, "netns"], env
+
+
+# --------------------------------------------------------------------- process usage
+
+
+def process_usage(pid: int) -> tuple[int, int]:
+    """(resident memory in KiB, open file descriptors) of a live process, from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return rss_kib, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# --------------------------------------------------------------------- joining a namespace
+
+CLONE_NEWNET = 0x40000000
+
+
+def join_netns_of(pid: int) -> None:
+    """Move the calling thread (only it) into the network namespace of ``pid``.
+
+    Sockets the thread creates from then on belong to that namespace, and keep it
+    whichever thread later connects, binds or listens with them: a test can hold, in
+    its own process, sockets that reach a server started with ``netns_prefix``."""
+    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if hasattr(os, "setns"):  # Python 3.12+
+            os.setns(fd, CLONE_NEWNET)
+            return
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns(net of pid {pid}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def call_in_netns(pid: int, function, *args, **kwargs):
+    """``function(*args, **kwargs)`` run on a short-lived thread inside the network
+    namespace of ``pid``; returns its result or raises its exception."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            join_netns_of(pid)
+            outcome["result"] = function(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 (pytest.fail/skip too): re-raised by the caller
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name=f"netns-of-{pid}", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -9,6 +9,7 @@ and concurrent queries for the same name share one lookup.
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import socket
 import time
@@ -59,6 +60,12 @@ class Resolver:
             result = (tuple((family, sockaddr) for family, _, _, _, sockaddr in infos), None)
         except OSError as exc:
             result = (None, exc)
+        except UnicodeError as exc:
+            # The idna codec refuses the name (an empty label, one over 63 bytes): the
+            # callbacks must run all the same, or their sessions wait for ever.
+            result = (None, socket.gaierror(socket.EAI_NONAME, f"not a valid host name ({exc})"))
+        except Exception as exc:  # never leave a waiting session without an answer
+            result = (None, OSError(errno.EIO, f"lookup failed: {exc!r}"))
         self._done.append((key, result))
         os.eventfd_write(self._wakeup_fd, 1)
 

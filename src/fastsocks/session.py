@@ -157,6 +157,10 @@ class Session:
         except OSError as exc:
             self.finish(None, f"client error during handshake: {exc.strerror}")
             return
+        if not data:
+            # EOF stays readable: stop watching, or the loop calls back (while a password
+            # check runs) and the parser is fed a second EOF.
+            self.worker.loop.remove(self.client)
         if self.conn is None and not self.choose_protocol(data):
             return
         try:
@@ -283,7 +287,7 @@ class Session:
             if verdict is not None and not verdict.allowed:
                 self.deny(verdict)  # a denied name is not even looked up
                 return
-            self.worker.resolver.resolve(request.host, request.port, self.on_resolved)
+            self.resolve(self.on_resolved)
             return
         if request.address_type == socks5.AddressType.IPV6:
             self.candidates = [(socket.AF_INET6, (request.host, request.port, 0, 0))]
@@ -291,10 +295,21 @@ class Session:
             self.candidates = [(socket.AF_INET, (request.host, request.port))]
         self.try_next_address()
 
+    def resolve(self, callback) -> None:
+        """Look the name up off the loop, within the connect deadline (a slow resolver
+        must not hold a session for ever). A cached name calls back at once."""
+        self.timer = self.worker.loop.call_later(self.worker.settings.connect_timeout_s, self.on_resolve_timeout)
+        self.worker.resolver.resolve(self.request.host, self.request.port, callback)
+
+    @_entry_point
+    def on_resolve_timeout(self) -> None:
+        self.fail(Reply.TTL_EXPIRED, f"{self.request.host!r} did not resolve in time")
+
     @_entry_point
     def on_resolved(self, addresses, error: OSError | None) -> None:
         if self.closed:
             return
+        self.timer.cancel()
         if error is not None:
             self.fail(Reply.HOST_UNREACHABLE, f"cannot resolve {self.request.host!r}: {error}")
             return
@@ -413,7 +428,7 @@ class Session:
         self.timer.cancel()
         request = self.request
         if request.address_type == socks5.AddressType.DOMAIN:
-            self.worker.resolver.resolve(request.host, request.port, self.on_bind_resolved)
+            self.resolve(self.on_bind_resolved)
         else:
             self.open_bind_listener(request.host)
 
@@ -421,6 +436,7 @@ class Session:
     def on_bind_resolved(self, addresses, error: OSError | None) -> None:
         if self.closed:
             return
+        self.timer.cancel()
         if error is not None:
             self.fail(Reply.HOST_UNREACHABLE, f"cannot resolve {self.request.host!r}: {error}")
             return
