@@ -947,3 +947,22 @@ def test_a_name_the_resolver_cannot_encode_is_answered_and_closed(netns_rig):
         "socks4a-label-of-64": (SOCKS4_REJECTED, "eof"),
     }
     rig.watch.assert_healthy()
+
+
+@pytest.mark.netns
+def test_a_resolver_that_never_answers_is_cut_at_the_connect_deadline(netns_rig):
+    """A DNS server that swallows queries (inside the namespace, on the 127.0.0.1 that its
+    resolv.conf names): the session answers "TTL expired" at --connect-timeout instead of
+    waiting for the resolver's own timeouts."""
+    rig = netns_rig("--connect-timeout", "0.3", workers=1)
+    black_hole = call_in_netns(rig.server.pid, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+    with black_hole:
+        black_hole.bind(("127.0.0.1", 53))
+        received, end = call_in_netns(rig.server.pid, exchange,
+                                      b"\x05\x01\x00" + socks5_request_bytes("never.answered.test", 80),
+                                      address=rig.server.address, timeout_s=10)
+        # 0x06, not the 0x04 that the resolver's own give-up would have become
+        assert (received, end) == (b"\x05\x00" + socks5_failure(0x06), "eof")
+        assert black_hole.recv(512)  # the query did arrive: it was the answer that never came
+    rig.server.wait_for_log(r"reply=ttl_expired .*'never\.answered\.test' did not resolve in time")
+    rig.assert_fresh_client_served()
