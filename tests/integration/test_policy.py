@@ -423,3 +423,30 @@ def test_a_socks4_userid_is_no_user_where_passwords_are_asked(tmp_path, start_se
     # Anyone can type "bob" into a SOCKS4 USERID: it must not pass for the user bob.
     assert socks4_as(server.address, echo_target.port, b"bob") == SOCKS4_REJECTED
     assert login(server.address, b"bob", b"pw") == "ok"
+
+
+def test_sessions_per_user_are_capped_across_addresses(tmp_path, start_server, echo_target):
+    users = tmp_path / "users.txt"
+    users.write_text(hash_line("alice", "pw") + "\n" + hash_line("bob", "pw") + "\n")
+    server = start_server("--users", str(users), "--max-sessions-per-user", "1", "--workers", "2")
+
+    def connect_as(user: bytes, source: str):
+        sock = socket.socket()
+        sock.settimeout(10)
+        sock.bind((source, 0))
+        sock.connect(server.address)
+        sock.sendall(b"\x05\x01\x02\x01" + bytes([len(user)]) + user + b"\x02pw"
+                     + socks5_request_bytes("127.0.0.1", echo_target.port))
+        assert recv_exact(sock, 4) == b"\x05\x02\x01\x00"
+        return sock, read_socks5_reply(sock)[0]
+
+    first, code = connect_as(b"alice", "127.0.0.1")
+    assert code == 0
+    second, code = connect_as(b"alice", "127.0.0.2")  # another address, the same user
+    assert code == GENERAL_FAILURE
+    second.close()
+    server.wait_for_log(r"user='alice' .*reply=general_failure .*over max_sessions_per_user \(1\)")
+    other, code = connect_as(b"bob", "127.0.0.2")
+    assert code == 0
+    for sock in (first, other):
+        sock.close()
