@@ -1,6 +1,6 @@
 # Reviewed header of the relay engine (see _relay.pyx for the theory of operation).
 
-from libc.stdint cimport uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 
 
 from fastsocks._system cimport *
@@ -134,3 +134,124 @@ ctypedef struct UdpDest:
 
 cdef int udp_parse(const unsigned char *p, Py_ssize_t n, UdpDest *dest) noexcept nogil
 cdef int udp_header_write(unsigned char *out, int family, const unsigned char *addr, int port) noexcept nogil
+
+
+# ---------------------------------------------------------------------- UDP relay
+# The datagram loop of UDP ASSOCIATE (theory in _udp_relay.pxi): one UdpRelay per
+# worker owns an epoll set and the recvmmsg/sendmmsg batch buffers; an association's own
+# state is a UdpFlow.
+
+cdef enum:
+    UDP_HEADROOM = 22           # UDP_HEADER_MAX_IP: free bytes before every received datagram
+    UDP_SLOT = 22 + 65536       # headroom + any UDP datagram (65527 bytes at most over IPv6)
+    UDP_V4 = 0                  # index of a family in UdpFlow.remote_fd and of a send group
+    UDP_V6 = 1
+    UDP_UP = 0                  # index of a direction in UdpFlow.gso_max
+    UDP_DOWN = 1
+    UDP_GSO_MAX_SEGMENTS = 64   # the kernel's UDP_MAX_SEGMENTS before Linux 6.9
+    UDP_MAX_EVENTS = 64         # ready sockets per epoll_wait of UdpRelay.run()
+    UDP_RUN_BATCHES = 4         # run() reads at most this many batches' worth of datagrams
+    UDP_GSO_MAX_BYTES = 65507   # payload of one IPv4 datagram at most: all segments together
+
+
+ctypedef struct UdpEntry:
+    unsigned char ip[16]        # IPv6, or IPv4 as ::ffff:a.b.c.d, so that one table holds both
+    uint16_t port               # 0 in a table of IPs
+    uint8_t used
+    uint8_t value
+
+
+ctypedef struct UdpTable:       # open addressing, linear probing, insert-only; grows x2 at half full
+    UdpEntry *slots             # NULL until the first insert: an idle association holds none
+    uint32_t mask               # capacity - 1 (a power of two)
+    uint32_t count
+
+
+ctypedef struct UdpCache:       # bounded map of addresses: two generations of a UdpTable
+    UdpTable young              # new and recently used entries, at most `half`
+    UdpTable old                # the previous young generation; forgotten when young fills up
+    uint32_t half
+    uint64_t seed               # per relay, random: a client cannot aim at one hash chain
+
+
+cdef class UdpRelay
+
+
+cdef class UdpFlow:
+    cdef UdpRelay relay                 # the worker's batch buffers and epoll set
+    cdef int slot                       # in relay.flows, -1 once closed
+    cdef uint32_t gen                   # tells this flow's epoll events from a former slot holder's
+    cdef object owner                   # the UdpAssociation: the hooks, None once closed
+    cdef double last_active_s           # CLOCK_MONOTONIC when a datagram last left
+    cdef list socks                     # the socket objects behind the fds, held until close()
+    cdef int relay_fd                   # client-facing socket, -1 once closed
+    cdef int remote_fd[2]               # remote-facing sockets by UDP_V4/UDP_V6, -1 until opened
+    cdef unsigned char client_ip[16]    # §7: the only source IP let in (mapped form)
+    cdef uint16_t client_port           # 0: fixed by the first datagram from client_ip
+    cdef bint client_known              # client_sa holds where datagrams for the client go
+    cdef bint client_seen               # ... and it is the source of a datagram (scope id and all)
+    cdef sockaddr_storage client_sa
+    cdef socklen_t client_salen
+    cdef bint warned_foreign
+    cdef uint32_t gso_max[2]            # by UDP_UP/UDP_DOWN: longest datagram sent in a GSO batch
+    cdef UdpCache verdicts              # (ip, port) -> allowed, from owner._allowed
+    cdef UdpCache peers                 # IPs the client has sent to: the only ones let back in
+    cdef public unsigned long long datagrams_up
+    cdef public unsigned long long datagrams_down
+    cdef public unsigned long long bytes_up
+    cdef public unsigned long long bytes_down
+    cdef public unsigned long long dropped
+
+    cdef bint _from_client(self, const sockaddr_storage *source, socklen_t length) noexcept
+    cdef int _verdict(self, int family, const unsigned char *ip, int port) except -1
+    cdef int _remote(self, int family) except -2
+    cdef void _remember_peer(self, const unsigned char *ip) noexcept nogil
+
+
+cdef class UdpRelay:
+    cdef int epfd                       # the client- and remote-facing sockets of every flow
+    cdef epoll_event *events
+    cdef list flows                     # by slot: UdpFlow, or None
+    cdef list free_slots
+    cdef uint32_t next_gen
+    cdef int batch                      # datagrams per recvmmsg
+    cdef uint32_t max_verdicts
+    cdef uint32_t max_peers
+    cdef uint64_t seed
+    cdef bint busy                      # in run() or a pump: hooks must not pump again
+    cdef object error                   # the first exception a hook raised in run() or a pump
+    cdef unsigned char *buf             # batch slots of UDP_SLOT bytes
+    cdef mmsghdr *in_msgs               # batch: where recvmmsg puts datagrams
+    cdef iovec *in_iov
+    cdef sockaddr_storage *in_names
+    cdef mmsghdr *out_msgs              # 2 * batch: the IPv4 send group, then the IPv6 one
+    cdef iovec *out_iov
+    cdef sockaddr_in6 *out_names        # a sockaddr_in fits in one
+    cdef unsigned char *out_ips         # 16 bytes per out message: the peer to remember
+    cdef mmsghdr *wire_msgs             # 2 * batch: out messages as sent, runs joined by UDP GSO
+    cdef int *wire_first                # the out message each wire message starts with
+    cdef int *wire_count                # and how many it carries
+    cdef unsigned char *wire_ctl        # one UDP_SEGMENT control message per wire message
+    cdef size_t ctl_space
+
+    cdef int _attach(self, UdpFlow flow) except -1
+    cdef int _watch(self, UdpFlow flow, int which, int fd) except -1
+    cdef int _detach(self, UdpFlow flow) except -1
+    cdef int _pump_up(self, UdpFlow flow) except -1
+    cdef int _pump_down(self, UdpFlow flow, int family) except -1
+    cdef int _enter(self) except -1
+    cdef int _reraise(self) except -1
+    cdef int _receive(self, int fd) noexcept nogil
+    cdef int _up_one(self, UdpFlow flow, int i, int *group_len) except -1
+    cdef int _join(self, int first, int count, uint32_t gso_max, bint up) noexcept nogil
+    cdef int _send(self, UdpFlow flow, int fd, int first, int count, bint up) noexcept
+    cdef int _send_each(self, UdpFlow flow, int fd, int first, int count, bint up) noexcept
+    cdef void _count(self, UdpFlow flow, int first, int count, bint up) noexcept
+    cdef object _hook(self, UdpFlow flow, str name, tuple args)
+    cdef int _ask(self, UdpFlow flow, int family, const unsigned char *ip, int port)
+    cdef int _open(self, UdpFlow flow, int family)
+
+
+cdef int udp_cache_get(UdpCache *c, const unsigned char *ip, uint16_t port) noexcept nogil
+cdef int udp_cache_put(UdpCache *c, const unsigned char *ip, uint16_t port, uint8_t value) noexcept nogil
+cdef void udp_cache_clear(UdpCache *c) noexcept nogil

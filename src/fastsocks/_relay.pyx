@@ -37,12 +37,17 @@ Python interpreter does at start-up (and forked workers inherit).
 Fairness: a direction moves at most BUDGET chunks per call; a session that is still ready
 goes on a run queue served first by the next ``run()``, and ``pending`` tells the worker
 to poll again at once instead of sleeping.
+
+UDP ASSOCIATE has a relay of its own, with its own epoll set: UdpRelay and UdpFlow, in
+_udp_relay.pxi (included at the end), over the SOCKS5 UDP header codec below.
 """
 
-from libc.errno cimport errno, EAGAIN, EINTR
-from libc.stdint cimport uint32_t, uint64_t, int64_t
-from libc.stdlib cimport malloc, free, realloc
-from libc.string cimport memcpy, memset
+import os
+
+from libc.errno cimport errno, EAGAIN, EINTR, EIO
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.stdlib cimport malloc, calloc, free, realloc
+from libc.string cimport memcpy, memset, memcmp
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 cdef enum:
@@ -661,3 +666,9 @@ def udp_pack(str host not None, port):
         raise ValueError(f"not an IP address: {host!r}")
     n = udp_header_write(out, family, addr, <int>port)
     return (<char *>out)[:n]
+
+
+# ====================================================================== UDP relay
+# UdpRelay and UdpFlow: the datagram loop of UDP ASSOCIATE, with its theory of operation.
+
+include "_udp_relay.pxi"

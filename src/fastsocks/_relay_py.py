@@ -237,3 +237,345 @@ def udp_pack(host: str, port: int) -> bytes:
 
 
 __all__ += ["udp_pack", "udp_unpack"]
+
+
+# ====================================================================== UDP relay
+# The reference for UdpRelay/UdpFlow in _relay.pyx: the same decisions, counters and
+# hooks, one recvfrom_into/sendto per datagram (no recvmmsg, no GSO), dicts for caches.
+
+UDP_HEADROOM = 22
+_UDP_MAX_DATAGRAM = 65536
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
+def _ip16(host: str) -> tuple[int, bytes] | None:
+    """(family it leaves by, 16-byte form with IPv4 mapped) of IP text, or None."""
+    host = host.partition("%")[0]
+    try:
+        return socket.AF_INET, _V4_MAPPED + socket.inet_pton(socket.AF_INET, host)
+    except (OSError, ValueError):
+        pass
+    try:
+        ip = socket.inet_pton(socket.AF_INET6, host)
+    except (OSError, ValueError):
+        return None
+    return (socket.AF_INET if ip[:12] == _V4_MAPPED else socket.AF_INET6), ip
+
+
+def _ip_text(ip: bytes) -> str:
+    if ip[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, ip[12:])
+    return socket.inet_ntop(socket.AF_INET6, ip)
+
+
+class _Cache:
+    """At most 2 * half entries: a full young generation replaces the old one; a hit in the
+    old generation moves the entry to the young one."""
+
+    __slots__ = ("half", "old", "young")
+
+    def __init__(self, half: int) -> None:
+        self.half = half
+        self.young: dict = {}
+        self.old: dict = {}
+
+    def get(self, key):
+        value = self.young.get(key)
+        if value is None and key in self.old:
+            value = self.old[key]
+            self.put(key, value)
+        return value
+
+    def put(self, key, value) -> None:
+        if key not in self.young and len(self.young) >= self.half:
+            self.old, self.young = self.young, {}
+        self.young[key] = value
+
+    def clear(self) -> None:
+        self.young, self.old = {}, {}
+
+
+class UdpRelay:
+    def __init__(self, *, batch: int = 64, max_verdicts: int = 4096, max_peers: int = 4096) -> None:
+        if not 1 <= batch <= 1024 or max_verdicts < 2 or max_peers < 2:
+            raise ValueError("batch 1-1024, max_verdicts >= 2, max_peers >= 2")
+        self.batch = batch
+        self.max_verdicts = max_verdicts
+        self.max_peers = max_peers
+        self.buf = memoryview(bytearray(UDP_HEADROOM + _UDP_MAX_DATAGRAM))
+        self.busy = False
+        self.error: BaseException | None = None
+        self.epoll: select.epoll | None = select.epoll()
+        self.watched: dict[int, tuple[UdpFlow, int]] = {}  # fd -> (flow, 0 or a remote family)
+
+    def new_flow(self, owner, relay_sock, client_ip: str, client_port: int) -> UdpFlow:
+        return UdpFlow(self, owner, relay_sock, client_ip, client_port)
+
+    def fileno(self) -> int:
+        return self.epoll.fileno() if self.epoll is not None else -1
+
+    def run(self) -> None:
+        if self.epoll is None:
+            return
+        self.enter()
+        try:
+            received = 0
+            while received < 4 * self.batch:
+                events = self.epoll.poll(0, 64)
+                if not events:
+                    break
+                for fd, _ in events:
+                    watched = self.watched.get(fd)
+                    if watched is not None:
+                        flow, family = watched
+                        received += flow.up_batch() if family == 0 else flow.down_batch(family)
+        finally:
+            self.leave()
+
+    def close(self) -> None:
+        if self.epoll is not None:
+            self.epoll.close()
+            self.epoll = None
+
+    def watch(self, flow: UdpFlow, sock: socket.socket, family: int) -> None:
+        if self.epoll is None:
+            raise ValueError("the UdpRelay is closed")
+        self.epoll.register(sock.fileno(), select.EPOLLIN)
+        self.watched[sock.fileno()] = (flow, family)
+
+    def unwatch(self, sock: socket.socket) -> None:
+        if self.watched.pop(sock.fileno(), None) is not None and self.epoll is not None:
+            self.epoll.unregister(sock.fileno())
+
+    def enter(self) -> None:
+        if self.busy:
+            raise RuntimeError("a hook of the UDP relay may not make it relay again")
+        self.busy = True
+        self.error = None
+
+    def leave(self) -> None:
+        self.busy = False
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
+
+    def hook(self, flow: UdpFlow, name: str, *args):
+        """owner.<name>(*args); None, and the exception kept for leave(), if it raises."""
+        if flow.owner is None:
+            return None
+        try:
+            return getattr(flow.owner, name)(*args)
+        except Exception as exc:  # noqa: BLE001 (a bug in a hook): raised by leave()
+            if self.error is None:
+                self.error = exc
+            return None
+
+
+class UdpFlow:
+    def __init__(self, relay: UdpRelay, owner, relay_sock, client_ip: str, client_port: int) -> None:
+        if not (isinstance(client_port, int) and 0 <= client_port <= 0xFFFF):
+            raise ValueError(f"port must be 0-65535, got {client_port!r}")
+        parsed = _ip16(client_ip)
+        if parsed is None:
+            raise ValueError(f"not an IP address: {client_ip!r}")
+        self.relay, self.owner, self.relay_sock = relay, owner, relay_sock
+        self.remote_socks: dict[int, socket.socket] = {}
+        self.client_ip = parsed[1]
+        self.client_port = client_port
+        self.client_to: tuple | None = (_ip_text(self.client_ip), client_port) if client_port else None
+        self.client_seen = False
+        self.warned_foreign = False
+        self.verdicts = _Cache(max(1, relay.max_verdicts // 2))
+        self.peers = _Cache(max(1, relay.max_peers // 2))
+        self.datagrams_up = self.datagrams_down = self.bytes_up = self.bytes_down = self.dropped = 0
+        self.last_active_s = time.monotonic()
+        relay.watch(self, relay_sock, 0)
+
+    def pump_up(self) -> int:
+        before = self.datagrams_up
+        self.relay.enter()
+        try:
+            self.up_batch()
+        finally:
+            self.relay.leave()
+        return self.datagrams_up - before
+
+    def pump_down(self, family: int) -> int:
+        before = self.datagrams_down
+        self.relay.enter()
+        try:
+            self.down_batch(family)
+        finally:
+            self.relay.leave()
+        return self.datagrams_down - before
+
+    def up_batch(self) -> int:
+        """One batch from the client; how many datagrams were read."""
+        relay, received, sent = self.relay, 0, 0
+        if self.relay_sock is None:
+            return 0
+        for received in range(relay.batch):
+            try:
+                n, source = self.relay_sock.recvfrom_into(relay.buf)
+            except OSError:  # EAGAIN, or an error the next readiness will tell again
+                break
+            sent += self._up_one(relay.buf[:n], source)
+        else:
+            received = relay.batch
+        if sent:
+            self.last_active_s = time.monotonic()
+        return received
+
+    def _up_one(self, datagram: memoryview, source: tuple) -> int:
+        relay = self.relay
+        if not self._from_client(source):
+            self.dropped += 1
+            if not self.warned_foreign:
+                self.warned_foreign = True
+                relay.hook(self, "_warn_foreign", (_ip_text(_ip16(source[0])[1]), source[1]))
+            return 0
+        parsed = udp_unpack(datagram)
+        if parsed is None:
+            self.dropped += 1
+            return 0
+        atyp, host, port, header_len = parsed
+        if atyp == _UDP_ATYP_DOMAIN:
+            relay.hook(self, "_send_to_name", host, port, bytes(datagram[header_len:]))
+            return 0
+        family, ip = _ip16(host)
+        try:
+            allowed = self._verdict(family, ip, port)
+        except Exception as exc:  # noqa: BLE001 (a bug in the rules): denied, raised by leave()
+            relay.error = relay.error or exc
+            allowed = False
+        return self._send_to(family, ip, port, 0, datagram[header_len:], allowed, guarded=True)
+
+    def _from_client(self, source: tuple) -> bool:
+        parsed = _ip16(source[0])
+        if parsed is None or parsed[1] != self.client_ip:
+            return False
+        if self.client_port and source[1] != self.client_port:
+            return False
+        if not self.client_seen:
+            self.client_seen = True
+            self.client_port = source[1]
+            self.client_to = source  # where datagrams for the client go, scope id and all
+        return True
+
+    @property
+    def client_addr(self) -> tuple | None:
+        return (_ip_text(self.client_ip), self.client_port) if self.client_to is not None else None
+
+    def _verdict(self, family: int, ip: bytes, port: int) -> bool:
+        allowed = self.verdicts.get((ip, port))
+        if allowed is None:
+            if self.owner is None:
+                return False
+            allowed = bool(self.owner._allowed(family, (_ip_text(ip), port)))
+            self.verdicts.put((ip, port), allowed)
+        return allowed
+
+    def _remote(self, family: int):
+        sock = self.remote_socks.get(family)
+        if sock is None and self.owner is not None:
+            sock = self.owner._remote_socket(family)
+            if sock is not None:
+                self.relay.watch(self, sock, family)
+                self.remote_socks[family] = sock
+        return sock
+
+    def _send_to(self, family: int, ip: bytes, port: int, scope_id: int, payload, allowed: bool,
+                 guarded: bool) -> int:
+        if not allowed:
+            self.dropped += 1
+            return 0
+        if guarded:
+            try:
+                sock = self._remote(family)
+            except Exception as exc:  # noqa: BLE001 (a bug in a hook): raised by leave()
+                self.relay.error = self.relay.error or exc
+                sock = None
+        else:
+            sock = self._remote(family)
+        if sock is None:
+            self.dropped += 1
+            return 0
+        sockaddr = (_ip_text(ip), port) if family == socket.AF_INET else (_ip_text(ip), port, 0, scope_id)
+        try:
+            sock.sendto(payload, sockaddr)
+        except OSError:  # EAGAIN, unreachable, EMSGSIZE, port 0...: UDP may lose it
+            self.dropped += 1
+            return 0
+        if self.peers.get(ip) is None:
+            self.peers.put(ip, True)
+        self.datagrams_up += 1
+        self.bytes_up += len(payload)
+        return 1
+
+    def down_batch(self, family: int) -> int:
+        """One batch from the remote socket of ``family``; how many datagrams were read."""
+        relay, received, sent = self.relay, 0, 0
+        sock = self.remote_socks.get(family)
+        if sock is None or self.relay_sock is None:
+            return 0
+        payload_area = relay.buf[UDP_HEADROOM:]
+        for received in range(relay.batch):
+            try:
+                n, source = sock.recvfrom_into(payload_area)
+            except OSError:
+                break
+            sent += self._down_one(n, source)
+        else:
+            received = relay.batch
+        if sent:
+            self.last_active_s = time.monotonic()
+        return received
+
+    def _down_one(self, n: int, source: tuple) -> int:
+        parsed = _ip16(source[0])
+        if self.client_to is None or parsed is None or self.peers.get(parsed[1]) is None:
+            self.dropped += 1  # a stranger, or nowhere to send it yet
+            return 0
+        header = udp_pack(_ip_text(parsed[1]), source[1])
+        start = UDP_HEADROOM - len(header)
+        buf = self.relay.buf
+        buf[start:UDP_HEADROOM] = header
+        try:
+            self.relay_sock.sendto(buf[start:UDP_HEADROOM + n], self.client_to)
+        except OSError:
+            self.dropped += 1
+            return 0
+        self.datagrams_down += 1
+        self.bytes_down += n
+        return 1
+
+    def send(self, sockaddr: tuple, payload, checked: bool = False) -> int:
+        if not isinstance(sockaddr[0], str):
+            raise TypeError(f"not an IP address: {sockaddr[0]!r}")
+        parsed = _ip16(sockaddr[0])
+        port = sockaddr[1]
+        if parsed is None or not (isinstance(port, int) and 0 <= port <= 0xFFFF):
+            raise ValueError(f"not an IP address and port: {sockaddr!r}")
+        family, ip = parsed
+        scope_id = sockaddr[3] if family == socket.AF_INET6 and len(sockaddr) >= 4 else 0
+        allowed = checked or self._verdict(family, ip, port)
+        sent = self._send_to(family, ip, port, scope_id, payload, allowed, guarded=False)
+        if sent:
+            self.last_active_s = time.monotonic()
+        return sent
+
+    def forget_verdicts(self) -> None:
+        self.verdicts.clear()
+
+    def close(self) -> None:
+        for sock in (self.relay_sock, *self.remote_socks.values()):
+            if sock is not None:
+                self.relay.unwatch(sock)
+        self.owner = self.relay_sock = None
+        self.remote_socks = {}
+        self.client_to = None
+        self.verdicts.clear()
+        self.peers.clear()
+
+
+__all__ += ["UdpFlow", "UdpRelay"]

@@ -153,3 +153,57 @@ cdef extern from "<arpa/inet.h>" nogil:
     enum:
         INET_ADDRSTRLEN
         INET6_ADDRSTRLEN
+
+
+# ---------------------------------------------------------------------- UDP batches
+# What the UDP relay in _relay.pyx needs: recvmmsg/sendmmsg (Linux, _GNU_SOURCE, which
+# pyconfig.h defines) and their message headers.
+
+from posix.time cimport timespec
+
+
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+
+
+cdef extern from "<sys/socket.h>" nogil:
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+
+    struct mmsghdr:
+        msghdr msg_hdr
+        unsigned int msg_len
+
+    int recvmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags, timespec *timeout)
+    int sendmmsg(int fd, mmsghdr *msgvec, unsigned int vlen, int flags)
+    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
+
+    struct cmsghdr:
+        size_t cmsg_len
+        int cmsg_level
+        int cmsg_type
+
+    size_t CMSG_SPACE(size_t length)
+    size_t CMSG_LEN(size_t length)
+    unsigned char *CMSG_DATA(cmsghdr *cmsg)
+
+    enum:
+        MSG_TRUNC
+
+
+cdef extern from "<netinet/in.h>" nogil:
+    uint16_t ntohs(uint16_t x)
+
+
+cdef extern from "<netinet/udp.h>" nogil:
+    enum:
+        SOL_UDP
+        UDP_SEGMENT     # UDP GSO (Linux 4.18): one sendmsg, many datagrams of one size

@@ -16,24 +16,35 @@ IP is recorded as is, a zero (or a domain name) means the IP of the TCP connecti
 given port is recorded as is, a zero one is fixed by the first datagram from that IP.
 Datagrams from any other source are dropped and counted, never relayed.
 
-Up (client -> remote). ``udp_unpack`` (Cython, _relay.pyx) parses the header; malformed
-headers and FRAG != 0 are dropped (fragmentation is optional, §7). ``_allowed`` checks
-the destination, and the payload leaves from a remote-facing socket of the destination's
-family, opened on first use on an ephemeral port; an IPv4-mapped IPv6 destination goes
-out as IPv4. A domain name is resolved through the worker's Resolver (cached, off the
-loop); while it resolves, up to HOLD_PER_NAME datagrams wait for it and at most
-MAX_NAMES_RESOLVING names resolve at once: past that, datagrams are dropped.
+The datagram loop is compiled: ``UdpRelay`` (_udp_relay.pxi), one per worker, holds every
+association's UDP sockets in an epoll set, which the worker's loop watches, and the batch
+buffers they share; an association's own state is a ``UdpFlow``. Each readiness reads one
+``recvmmsg`` batch of at most BATCH datagrams per socket, a few batches per wake-up at
+most, so one flood cannot starve the loop. Python is called back only for what C does not
+decide (the hooks below): never per datagram.
+
+Up (client -> remote). Datagrams from any source but the client's are dropped and
+counted, and the first one is logged. ``udp_parse`` reads the header; malformed
+headers and FRAG != 0 are dropped (fragmentation is optional, §7). The destination is
+checked by ``_allowed``, once per destination: the verdict is cached per (ip, port), at
+most MAX_VERDICTS of them, and ``forget_verdicts()`` empties the cache when the rules
+change. The payload leaves, in place, from a remote-facing socket of the destination's
+family, opened on first use on an ephemeral port, in one ``sendmmsg`` per family (runs of
+datagrams of one length to one address as one UDP GSO message); an IPv4-mapped IPv6
+destination goes out as IPv4. A domain name comes back to Python
+(``_send_to_name``: names are the slow path) and is resolved through the worker's Resolver
+(cached, off the loop); while it resolves, up to HOLD_PER_NAME datagrams wait for it and
+at most MAX_NAMES_RESOLVING names resolve at once: past that, datagrams are dropped.
 
 Down (remote -> client). A datagram on a remote-facing socket is relayed only from an IP
 the client has sent to (a restricted cone: a stranger cannot inject datagrams, while a
-server that answers from another port, as TFTP does, still gets through), with
-``udp_pack(source)`` before it, so the client sees the remote's real address.
+server that answers from another port, as TFTP does, still gets through; at most
+MAX_PEERS IPs are remembered, the least recently used forgotten first), with the header
+naming its real source written in front of it in the batch buffer, so that a datagram is
+never copied in user space; one ``sendmmsg`` per batch.
 
-Every socket is drained in batches of at most BATCH datagrams per readiness with
-``recvfrom_into`` into one buffer the worker shares among its associations; the header
-for the client is written in front of the payload in that buffer, so a datagram is never
-copied in user space. A socket that cannot take a datagram now (EAGAIN) loses it: UDP
-promises no delivery, and a queue would have to be unbounded or drop anyway.
+A socket that cannot take a datagram now (EAGAIN) loses it: UDP promises no delivery,
+and a queue would have to be unbounded or drop anyway.
 
 It ends on EOF or an error on the TCP connection, after ``udp_idle_timeout_s`` without a
 relayed datagram, or when the worker shuts down. ``end()`` closes every socket (through
@@ -47,9 +58,11 @@ import ipaddress
 import logging
 import socket
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from fastsocks._relay import udp_pack, udp_unpack
+from fastsocks._relay import UdpRelay
+from fastsocks.policy import Query, forbidden_destination, normal_name, unmapped
 from fastsocks.protocol.socks5 import AddressType, Reply
 
 if TYPE_CHECKING:
@@ -59,18 +72,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BATCH = 64                 # datagrams per socket per readiness, so one flood cannot starve the loop
-HEADROOM = 22              # the longest header udp_pack writes (IPv6), kept free before a payload
-BUFFER_BYTES = HEADROOM + 65536  # any UDP payload fits (65527 bytes at most over IPv6)
 HOLD_PER_NAME = 4          # datagrams waiting for one name to resolve
 MAX_NAMES_RESOLVING = 16   # names of one association resolving at once
-MAX_PEERS = 4096           # remote IPs the client has sent to; the oldest is forgotten first
+MAX_PEERS = 4096           # remote IPs the client has sent to; the least recently used is forgotten first
+MAX_VERDICTS = 4096        # cached _allowed() verdicts per association, by destination (ip, port)
 CONTROL_RECV_BYTES = 4096
 SOCKET_FLAGS = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
 
-def new_buffer() -> memoryview:
-    """The datagram buffer a worker shares among its associations (one loop thread)."""
-    return memoryview(bytearray(BUFFER_BYTES))
+def new_buffer() -> UdpRelay:
+    """The datagram relay a worker shares among its associations (one loop thread): its
+    batch buffers, made once, on the first association."""
+    return UdpRelay(batch=BATCH, max_verdicts=MAX_VERDICTS, max_peers=MAX_PEERS)
 
 
 def kernel_text(host: str) -> tuple[int, str]:
@@ -93,11 +106,22 @@ def over_cap(worker: Worker, client_ip: str) -> str | None:
     return None
 
 
+def _flow_counter(name: str) -> property:
+    """A counter the access line reports, kept by the association's UdpFlow."""
+    return property(lambda self: getattr(self.flow, name) if self.flow is not None else 0,
+                    doc=f"{name} of this association (0 before it started)")
+
+
 class UdpAssociation:
     __slots__ = ("worker", "sid", "described", "started_s", "client", "relay_sock", "remote_socks",
-                 "client_ip", "client_port", "client_addr", "peers", "resolving", "timer",
-                 "last_active_s", "datagrams_up", "datagrams_down", "bytes_up", "bytes_down",
-                 "dropped", "warned_foreign", "closed")
+                 "client_ip", "client_port", "flow", "resolving", "timer", "closed", "query",
+                 "warned_denied")
+
+    datagrams_up = _flow_counter("datagrams_up")
+    datagrams_down = _flow_counter("datagrams_down")
+    bytes_up = _flow_counter("bytes_up")
+    bytes_down = _flow_counter("bytes_down")
+    dropped = _flow_counter("dropped")
 
     def __init__(self, worker: Worker, session: Session) -> None:
         self.worker = worker
@@ -109,14 +133,24 @@ class UdpAssociation:
         self.remote_socks: dict[int, socket.socket] = {}  # remote-facing UDP, by family
         self.client_ip = ""                              # §7: the only source let in, set by start()
         self.client_port = 0                             # 0: fixed by the first datagram from client_ip
-        self.client_addr: tuple | None = None           # where datagrams for the client go, once known
-        self.peers: dict[str, None] = {}                # insertion-ordered set of remote IPs
+        self.flow = None                                 # the relay's state for us, once the socket is bound
         self.resolving: dict[tuple[str, int], list[bytes]] = {}
         self.timer = None
-        self.last_active_s = time.monotonic()
-        self.datagrams_up = self.datagrams_down = self.bytes_up = self.bytes_down = self.dropped = 0
-        self.warned_foreign = False
         self.closed = False
+        # What the rules see of every datagram: the client and user of the TCP session.
+        self.query = Query(session.client_ip, "udp", 0, session.policy_user()) \
+            if getattr(session, "client_ip", None) is not None else None
+        self.warned_denied = False
+
+    @property
+    def client_addr(self) -> tuple | None:
+        """Where datagrams for the client go, once known (a zero port: after its first one)."""
+        return self.flow.client_addr if self.flow is not None else None
+
+    @property
+    def last_active_s(self) -> float:
+        """time.monotonic() when a datagram was last relayed, or when the association started."""
+        return self.flow.last_active_s if self.flow is not None else self.started_s
 
     # ------------------------------------------------------------------ set-up and endings
 
@@ -134,10 +168,8 @@ class UdpAssociation:
             self.close()  # the session logged and closed; nothing of ours was in use
             return False
         self.client = session.client
-        loop = self.worker.loop
-        loop.add_reader(self.client, self.on_control_readable)
-        loop.add_reader(self.relay_sock, self.on_client_datagrams)
-        self.last_active_s = time.monotonic()
+        self._watch_relay()
+        self.worker.loop.add_reader(self.client, self.on_control_readable)
         self._arm_idle_timer(self.worker.settings.udp_idle_timeout_s)
         return True
 
@@ -152,8 +184,9 @@ class UdpAssociation:
             return refusal
         try:
             self._open_relay_socket(session.client.getsockname()[0])
+            self.flow = self.worker.udp_buffer.new_flow(self, self.relay_sock, self.client_ip, self.client_port)
         except OSError as exc:
-            return f"UDP ASSOCIATE: cannot bind the relay socket: {exc.strerror or exc}"
+            return f"UDP ASSOCIATE: cannot open the relay socket: {exc.strerror or exc}"
         return None
 
     def _expect_source(self, request, tcp_peer_ip: str) -> None:
@@ -165,14 +198,21 @@ class UdpAssociation:
             _, ip = kernel_text(request.host)
             if not ipaddress.ip_address(ip).is_unspecified:
                 self.client_ip = ip
-        if self.client_port:
-            self.client_addr = (self.client_ip, self.client_port)
 
     def _open_relay_socket(self, local_ip: str) -> None:
         """Bind where the client reached us over TCP: it can reach that address (§6 BND.ADDR)."""
         family, here = kernel_text(local_ip)
         self.relay_sock = socket.socket(family, SOCKET_FLAGS)
         self.relay_sock.bind((here, 0))
+
+    def _watch_relay(self) -> None:
+        """The worker's loop watches the relay (every association's datagram sockets) from
+        its first association on."""
+        relay = self.worker.udp_buffer
+        try:
+            self.worker.loop.add_reader(relay, relay.run)
+        except KeyError:
+            pass  # watched already
 
     def end(self, how: str) -> None:
         """End a started association: close everything, then the worker logs it."""
@@ -188,14 +228,15 @@ class UdpAssociation:
         self.closed = True
         if self.timer is not None:
             self.timer.cancel()
-        loop = self.worker.loop
+        if self.flow is not None:
+            self.flow.close()  # first: the relay must not watch or use the fds once closed
+        if self.client is not None:
+            self.worker.loop.remove(self.client)
         for sock in (self.client, self.relay_sock, *self.remote_socks.values()):
             if sock is not None:
-                loop.remove(sock)
                 sock.close()
         self.remote_socks.clear()
         self.resolving.clear()
-        self.peers.clear()
 
     def on_control_readable(self) -> None:
         if self.closed:
@@ -224,116 +265,84 @@ class UdpAssociation:
         else:
             self._arm_idle_timer(timeout_s - idle_s)
 
-    # ------------------------------------------------------------------ up: client -> remote
+    def forget_verdicts(self) -> None:
+        """Ask ``_allowed`` again for every destination: the rules were reloaded."""
+        if self.flow is not None:
+            self.flow.forget_verdicts()
 
-    def on_client_datagrams(self) -> None:
-        if self.closed:
-            return
-        buf = self.worker.udp_buffer
-        relayed = 0
-        for _ in range(BATCH):
-            try:
-                n, source = self.relay_sock.recvfrom_into(buf)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                log.debug("%s UDP relay socket: %s", self.described, exc)
-                break
-            if not self._from_client(source):
-                self._drop_foreign(source)
-                continue
-            relayed += self._relay_up(buf, n)
-        if relayed:
-            self.last_active_s = time.monotonic()
-
-    def _from_client(self, source: tuple) -> bool:
-        if self.client_addr is not None:
-            return source[1] == self.client_addr[1] and source[0] == self.client_addr[0]
-        if source[0] != self.client_ip:
-            return False
-        self.client_addr = source  # a zero DST.PORT (§6): the first datagram fixes the port
-        return True
-
-    def _drop_foreign(self, source: tuple) -> None:
-        self.dropped += 1
-        if not self.warned_foreign:  # once per association: a flood must not flood the log
-            self.warned_foreign = True
-            expected = self.client_addr or (self.client_ip, self.client_port)
-            log.warning("%s UDP: dropped a datagram from %s, the association is for %s", self.described,
-                        _format(source), _format(expected))
-
-    def _relay_up(self, buf: memoryview, n: int) -> int:
-        """Send one client datagram on; 1 if it left now, else 0."""
-        parsed = udp_unpack(buf[:n])
-        if parsed is None:
-            self.dropped += 1  # malformed, or FRAG != 0
-            return 0
-        atyp, host, port, header_len = parsed
-        if atyp == AddressType.DOMAIN:
-            self._send_to_name(host, port, buf[header_len:n])
-            return 0
-        if atyp == AddressType.IPV4:
-            return self._send(socket.AF_INET, (host, port), buf[header_len:n])
-        if host.startswith("::ffff:") and "." in host:  # IPv4-mapped, as inet_ntop writes it
-            return self._send(socket.AF_INET, (host[7:], port), buf[header_len:n])
-        return self._send(socket.AF_INET6, (host, port), buf[header_len:n])
-
-    def _send(self, family: int, sockaddr: tuple, payload) -> int:
-        if not self._allowed(family, sockaddr):
-            self.dropped += 1
-            return 0
-        try:
-            sock = self.remote_socks.get(family) or self._open_remote_socket(family)
-            sock.sendto(payload, sockaddr)
-        except OSError:  # EAGAIN, unreachable, EMSGSIZE, port 0, broadcast...: UDP may lose it
-            self.dropped += 1
-            return 0
-        self._remember_peer(sockaddr[0].partition("%")[0])
-        self.datagrams_up += 1
-        self.bytes_up += len(payload)
-        return 1
+    # ------------------------------------------------------------------ hooks of the relay
+    # UdpRelay calls these (see _relay.pyi, UdpOwner) for what is not decided in C.
 
     def _allowed(self, family: int, sockaddr: tuple) -> bool:
-        """Whether the client may send to this destination (a resolved IP, never a name).
+        """Whether the client may send to this address (the relay caches the answer per
+        destination; names go through ``_judge`` with the name, see _on_resolved)."""
+        return self._judge(None, sockaddr[0], sockaddr[1])
 
-        Issue 5 puts the access rules here: every UDP destination is checked (DESIGN §4),
-        with the decision cached per destination so that a datagram stays cheap (DESIGN §2).
-        """
-        return True
+    def _judge(self, name: str | None, host: str, port: int) -> bool:
+        """The rules for one destination (DESIGN §4: every UDP destination is checked);
+        the first denial of the association is logged, the rest are counted."""
+        ip = unmapped(ipaddress.ip_address(host.partition("%")[0]))
+        why = forbidden_destination(ip)
+        if why is None and self.query is not None:
+            verdict = self.worker.settings.policy.decide(replace(self.query, port=port, name=name), ip)
+            why = None if verdict.allowed else str(verdict)
+        if why is not None:
+            self._log_denied(f"{name} ({_format((str(ip), port))})" if name else _format((str(ip), port)), why)
+        return why is None
 
-    def _open_remote_socket(self, family: int) -> socket.socket:
-        sock = socket.socket(family, SOCKET_FLAGS)
+    def _log_denied(self, destination: str, why: str) -> None:
+        if not self.warned_denied:  # once per association; the access line counts the rest
+            self.warned_denied = True
+            log.info("%s UDP: dropped datagrams to %s: %s", self.described, destination, why)
+
+    def _remote_socket(self, family: int) -> socket.socket | None:
+        """The remote-facing socket of ``family``, opened on first use (the relay watches
+        it); None if it cannot be."""
+        sock = self.remote_socks.get(family)
+        if sock is not None:
+            return sock
+        try:
+            sock = socket.socket(family, SOCKET_FLAGS)
+        except OSError as exc:
+            log.debug("%s UDP: cannot open a remote socket: %s", self.described, exc)
+            return None
         try:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # IPv4 has its own socket
             sock.bind(("0.0.0.0" if family == socket.AF_INET else "::", 0))
-            self.worker.loop.add_reader(sock, lambda: self.on_remote_datagrams(sock))
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            log.debug("%s UDP: cannot open a remote socket: %s", self.described, exc)
+            return None
         self.remote_socks[family] = sock
         return sock
 
-    def _remember_peer(self, ip: str) -> None:
-        if ip in self.peers:
-            return
-        if len(self.peers) >= MAX_PEERS:
-            del self.peers[next(iter(self.peers))]
-        self.peers[ip] = None
+    def _warn_foreign(self, source: tuple) -> None:
+        """The first datagram from a source other than the client's (dropped and counted)."""
+        expected = self.client_addr or (self.client_ip, self.client_port)
+        log.warning("%s UDP: dropped a datagram from %s, the association is for %s", self.described,
+                    _format(source), _format(expected))
 
-    def _send_to_name(self, name: str, port: int, payload: memoryview) -> None:
+    def _send_to_name(self, name: str, port: int, payload: bytes) -> None:
         key = (name, port)
+        if self.query is not None:
+            verdict = self.worker.settings.policy.before_resolve(
+                replace(self.query, port=port, name=normal_name(name)))
+            if verdict is not None and not verdict.allowed:  # a denied name is not looked up
+                self.flow.dropped += 1
+                self._log_denied(f"{name}:{port}", str(verdict))
+                return
         held = self.resolving.get(key)
         if held is not None:
             if len(held) < HOLD_PER_NAME:
-                held.append(bytes(payload))  # the shared buffer is reused by the next datagram
+                held.append(payload)
             else:
-                self.dropped += 1
+                self.flow.dropped += 1
             return
         if len(self.resolving) >= MAX_NAMES_RESOLVING:
-            self.dropped += 1
+            self.flow.dropped += 1
             return
-        self.resolving[key] = [bytes(payload)]
+        self.resolving[key] = [payload]
         # A cached name calls back at once, before resolve() returns.
         self.worker.resolver.resolve(name, port, lambda addresses, error: self._on_resolved(key, addresses, error))
 
@@ -342,48 +351,15 @@ class UdpAssociation:
         if self.closed:
             return
         if error is not None or not addresses:
-            self.dropped += len(held)
+            self.flow.dropped += len(held)
             log.debug("%s UDP: cannot resolve %r: %s", self.described, key[0], error)
             return
-        family, sockaddr = addresses[0]
-        if family == socket.AF_INET6:
-            family, ip = kernel_text(sockaddr[0])
-            sockaddr = (ip, sockaddr[1]) if family == socket.AF_INET else sockaddr
-        if sum(self._send(family, sockaddr, payload) for payload in held):
-            self.last_active_s = time.monotonic()
-
-    # ------------------------------------------------------------------ down: remote -> client
-
-    def on_remote_datagrams(self, sock: socket.socket) -> None:
-        if self.closed:
+        _, sockaddr = addresses[0]  # the flow unmaps an IPv4-mapped address, as for a header's
+        if not self._judge(normal_name(key[0]), sockaddr[0], key[1]):
+            self.flow.dropped += len(held)
             return
-        buf = self.worker.udp_buffer
-        payload_area = buf[HEADROOM:]
-        relayed = 0
-        for _ in range(BATCH):
-            try:
-                n, source = sock.recvfrom_into(payload_area)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                log.debug("%s UDP remote socket: %s", self.described, exc)
-                break
-            if source[0] not in self.peers or self.client_addr is None:
-                self.dropped += 1  # a stranger: the client never sent to this IP
-                continue
-            header = udp_pack(source[0], source[1])
-            start = HEADROOM - len(header)
-            buf[start:HEADROOM] = header
-            try:
-                self.relay_sock.sendto(buf[start:HEADROOM + n], self.client_addr)
-            except OSError:
-                self.dropped += 1
-                continue
-            self.datagrams_down += 1
-            self.bytes_down += n
-            relayed += 1
-        if relayed:
-            self.last_active_s = time.monotonic()
+        for payload in held:
+            self.flow.send(sockaddr, payload, checked=True)  # judged with its name just now
 
 
 def _format(address: tuple) -> str:

@@ -38,6 +38,7 @@ from fastsocks.stats import SharedStats, SlotStats
 from fastsocks.users import UserDB, load_users
 
 if TYPE_CHECKING:
+    from fastsocks._relay import UdpRelay
     from fastsocks.limits import SharedLimits
     from fastsocks.udp import UdpAssociation
 
@@ -78,7 +79,7 @@ class Worker:
         self.handshaking: dict[int, Session] = {}
         self.relayed: dict[int, tuple[str, float]] = {}
         self.udp_associations: dict[int, UdpAssociation] = {}  # UDP ASSOCIATE sessions, by sid
-        self.udp_buffer: memoryview | None = None  # their shared datagram buffer, made on first use
+        self.udp_buffer: UdpRelay | None = None  # their shared datagram relay, made on first use
         self.next_sid = 0
         self.accepted = 0
         self.errors = 0
@@ -146,6 +147,9 @@ class Worker:
             session.finish(None, "worker shutting down")
         for association in list(self.udp_associations.values()):
             association.end("shutdown")
+        if self.udp_buffer is not None:
+            self.loop.remove(self.udp_buffer)
+            self.udp_buffer.close()
         for ended in self.engine.close():
             self.session_ended(ended)
         self.write_stats()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from support import (HTTP_BODY, TcpTarget, echo_handler, fastsocks_command,
+from support import (HTTP_BODY, TcpTarget, echo_handler, fastsocks_command, ipv6_loopback,
                      require_client, require_tool, wait_until)
 
 CLIENT_TIMEOUT_S = 20
@@ -110,15 +110,6 @@ def dual_target(tcp_target):
     yield make
     for target in extra:
         target.close()
-
-
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
 
 
 MNTNS_SETUP = """set -e

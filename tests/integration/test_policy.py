@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from support import (fastsocks_command, process_usage, read_socks5_reply, recv_exact, socks5_connect,
+from support import (call_in_netns, fastsocks_command, process_usage, read_socks5_reply, recv_exact, socks5_connect,
                      socks5_request_bytes, wait_until)
 
 NOT_ALLOWED = 0x02
@@ -141,7 +141,8 @@ def test_this_host_and_the_proxy_itself_are_never_destinations(start_server, ech
     assert echo_through(server.address, echo_target) == b"still serving"
 
 
-def test_a_denied_name_is_not_even_resolved(tmp_path, start_server, echo_target):
+@pytest.mark.netns
+def test_a_denied_name_is_not_even_resolved(tmp_path, start_server, netns_prefix):
     path = write_config(tmp_path, """
 [[rules]]
 action = "deny"
@@ -149,9 +150,10 @@ dest = ["*.blocked.test"]
 [[rules]]
 action = "allow"
 """)
-    server = start_server("--config", str(path))
+    prefix, env = netns_prefix  # had it been looked up, no query could leave the namespace
+    server = start_server("--config", str(path), prefix=prefix, env=env)
     # A name that would need a DNS query: denied before any lookup (0x02, not 0x04).
-    assert socks5_reply(server.address, "www.blocked.test", 80) == NOT_ALLOWED
+    assert call_in_netns(server.pid, socks5_reply, server.address, "www.blocked.test", 80) == NOT_ALLOWED
     server.wait_for_log(r"dest=www\.blocked\.test:80 reply=connection_not_allowed .*denied by rule #1")
 
 
@@ -450,3 +452,61 @@ def test_sessions_per_user_are_capped_across_addresses(tmp_path, start_server, e
     assert code == 0
     for sock in (first, other):
         sock.close()
+
+
+# ---------------------------------------------------------------- UDP
+
+
+def udp_echo_socket(port: int = 0):
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", port))
+    sock.settimeout(0.3)
+    return sock
+
+
+def udp_wrap(host: str, port: int, payload: bytes) -> bytes:
+    try:
+        address = b"\x01" + socket.inet_aton(host)
+    except OSError:
+        address = b"\x03" + bytes([len(host)]) + host.encode()
+    return b"\x00\x00\x00" + address + struct.pack("!H", port) + payload
+
+
+@pytest.mark.netns
+def test_udp_datagrams_to_denied_destinations_are_dropped(tmp_path, start_server, netns_prefix):
+    prefix, env = netns_prefix  # a regression that resolved the denied name stays inside
+    allowed_port, denied_port = 40001, 40002  # the namespace is ours: these are free
+    path = write_config(tmp_path, f"""
+[[rules]]
+action = "deny"
+command = ["udp"]
+dest = ["*.blocked.test"]
+[[rules]]
+action = "allow"
+command = ["udp"]
+dest = ["127.0.0.1"]
+port = [{allowed_port}]
+[[rules]]
+action = "deny"
+dest = ["127.0.0.0/8"]
+""")
+    server = start_server("--config", str(path), prefix=prefix, env=env)
+    allowed, denied = (call_in_netns(server.pid, udp_echo_socket, port) for port in (allowed_port, denied_port))
+    control = call_in_netns(server.pid, socket.create_connection, server.address, timeout=10)
+    client = call_in_netns(server.pid, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+    with control, client, allowed, denied:
+        control.sendall(b"\x05\x01\x00" + socks5_request_bytes("0.0.0.0", 0, command=3))
+        assert recv_exact(control, 2) == b"\x05\x00"
+        code, host, port = read_socks5_reply(control)
+        assert code == 0
+        client.bind(("127.0.0.1", 0))
+        for i in range(3):
+            client.sendto(udp_wrap("127.0.0.1", denied.getsockname()[1], b"no %d" % i), (host, port))
+            client.sendto(udp_wrap("localhost", denied.getsockname()[1], b"no by name %d" % i), (host, port))
+            client.sendto(udp_wrap("www.blocked.test", 53, b"never resolved %d" % i), (host, port))
+            client.sendto(udp_wrap("127.0.0.1", allowed.getsockname()[1], b"yes %d" % i), (host, port))
+        assert sorted(allowed.recv(100) for _ in range(3)) == [b"yes 0", b"yes 1", b"yes 2"]
+        with pytest.raises(TimeoutError):
+            denied.recv(100)
+    server.wait_for_log(r"cmd=udp_associate .*reply=succeeded datagrams_up=3 .*dropped=9 ")
+    server.wait_for_log(r"UDP: dropped datagrams to .*denied by rule #")

@@ -18,24 +18,12 @@ import threading
 
 import pytest
 
-from support import read_socks5_reply, recv_exact, socks5_request_bytes, wait_until
+from support import needs_ipv6, read_socks5_reply, recv_exact, socks5_request_bytes, wait_until
 
 socks = pytest.importorskip("socks", reason="PySocks is not installed")
 
 TIMEOUT_S = 5
 UDP_ASSOCIATE = 3
-
-
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-            probe.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback (::1) here")
 
 
 class UdpEcho:
