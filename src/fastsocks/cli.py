@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastsocks",
         description="A prefork SOCKS4/SOCKS5 proxy server. With no options it serves SOCKS "
                     "(no authentication) on 127.0.0.1:1080 with one worker per CPU.",
-        epilog="Subcommands: 'fastsocks check-config FILE' validates a config file; "
+        epilog="Subcommands: 'fastsocks example-config' prints a commented config file; "
+               "'fastsocks check-config FILE' validates one; "
                "'fastsocks explain --config FILE --client IP --command connect --dest HOST:PORT' "
                "says which rule decides; 'fastsocks bench --help' load-tests any SOCKS5 proxy; "
                "'fastsocks hash-password --user NAME' makes a line for --users.",
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--version", action="version", version=f"fastsocks {__version__}")
     add("-c", "--config", metavar="FILE",
-        help="TOML configuration file (see fastsocks.example.toml); flags given here override it")
+        help="TOML configuration file ('fastsocks example-config' prints one, every key "
+             "commented); flags given here override it")
     add("-l", "--listen", action="append", metavar="HOST:PORT", type=_listen,
         help="address to listen on, repeatable; IPv6 as [::1]:1080 (default: 127.0.0.1:1080)")
     add("-w", "--workers", type=int, help="worker processes")
@@ -123,6 +125,7 @@ SUBCOMMANDS = {  # fastsocks SUBCOMMAND ...: module and function, imported only 
     "bench": ("fastsocks.bench.cli", "main"),
     "hash-password": ("fastsocks.users", "hash_password_main"),
     "check-config": ("fastsocks.explain", "check_config_main"),
+    "example-config": ("fastsocks.explain", "example_config_main"),
     "explain": ("fastsocks.explain", "explain_main"),
 }
 

@@ -12,6 +12,7 @@ import argparse
 import ipaddress
 import socket
 import sys
+from pathlib import Path
 
 from fastsocks import config
 from fastsocks.errors import ConfigError
@@ -19,7 +20,16 @@ from fastsocks.policy import COMMANDS, Query, forbidden_destination, normal_name
 from fastsocks.settings import Settings
 
 EXIT_ALLOWED, EXIT_DENIED, EXIT_USAGE = 0, 1, 2
+EXAMPLE = Path(__file__).with_name("fastsocks.example.toml")
 MAX_REASONS = 20  # earlier rules explained, at most
+
+
+def example_config_main(argv: list[str]) -> int:
+    """``fastsocks example-config > fastsocks.toml``: the commented example, every key."""
+    argparse.ArgumentParser(prog="fastsocks example-config",
+                            description="Print a fully commented example configuration file.").parse_args(argv)
+    sys.stdout.write(EXAMPLE.read_text(encoding="utf-8"))
+    return 0
 
 
 def check_config_main(argv: list[str]) -> int:

@@ -510,3 +510,13 @@ dest = ["127.0.0.0/8"]
             denied.recv(100)
     server.wait_for_log(r"cmd=udp_associate .*reply=succeeded datagrams_up=3 .*dropped=9 ")
     server.wait_for_log(r"UDP: dropped datagrams to .*denied by rule #")
+
+
+def test_the_example_config_is_printed_and_valid(tmp_path):
+    out = run_cli("example-config")
+    assert out.returncode == 0 and "[[rules]]" in out.stdout
+    path = tmp_path / "fastsocks.toml"
+    path.write_text(out.stdout)
+    checked = run_cli("check-config", str(path))
+    assert checked.returncode == 0, checked.stderr
+    assert "listen 127.0.0.1:1080, methods none, 4 rules, default deny" in checked.stdout

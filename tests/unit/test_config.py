@@ -10,7 +10,7 @@ from fastsocks import config
 from fastsocks.errors import ConfigError
 from fastsocks.settings import ListenAddress, Settings
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "fastsocks.example.toml"
+EXAMPLE = Path(config.__file__).with_name("fastsocks.example.toml")
 
 
 def load_text(tmp_path: Path, text: str, overrides: dict | None = None) -> Settings:
