@@ -255,7 +255,7 @@ class Worker:
         session.client_ip = ip = unmapped(ipaddress.ip_address(client_ip.partition("%")[0]))
         verdict = settings.policy.at_accept(ip)
         if verdict is not None and not verdict.allowed:
-            access_log.info("client=%s denied at accept %s", session.peer, verdict)
+            access_log.info("client=%s closed at accept: %s", session.peer, verdict)
             session.client.close()  # nothing read, nothing to answer: SOCKS has no reply yet
             return True
         if self.limits is None or not (self.caps_on or "userpass" in settings.methods):

@@ -170,7 +170,7 @@ client = ["10.0.0.0/8"]
             assert sock.recv(16) == b""  # no method selection: closed
         except ConnectionResetError:
             pass
-    server.wait_for_log(r"client=127\.0\.0\.1:\d+ denied at accept denied by the default action")
+    server.wait_for_log(r"client=127\.0\.0\.1:\d+ closed at accept: denied by the default action")
 
 
 def test_bind_to_a_denied_peer_is_refused(tmp_path, start_server):
