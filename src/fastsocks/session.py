@@ -406,10 +406,16 @@ class Session:
     def query(self) -> Query:
         request = self.request
         name = normal_name(request.host) if request.address_type == socks5.AddressType.DOMAIN else None
+        if self.client_ip is None:  # the worker parses it at accept only when rules need it then
+            self.client_ip = unmapped(ipaddress.ip_address(self.client.getpeername()[0].partition("%")[0]))
         return Query(self.client_ip, POLICY_COMMANDS[request.command], request.port, self.policy_user(), name)
 
     def screen(self, host: str, port: int) -> str | None:
         """Why this session may not open ``host`` (an address, never a name), or None."""
+        worker = self.worker
+        if (not worker.settings.policy.rules and worker.settings.policy.default_allow and ":" not in host
+                and not host.startswith("0.") and port not in worker.own_addresses):
+            return None  # no rules, and plainly neither this host nor this proxy: the common case
         ip = unmapped(ipaddress.ip_address(host.partition("%")[0]))
         forbidden = forbidden_destination(ip)
         if forbidden is not None:

@@ -62,7 +62,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from fastsocks._relay import UdpRelay
-from fastsocks.policy import Query, forbidden_destination, normal_name, unmapped
+from fastsocks.policy import forbidden_destination, normal_name, unmapped
 from fastsocks.protocol.socks5 import AddressType, Reply
 
 if TYPE_CHECKING:
@@ -138,8 +138,8 @@ class UdpAssociation:
         self.timer = None
         self.closed = False
         # What the rules see of every datagram: the client and user of the TCP session.
-        self.query = Query(session.client_ip, "udp", 0, session.policy_user()) \
-            if getattr(session, "client_ip", None) is not None else None
+        query = getattr(session, "query", None)  # (a test's stand-in session may have none)
+        self.query = replace(query(), name=None) if query is not None else None
         self.warned_denied = False
 
     @property

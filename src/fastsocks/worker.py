@@ -252,13 +252,16 @@ class Worker:
         """Close at once a client the rules deny whatever it asks, or that is blocked for
         failed logins; else start counting its session for the caps."""
         settings = self.settings
+        counting = self.limits is not None and (self.caps_on or "userpass" in settings.methods)
+        if not settings.policy.rules and settings.policy.default_allow and not counting:
+            return False  # nothing to judge or count: the client's address is parsed if needed later
         session.client_ip = ip = unmapped(ipaddress.ip_address(client_ip.partition("%")[0]))
         verdict = settings.policy.at_accept(ip)
         if verdict is not None and not verdict.allowed:
             access_log.info("client=%s closed at accept: %s", session.peer, verdict)
             session.client.close()  # nothing read, nothing to answer: SOCKS has no reply yet
             return True
-        if self.limits is None or not (self.caps_on or "userpass" in settings.methods):
+        if not counting:
             return False
         session.client_key = buckets = self.limits.buckets(ip.packed)
         blocked_ms = self.limits.blocked_until(buckets)
