@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 from fastsocks.errors import ConfigError
@@ -265,8 +265,6 @@ class _Lines:
             return self.keys[(table, index, key)]
         return self.headers.get((table, index))
 
-
-SETTINGS_FIELDS = frozenset(f.name for f in fields(Settings))
 
 # What a running server cannot change: sockets, processes and the engine are made at start.
 RESTART_FIELDS = ("listen", "workers", "accept_mode", "backlog", "splice", "pipe_size", "max_pipes",
