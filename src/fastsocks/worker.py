@@ -327,7 +327,9 @@ class Worker:
 
     def start_relay(self, session: Session, client_fd: int, upstream_fd: int, initial: bytes) -> None:
         del self.handshaking[session.sid]
-        self.relayed[session.sid] = (session.describe(), session.started_s)
+        # The access line is the only reader: with it off (--log-level warning), skip the string.
+        described = session.describe() if access_log.isEnabledFor(logging.INFO) else ""
+        self.relayed[session.sid] = (described, session.started_s)
         try:
             self.engine.add(client_fd, upstream_fd, session.sid, initial)
         except OSError as exc:
