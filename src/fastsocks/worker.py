@@ -92,6 +92,7 @@ class Worker:
         self.users = users
         self.auth: Authenticator | None = None
         self.auth_failures = 0
+        self.udp_bytes = [0, 0]  # payload bytes up, down of the UDP associations that ended
         self.signal_rsock = self.signal_wsock = None
         self.watches: list[ListenerWatch] = []
         self.base = stats.read(slot)
@@ -356,6 +357,8 @@ class Worker:
     def udp_ended(self, association: UdpAssociation, how: str) -> None:
         self.udp_associations.pop(association.sid, None)
         self.uncount(association.sid)
+        self.udp_bytes[0] += association.bytes_up
+        self.udp_bytes[1] += association.bytes_down
         access_log.info("%s reply=succeeded datagrams_up=%d datagrams_down=%d up=%d down=%d dropped=%d "
                         "duration_s=%.3f end=%s", association.described, association.datagrams_up,
                         association.datagrams_down, association.bytes_up, association.bytes_down,
@@ -417,6 +420,8 @@ class Worker:
 
     def write_stats(self) -> None:
         up, down, sessions, _switches, _pipes = self.engine.counters()
+        up += self.udp_bytes[0] + sum(a.bytes_up for a in self.udp_associations.values())
+        down += self.udp_bytes[1] + sum(a.bytes_down for a in self.udp_associations.values())
         base = self.base
         self.stats.write(self.slot, SlotStats(
             pid=os.getpid(), heartbeat_s=time.monotonic(), accepted=base.accepted + self.accepted,

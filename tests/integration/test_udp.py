@@ -299,3 +299,16 @@ def test_advertised_address_goes_in_the_reply(start_server, udp_echo):
         with udp_client() as client:
             assert round_trip(client, ("127.0.0.1", relay[1]), echo, b"via the real address") \
                 == (*echo.address, b"via the real address")
+
+
+def test_udp_bytes_count_in_the_servers_totals(start_server, udp_echo):
+    server = start_server()
+    echo = udp_echo()
+    control, relay = associate(server.address)
+    with udp_client() as client:
+        for payload in (b"a" * 100, b"b" * 200):
+            round_trip(client, relay, echo, payload)
+    control.close()
+    server.wait_for_log(r"cmd=udp_associate .*up=300 down=300 ")
+    assert server.stop() == 0
+    server.wait_for_log(r"stopped: accepted per worker \[1\], bytes up 300, down 300")
