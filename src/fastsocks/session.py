@@ -287,7 +287,7 @@ class Session:
             if verdict is not None and not verdict.allowed:
                 self.deny(verdict)  # a denied name is not even looked up
                 return
-            self.resolve(self.on_resolved)
+            self.resolve(self.connect_to)
             return
         if request.address_type == socks5.AddressType.IPV6:
             self.candidates = [(socket.AF_INET6, (request.host, request.port, 0, 0))]
@@ -295,24 +295,29 @@ class Session:
             self.candidates = [(socket.AF_INET, (request.host, request.port))]
         self.try_next_address()
 
-    def resolve(self, callback) -> None:
+    def resolve(self, then) -> None:
         """Look the name up off the loop, within the connect deadline (a slow resolver
-        must not hold a session for ever). A cached name calls back at once."""
+        must not hold a session for ever), then ``then(addresses)``. A cached name calls
+        back at once."""
         self.timer = self.worker.loop.call_later(self.worker.settings.connect_timeout_s, self.on_resolve_timeout)
-        self.worker.resolver.resolve(self.request.host, self.request.port, callback)
+        self.worker.resolver.resolve(self.request.host, self.request.port,
+                                     lambda addresses, error: self.on_resolved(then, addresses, error))
 
     @_entry_point
     def on_resolve_timeout(self) -> None:
         self.fail(Reply.TTL_EXPIRED, f"{self.request.host!r} did not resolve in time")
 
     @_entry_point
-    def on_resolved(self, addresses, error: OSError | None) -> None:
+    def on_resolved(self, then, addresses, error: OSError | None) -> None:
         if self.closed:
             return
         self.timer.cancel()
         if error is not None:
             self.fail(Reply.HOST_UNREACHABLE, f"cannot resolve {self.request.host!r}: {error}")
             return
+        then(addresses)
+
+    def connect_to(self, addresses) -> None:
         self.candidates = list(addresses)  # ours to consume; the resolver's value is shared
         self.try_next_address()
 
@@ -434,19 +439,9 @@ class Session:
         self.timer.cancel()
         request = self.request
         if request.address_type == socks5.AddressType.DOMAIN:
-            self.resolve(self.on_bind_resolved)
+            self.resolve(lambda addresses: self.open_bind_listener(addresses[0][1][0]))
         else:
             self.open_bind_listener(request.host)
-
-    @_entry_point
-    def on_bind_resolved(self, addresses, error: OSError | None) -> None:
-        if self.closed:
-            return
-        self.timer.cancel()
-        if error is not None:
-            self.fail(Reply.HOST_UNREACHABLE, f"cannot resolve {self.request.host!r}: {error}")
-            return
-        self.open_bind_listener(addresses[0][1][0])
 
     def open_bind_listener(self, peer_ip: str) -> None:
         expected = unmapped(ipaddress.ip_address(peer_ip))

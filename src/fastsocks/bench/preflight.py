@@ -5,6 +5,7 @@ of a table full of errors.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 
 from fastsocks.bench import wire
@@ -22,15 +23,22 @@ def check_path(address: Address, proxy: ProxyURL | None, target: Endpoint, bulk:
                timeout_s: float) -> None:
     """Connect to ``address`` (the proxy's, or the target's when direct), go through the
     proxy to ``target`` and check that the target answers as the mode needs."""
+    with _explained(proxy, target, timeout_s), \
+            socket.create_connection((address.ip, address.port), timeout=timeout_s) as sock:
+        if proxy:
+            _socks5_connect(sock, proxy, target)
+        if bulk:
+            _probe_bulk(sock, target)
+        else:
+            _probe_echo(sock, target)
+
+
+@contextlib.contextmanager
+def _explained(proxy: ProxyURL | None, target: Endpoint, timeout_s: float):
+    """Socket errors of a probe as one PreflightError that says which side failed."""
     where = f"proxy {proxy.endpoint}" if proxy else f"target {target}"
     try:
-        with socket.create_connection((address.ip, address.port), timeout=timeout_s) as sock:
-            if proxy:
-                _socks5_connect(sock, proxy, target)
-            if bulk:
-                _probe_bulk(sock, target)
-            else:
-                _probe_echo(sock, target)
+        yield
     except PreflightError:
         raise
     except socket.timeout:
@@ -44,36 +52,26 @@ def check_udp_path(address: Address, proxy: ProxyURL | None, target: Endpoint, t
     where = f"proxy {proxy.endpoint}" if proxy else f"target {target}"
     probe = pattern_bytes(0, PROBE_BYTES)
     header = wire.udp_header(target.host, target.port) if proxy else b""
-    tcp = None
-    try:
+    with _explained(proxy, target, timeout_s), contextlib.ExitStack() as stack:
         relay = (address.family, address.ip, address.port)
         if proxy:
-            tcp = socket.create_connection((address.ip, address.port), timeout=timeout_s)
+            tcp = stack.enter_context(socket.create_connection((address.ip, address.port), timeout=timeout_s))
             relay = _socks5_associate(tcp, proxy, address)
-        with socket.socket(relay[0], socket.SOCK_DGRAM) as udp:
-            udp.settimeout(min(timeout_s, 2.0))
-            udp.connect(relay[1:])
-            for _ in range(3):  # UDP may drop one; three tries before we call it dead
-                udp.send(header + probe)
-                try:
-                    answer = udp.recv(65536)
-                except socket.timeout:
-                    continue
-                if answer != header + probe:
-                    raise PreflightError(f"target {target} does not echo datagrams as sent"
-                                         f"{' (or the proxy rewrites the UDP header)' if proxy else ''}")
-                return
+        udp = stack.enter_context(socket.socket(relay[0], socket.SOCK_DGRAM))
+        udp.settimeout(min(timeout_s, 2.0))
+        udp.connect(relay[1:])
+        for _ in range(3):  # UDP may drop one; three tries before we call it dead
+            udp.send(header + probe)
+            try:
+                answer = udp.recv(65536)
+            except socket.timeout:
+                continue
+            if answer != header + probe:
+                raise PreflightError(f"target {target} does not echo datagrams as sent"
+                                     f"{' (or the proxy rewrites the UDP header)' if proxy else ''}")
+            return
         raise PreflightError(f"{where}: no UDP echo from {target} within 3 tries"
                              f"{'' if proxy else ' (is a UDP echo listening there?)'}")
-    except PreflightError:
-        raise
-    except socket.timeout:
-        raise PreflightError(f"{where}: no answer within {timeout_s:g} s") from None
-    except OSError as exc:
-        raise PreflightError(f"{where}: {exc.strerror or exc}") from None
-    finally:
-        if tcp is not None:
-            tcp.close()
 
 
 def _socks5_associate(sock: socket.socket, proxy: ProxyURL, address: Address) -> tuple:
