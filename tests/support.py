@@ -8,6 +8,7 @@ server inside a private network namespace (see ``netns_run``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -190,9 +191,9 @@ def server(start_server) -> Server:
 class TcpTarget:
     """A threaded loopback TCP server running ``handler(conn)`` per connection."""
 
-    def __init__(self, handler, host: str = "127.0.0.1") -> None:
+    def __init__(self, handler, host: str = "127.0.0.1", port: int = 0) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.create_server((host, 0), family=family, backlog=512)
+        self.sock = socket.create_server((host, port), family=family, backlog=512)
         self.host, self.port = host, self.sock.getsockname()[1]
         self.handler = handler
         self.connections = 0
@@ -247,14 +248,35 @@ def http_handler(body: bytes):
 def tcp_target():
     targets: list[TcpTarget] = []
 
-    def make(handler=echo_handler, host: str = "127.0.0.1") -> TcpTarget:
-        target = TcpTarget(handler, host)
+    def make(handler=echo_handler, host: str = "127.0.0.1", port: int = 0) -> TcpTarget:
+        target = TcpTarget(handler, host, port)
         targets.append(target)
         return target
 
     yield make
     for target in targets:
         target.close()
+
+
+@pytest.fixture
+def localhost_target(tcp_target):
+    """``make(handler)``: a target on the same port of 127.0.0.1 and (when there is IPv6)
+    ::1, so that ``localhost`` reaches it whichever address the client or the server
+    resolves it to. Returns the 127.0.0.1 target (``.port`` is the shared port)."""
+
+    def make(handler=echo_handler) -> TcpTarget:
+        for _ in range(50):
+            v4 = tcp_target(handler, "127.0.0.1")
+            try:
+                tcp_target(handler, "::1", v4.port)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    continue  # that port is taken on ::1: try another
+                return v4     # no IPv6 loopback here: IPv4 alone
+            return v4
+        return v4
+
+    return make
 
 
 @pytest.fixture
@@ -426,3 +448,9 @@ def ipv6_loopback() -> bool:
 
 
 needs_ipv6 = pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback (::1) here")
+
+
+def require_ipv6() -> None:
+    """Skip the calling test where there is no IPv6 loopback."""
+    if not ipv6_loopback():
+        pytest.skip("no IPv6 loopback (::1) here")

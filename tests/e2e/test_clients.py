@@ -13,11 +13,10 @@ import os
 import re
 import socket
 import subprocess
-import threading
 
 import pytest
 
-from support import (HTTP_BODY, TcpTarget, echo_handler, http_handler, require_client,
+from support import (HTTP_BODY, echo_handler, http_handler, require_client, require_ipv6,
                      require_tool, wait_until)
 
 CLIENT_TIMEOUT_S = 20
@@ -26,51 +25,6 @@ CHUNK = 16 * 1024
 
 
 # --------------------------------------------------------------------- helpers
-
-
-def needs_ipv6() -> None:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError as exc:
-        pytest.skip(f"no IPv6 loopback here: {exc}")
-
-
-class _SamePortTarget(TcpTarget):
-    """A support.TcpTarget on a port of our choosing (the original always binds port 0)."""
-
-    def __init__(self, handler, host: str, port: int) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.sock = socket.create_server((host, port), family=family, backlog=512)
-        self.host, self.port = host, port
-        self.handler = handler
-        self.connections = 0
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-
-@pytest.fixture
-def localhost_target(tcp_target):
-    """``make(handler)``: a target on the same port of 127.0.0.1 and ::1 (when there is
-    IPv6), so that ``localhost`` reaches it whichever address the client or the server
-    resolves it to. Returns the 127.0.0.1 target (``.port`` is the shared port)."""
-    extra: list[TcpTarget] = []
-
-    def make(handler) -> TcpTarget:
-        for _ in range(50):
-            v4 = tcp_target(handler, "127.0.0.1")
-            try:
-                extra.append(_SamePortTarget(handler, "::1", v4.port))
-                return v4
-            except OSError:
-                if not socket.has_ipv6:
-                    return v4
-                continue  # that port is taken on ::1: try another
-        return v4  # no ::1 port to pair with: IPv4 alone
-
-    yield make
-    for target in extra:
-        target.close()
 
 
 def clean_env() -> dict:
@@ -128,7 +82,7 @@ def run_curl(proxy_flag: str, proxy: str, url: str) -> subprocess.CompletedProce
 def test_curl_fetches_the_exact_body(start_server, tcp_target, localhost_target,
                                      proxy_flag, url_host):
     if url_host == "::1":
-        needs_ipv6()
+        require_ipv6()
         target = tcp_target(http_handler(HTTP_BODY), host="::1")
     elif url_host == "localhost":
         target = localhost_target(http_handler(HTTP_BODY))
@@ -152,7 +106,7 @@ def test_curl_fetches_the_exact_body(start_server, tcp_target, localhost_target,
 
 @pytest.mark.parametrize("proxy_flag", ["--socks5", "--socks5-hostname"])
 def test_curl_through_a_server_listening_on_ipv6(start_server, http_target, proxy_flag):
-    needs_ipv6()
+    require_ipv6()
     server = start_server("--listen", "[::1]:0")
     assert server.host == "::1"
     out = run_curl(proxy_flag, f"[::1]:{server.port}", f"http://127.0.0.1:{http_target.port}/")
@@ -195,7 +149,7 @@ def test_pysocks_echoes_the_exact_bytes(start_server, localhost_target, rdns):
 @pytest.mark.parametrize("rdns", [True, False], ids=["rdns", "local-dns"])
 def test_pysocks_over_ipv6_to_an_ipv6_target(start_server, tcp_target, rdns):
     """An AF_INET6 socksocket: PySocks then needs an IPv6 proxy address too."""
-    needs_ipv6()
+    require_ipv6()
     try:
         import socks
     except ImportError:
@@ -271,7 +225,7 @@ def test_python_socks_echoes_the_exact_bytes(start_server, localhost_target, fla
 
 @pytest.mark.parametrize("flavour", list(PYTHON_SOCKS))
 def test_python_socks_through_a_server_listening_on_ipv6(start_server, echo_target, flavour):
-    needs_ipv6()
+    require_ipv6()
     server = start_server("--listen", "[::1]:0")
     echoed = PYTHON_SOCKS[flavour](server.address, echo_target.address, True)
     assert sha(echoed) == sha(PAYLOAD)

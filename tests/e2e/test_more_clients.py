@@ -15,7 +15,6 @@ name and whose resolv.conf points at 127.0.0.1, so no DNS query can leave the ma
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import socket
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from support import (HTTP_BODY, TcpTarget, echo_handler, fastsocks_command, ipv6_loopback,
+from support import (HTTP_BODY, echo_handler, fastsocks_command, ipv6_loopback,
                      require_client, require_tool, wait_until)
 
 CLIENT_TIMEOUT_S = 20
@@ -77,41 +76,6 @@ def http_up_bytes(server) -> int:
     return int(re.search(r" up=(\d+) ", line).group(1))
 
 
-class _PortTarget(TcpTarget):
-    """A support.TcpTarget on a port of our choosing (the original always binds port 0)."""
-
-    def __init__(self, handler, host: str, port: int) -> None:
-        self.sock = socket.create_server((host, port), family=socket.AF_INET6, backlog=64)
-        self.host, self.port = host, port
-        self.handler = handler
-        self.connections = 0
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-
-@pytest.fixture
-def dual_target(tcp_target):
-    """``make(handler)``: the same port on 127.0.0.1 and (when there is IPv6) ::1, so that
-    ``localhost`` reaches it whichever address the client or the server resolves it to."""
-    extra: list[TcpTarget] = []
-
-    def make(handler=echo_handler) -> TcpTarget:
-        for _ in range(50):
-            v4 = tcp_target(handler, "127.0.0.1")
-            try:
-                extra.append(_PortTarget(handler, "::1", v4.port))
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    continue  # the port is taken on ::1: try another
-                return v4     # no IPv6 loopback here: IPv4 alone
-            return v4
-        return v4
-
-    yield make
-    for target in extra:
-        target.close()
-
-
 MNTNS_SETUP = """set -e
 mount --bind "$FS_HOSTS" /etc/hosts
 mount --bind "$FS_RESOLV" /etc/resolv.conf
@@ -157,11 +121,11 @@ NCAT_CASES = [
 
 @pytest.mark.parametrize("ptype, host, flags, proto, dest", NCAT_CASES,
                          ids=[f"{c[0]}-{c[1]}{'-local-dns' if c[2] else ''}" for c in NCAT_CASES])
-def test_ncat_echoes_the_exact_bytes(start_server, dual_target, ptype, host, flags, proto, dest):
+def test_ncat_echoes_the_exact_bytes(start_server, localhost_target, ptype, host, flags, proto, dest):
     ncat = require_tool("ncat")
     if host == "::1" and not ipv6_loopback():
         pytest.skip("no IPv6 loopback here")
-    target = dual_target(echo_handler)
+    target = localhost_target(echo_handler)
     server = start_server()
     # ncat sends stdin, half-closes at its EOF and exits once the echo side closes.
     out = run([ncat, "--proxy", f"127.0.0.1:{server.port}", "--proxy-type", ptype, *flags,
@@ -198,11 +162,11 @@ NC_CASES = [
 
 @pytest.mark.parametrize("version, host, proto, dest", NC_CASES,
                          ids=[f"X{c[0]}-{c[1]}" for c in NC_CASES])
-def test_netcat_openbsd_echoes_the_exact_bytes(start_server, dual_target, version, host, proto, dest):
+def test_netcat_openbsd_echoes_the_exact_bytes(start_server, localhost_target, version, host, proto, dest):
     nc = require_tool("nc.openbsd")
     if host == "::1" and not ipv6_loopback():
         pytest.skip("no IPv6 loopback here")
-    target = dual_target(echo_handler)
+    target = localhost_target(echo_handler)
     server = start_server()
     # -N: shut the socket down after stdin's EOF, then read until the echo side closes.
     out = run([nc, "-N", "-X", version, "-x", f"127.0.0.1:{server.port}", host, target.port],
@@ -238,7 +202,7 @@ def test_proxychains_curl_fetches_the_exact_body(start_server, http_target, tmp_
 
 
 @pytest.mark.parametrize("ptype, proto", [("socks5", "socks5"), ("socks4", "socks4a")])
-def test_proxychains_proxy_dns_hands_the_name_over(start_server, dual_target, tmp_path,
+def test_proxychains_proxy_dns_hands_the_name_over(start_server, localhost_target, tmp_path,
                                                    no_localhost_prefix, ptype, proto):
     """proxy_dns: the program gets a fake 224.x address for the name and proxychains sends
     the name itself (SOCKS5 domain, or SOCKS4a). proxychains answers names found in
@@ -246,7 +210,7 @@ def test_proxychains_proxy_dns_hands_the_name_over(start_server, dual_target, tm
     program here is nc, in a mount namespace whose hosts file lacks ``localhost``."""
     proxychains, nc = require_tool("proxychains4"), require_tool("nc.openbsd")
     prefix, env = no_localhost_prefix
-    target = dual_target(echo_handler)
+    target = localhost_target(echo_handler)
     server = start_server()
     conf = proxychains_conf(tmp_path, f"{ptype} 127.0.0.1 {server.port}", proxy_dns=True)
     out = run(prefix + [proxychains, "-q", "-f", conf, nc, "-N", "localhost", target.port],
@@ -293,11 +257,11 @@ def test_socksify_curl_fetches_the_exact_body(start_server, http_target, tmp_pat
     access_line(server, proto, rf"127\.0\.0\.1:{http_target.port}", http_up_bytes(server), HTTP_DOWN)
 
 
-def test_socksify_nc_sends_the_name_with_resolveprotocol_fake(start_server, dual_target, tmp_path):
+def test_socksify_nc_sends_the_name_with_resolveprotocol_fake(start_server, localhost_target, tmp_path):
     """``resolveprotocol: fake``: Dante hands out a fake address for the name and sends the
     name in the SOCKS5 request (its SOCKS4 path cannot carry names)."""
     socksify, nc = require_tool("socksify"), require_tool("nc.openbsd")
-    target = dual_target(echo_handler)
+    target = localhost_target(echo_handler)
     server = start_server()
     conf = dante_conf(tmp_path, server.port, "socks_v5", extra="resolveprotocol: fake")
     out = run([socksify, nc, "-N", "localhost", target.port], stdin=PAYLOAD, env=dante_env(conf))

@@ -25,7 +25,7 @@ import sys
 
 import pytest
 
-from support import (read_socks5_reply, recv_exact, require_tool, socks5_connect,
+from support import (read_socks5_reply, recv_exact, require_ipv6, require_tool, socks5_connect,
                      socks5_request_bytes, wait_until)
 
 MIB = 1 << 20
@@ -67,14 +67,6 @@ def refused_port(host: str) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
-
-
-def needs_ipv6() -> None:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError as exc:
-        pytest.skip(f"no IPv6 loopback here: {exc}")
 
 
 def access_line(server, pattern: str) -> re.Match:
@@ -297,7 +289,7 @@ def test_second_connect_to_the_same_name_succeeds_too(start_server, echo_target)
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_connect_reply_carries_the_real_outbound_address(start_server, tcp_target, host):
     if ":" in host:
-        needs_ipv6()
+        require_ipv6()
     peers: queue.Queue = queue.Queue()
 
     def note_peer(conn: socket.socket) -> None:
@@ -323,7 +315,7 @@ def test_connect_reply_carries_the_real_outbound_address(start_server, tcp_targe
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
 def test_connection_refused_gets_reply_5_and_an_access_line(start_server, echo_target, host):
     if ":" in host:
-        needs_ipv6()
+        require_ipv6()
     port = refused_port(host)
     server = start_server()
     sock, (code, _, _) = socks5_connect(server.address, host, port)
