@@ -16,7 +16,8 @@ from pathlib import Path
 
 from fastsocks import config
 from fastsocks.errors import ConfigError
-from fastsocks.policy import COMMANDS, Query, forbidden_destination, normal_name, unmapped
+from fastsocks.policy import (COMMANDS, Query, forbidden_destination, normal_name, own_addresses,
+                              reaches_listener, unmapped)
 from fastsocks.settings import Settings
 
 EXIT_ALLOWED, EXIT_DENIED, EXIT_USAGE = 0, 1, 2
@@ -111,20 +112,14 @@ def explain(settings: Settings, args: argparse.Namespace, out) -> int:
     return _judge_addresses(policy, query, addresses, out, settings)
 
 
-def _is_proxy_itself(settings: Settings, ip, port: int) -> bool:
-    for address in settings.listen:
-        here = ipaddress.ip_address(address.host)
-        if address.port == port and (ip == here or ip.is_loopback or here.is_unspecified):
-            return True
-    return False
-
-
 def _judge_addresses(policy, query: Query, addresses, out, settings: Settings) -> int:
     allowed = []
+    own = own_addresses((a.host, a.port) for a in settings.listen)
     for ip in addresses:
         label = f"{ip} (IPv4-mapped {unmapped(ip)})" if unmapped(ip) != ip else str(ip)
         forbidden = forbidden_destination(ip)
-        if forbidden is None and _is_proxy_itself(settings, unmapped(ip), query.port):
+        if forbidden is None and reaches_listener(own, unmapped(ip), query.port, lambda _ip: True):
+            # (no probe of this host's addresses here: a wildcard listener counts all of them)
             forbidden = "that is this proxy itself"
         if forbidden is not None:
             out(f"{label}: denied, always: {forbidden}")

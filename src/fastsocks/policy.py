@@ -62,7 +62,27 @@ def forbidden_destination(ip: IPAddress) -> str | None:
     return None
 
 
-_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # RFC 1122 §3.2.1.3: "this host on this network"
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+
+
+def own_addresses(endpoints: Iterable[tuple[str, int]]) -> dict[int, set]:
+    """port -> the addresses a proxy listening on ``endpoints`` answers there ("*" for a
+    wildcard address)."""
+    own: dict[int, set] = {}
+    for host, port in endpoints:
+        ip = unmapped(ipaddress.ip_address(host.partition("%")[0]))
+        own.setdefault(port, set()).add("*" if ip.is_unspecified else ip)
+    return own
+
+
+def reaches_listener(own: dict[int, set], ip: IPAddress, port: int, is_local) -> bool:
+    """Whether ip:port is one of these listeners (a loop through the proxy itself, which
+    would eat a session per round until the fds run out). ``is_local(ip)``: whether an
+    address belongs to this host, asked only for a wildcard listener."""
+    addresses = own.get(port)
+    if addresses is None:
+        return False
+    return ip in addresses or ip.is_loopback or ("*" in addresses and is_local(ip))  # RFC 1122 §3.2.1.3: "this host on this network"
 
 
 # ---------------------------------------------------------------------------- rules

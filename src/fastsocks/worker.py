@@ -30,7 +30,7 @@ from fastsocks import config
 from fastsocks.auth import Authenticator
 from fastsocks.errors import BootError, ConfigError
 from fastsocks.loop import Loop
-from fastsocks.policy import unmapped
+from fastsocks.policy import own_addresses, reaches_listener, unmapped
 from fastsocks.resolver import Resolver
 from fastsocks.session import Session, access_log, format_peer
 from fastsocks.settings import Settings
@@ -96,7 +96,7 @@ class Worker:
         self.signal_rsock = self.signal_wsock = None
         self.watches: list[ListenerWatch] = []
         self.base = stats.read(slot)
-        self.own_addresses = _own_addresses(listeners)
+        self.own_addresses = own_addresses(sock.getsockname()[:2] for sock in listeners)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -276,12 +276,7 @@ class Worker:
         return False
 
     def is_own_listener(self, ip, port: int) -> bool:
-        """Whether connecting to ip:port would reach this proxy (a loop that would eat a
-        session per round until the fds run out)."""
-        ports = self.own_addresses.get(port)
-        if ports is None:
-            return False
-        return ip in ports or ip.is_loopback or ("*" in ports and _is_local(ip))
+        return reaches_listener(self.own_addresses, ip, port, _is_local)
 
     @property
     def caps_on(self) -> bool:
@@ -465,16 +460,6 @@ class ListenerWatch:
     def close(self) -> None:
         if self._epoll is not None:
             self._epoll.close()
-
-
-def _own_addresses(listeners: list[socket.socket]) -> dict[int, set]:
-    """port -> the addresses this proxy listens on there ("*" for a wildcard)."""
-    own: dict[int, set] = {}
-    for sock in listeners:
-        host, port = sock.getsockname()[:2]
-        ip = unmapped(ipaddress.ip_address(host.partition("%")[0]))
-        own.setdefault(port, set()).add("*" if ip.is_unspecified else ip)
-    return own
 
 
 def _is_local(ip) -> bool:
