@@ -29,13 +29,13 @@ if DEBUG:
 extensions = [
     Extension(
         "fastsocks._relay",
-        ["src/fastsocks/_relay.pyx"],
+        ["fastsocks/_relay.pyx"],
         define_macros=macros,
         extra_compile_args=compile_args,
     ),
     Extension(
         "fastsocks.bench._loadgen",
-        ["src/fastsocks/bench/_loadgen.pyx"],
+        ["fastsocks/bench/_loadgen.pyx"],
         define_macros=macros,
         extra_compile_args=compile_args,
     ),

@@ -208,14 +208,18 @@ def test_a_worker_boot_error_stops_the_master_with_a_clear_message(tmp_path):
     """A source checkout run without building the extension: the workers cannot load the
     relay engine, and the master stops with a message instead of respawning them forever."""
     import shutil
+    import sysconfig
 
     import fastsocks
 
     package = os.path.dirname(fastsocks.__file__)
     shutil.copytree(package, tmp_path / "fastsocks",
                     ignore=shutil.ignore_patterns("*.so", "__pycache__", "*.pyx", "*.c"))
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-m", "fastsocks", "--listen", "127.0.0.1:0", "--workers", "2"],
+    # -S: no site-packages .pth files, so the editable install's finder cannot hand the child
+    # this checkout's built engine; the dependencies come from site-packages by PYTHONPATH.
+    site_packages = dict.fromkeys(sysconfig.get_path(name) for name in ("purelib", "platlib"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *site_packages]))
+    proc = subprocess.run([sys.executable, "-S", "-m", "fastsocks", "--listen", "127.0.0.1:0", "--workers", "2"],
                           capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
     assert proc.returncode == 3, proc.stderr
     assert "the relay engine is not built" in proc.stderr

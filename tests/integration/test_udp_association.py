@@ -294,7 +294,6 @@ def test_datagrams_still_go_where_the_route_refuses_gso(netns_prefix):
     prefix, env = netns_prefix
     command = [*prefix, "sh", "-c", 'ip link set lo mtu 1500 && exec "$@"', "mtu",
                sys.executable, "-c", GSO_REFUSED]
-    # The child imports fastsocks as this process does: the installed package (CI), or the
-    # PYTHONPATH the environment already names (a build in place).
+    # The child imports fastsocks as this process does: the checkout, installed in place.
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE_DIR = Path(__file__).resolve().parents[2] / "src" / "fastsocks"
+import fastsocks
+
+# The tree the other tests import (tree_check makes sure it is this checkout's own).
+PACKAGE_DIR = Path(fastsocks.__file__).resolve().parent
 
 # Modules that do I/O, keep time or run concurrently: none belongs in a pure layer.
 FORBIDDEN_STDLIB = frozenset(
@@ -20,7 +23,7 @@ ALLOWED_FASTSOCKS = ("fastsocks.errors", "fastsocks.protocol")
 
 
 def module_name(path: Path) -> str:
-    """``src/fastsocks/protocol/socks5.py`` -> ``fastsocks.protocol.socks5``."""
+    """``fastsocks/protocol/socks5.py`` -> ``fastsocks.protocol.socks5``."""
     parts = path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 

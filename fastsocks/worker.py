@@ -57,7 +57,8 @@ def load_relay_engine(settings: Settings):
         from fastsocks._relay import RelayEngine
     except ImportError as exc:
         raise BootError(f"the relay engine is not built ({exc}); install the package with "
-                        "'pip install .' so that its Cython extension is compiled") from None
+                        "'pip install .' (in a checkout: 'pip install -e .') so that its Cython "
+                        "extension is compiled") from None
     return RelayEngine(buffer_size=settings.buffer_size, splice=settings.splice,
                        pipe_size=settings.pipe_size, max_pipes=settings.max_pipes,
                        idle_timeout_s=settings.idle_timeout_s)
