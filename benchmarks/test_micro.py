@@ -1,4 +1,4 @@
-"""Micro-benchmarks of the hot paths (pytest-benchmark); not part of the normal test run.
+"""Micro-benchmarks of the hot paths (pytest-benchmark).
 
     pytest benchmarks/test_micro.py --benchmark-only
     pytest benchmarks/test_micro.py --benchmark-only --benchmark-group-by=group --benchmark-columns=min,median,ops
@@ -10,7 +10,7 @@
   ``fastsocks._relay.RelayEngine`` (Cython) and its pure-Python twin, over loopback TCP
   socket pairs, driven on one thread (no thread hand-off in the measurement).
 
-pyproject's testpaths is ``tests``, so a plain ``pytest`` never collects this file.
+A plain ``pytest`` runs each once, unmeasured (benchmarks/conftest.py), so that none rots.
 """
 
 from __future__ import annotations
@@ -21,10 +21,8 @@ import time
 
 import pytest
 
-pytest.importorskip("pytest_benchmark")
-
-from fastsocks import _relay, _relay_py  # noqa: E402
-from fastsocks.protocol.socks5 import (  # noqa: E402
+from fastsocks import _relay, _relay_py
+from fastsocks.protocol.socks5 import (
     CommandReply,
     Greeting,
     Method,

@@ -1,4 +1,5 @@
-"""How a decision scales with the number of rules (pytest-benchmark); not in the test run.
+"""How a decision scales with the number of rules (pytest-benchmark); a plain ``pytest``
+runs it once, unmeasured.
 
     pytest benchmarks/test_policy_bench.py --benchmark-only --benchmark-columns=min,median,ops
 
@@ -15,9 +16,7 @@ import random
 
 import pytest
 
-pytest.importorskip("pytest_benchmark")
-
-from fastsocks.policy import Destination, Policy, Query, Rule  # noqa: E402
+from fastsocks.policy import Destination, Policy, Query, Rule
 
 N_RULES = 10_000
 
