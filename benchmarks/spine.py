@@ -3,15 +3,14 @@ same download direct, and how connections spread over workers in each accept mod
 
     python benchmarks/spine.py [--bytes 1G] [--runs 3] [--connections 4000]
 
-Loopback only. Reports medians; the proxy's CPU seconds per GB come from /proc of its
-process tree, which is steadier than wall time on a shared machine. `fastsocks bench`
+Loopback only. Reports medians; the proxy's CPU seconds per GB come from its process
+tree (psutil), which is steadier than wall time on a shared machine. `fastsocks bench`
 (issue 3) replaces this with the full matrix and the peers.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import signal
 import socket
@@ -22,33 +21,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except OSError:
-            pass
-    return total / TICKS
-
-
-def tree(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        kids.append(int(entry))
-            except OSError:
-                pass
-    return [pid] + kids
-
+from fastsocks.bench.proctree import ProcessTree
 
 def serve(handler, backlog: int = 4096) -> socket.socket:
     """A loopback server running ``handler(conn)`` on a thread per connection."""
@@ -140,12 +113,12 @@ def bulk(args) -> None:
     direct, proxied, cpu = [], [], []
     proc, proxy = run_proxy(["--workers", "1", "--log-level", "info"])
     time.sleep(0.5)
-    pids = tree(proc.pid)
+    proxy_tree = ProcessTree([proc.pid])
     for _ in range(args.runs):
         direct.append(total * 8 / download(socket.create_connection(target), total) / 1e9)
-        before = cpu_seconds(pids)
+        before = proxy_tree.sample().cpu_s
         proxied.append(total * 8 / download(socks_connect(proxy, target), total) / 1e9)
-        cpu.append((cpu_seconds(pids) - before) / (total / 1e9))
+        cpu.append((proxy_tree.sample().cpu_s - before) / (total / 1e9))
     stop_proxy(proc)
     src.close()
     print(f"bulk download {total / 1e6:.0f} MB x {args.runs}: direct median {statistics.median(direct):.1f} Gbit/s "

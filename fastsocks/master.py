@@ -13,6 +13,11 @@ TERM/INT: tell every worker to drain, wait up to the graceful timeout (plus a ma
 then kill what is left and exit 0. QUIT, or a second INT: stop now. A worker that exits
 with EXIT_BOOT_ERROR stops the master with a clear message instead of a respawn loop.
 Workers exit by themselves when the master disappears.
+
+The master watches its workers through psutil (RSS, CPU, open fds: ``worker_facts``), every
+few seconds and when a stop begins for the peak of open fds, and counts what each slot's workers used over all
+their generations from the rusage of each reaped worker (``os.wait4``): the stop line says
+per worker how many connections it accepted, its CPU seconds, peak RSS and peak fds.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
+
+import psutil
 
 from fastsocks import config, logs
 from fastsocks.errors import BootError, ConfigError
@@ -43,6 +50,8 @@ SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
 RESPAWN_BACKOFF_S = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
 STABLE_AFTER_S = 10.0        # a worker that lived this long resets its slot's back-off
 KILL_MARGIN_S = 5.0          # after the graceful timeout, how long before SIGKILL
+FACTS_EVERY_S = 5.0          # how often the master samples its workers' open fds
+MIB = 1 << 20
 
 
 @dataclass(slots=True)
@@ -50,6 +59,25 @@ class WorkerProcess:
     slot: int
     pid: int
     started_s: float
+    process: psutil.Process
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerFacts:
+    """What the kernel says of one live worker."""
+    slot: int
+    pid: int
+    rss_bytes: int
+    cpu_s: float
+    open_fds: int
+
+
+@dataclass(slots=True)
+class SlotUsage:
+    """What the workers of one slot used, summed or peaked over every generation."""
+    cpu_s: float = 0.0          # of the reaped ones, from their rusage
+    peak_rss_bytes: int = 0     # likewise (ru_maxrss)
+    peak_fds: int = 0           # sampled every FACTS_EVERY_S
 
 
 class Master:
@@ -63,6 +91,8 @@ class Master:
         self.limits: SharedLimits | None = None
         self.workers: dict[int, WorkerProcess] = {}
         self.crashes = [0] * settings.workers
+        self.usage = [SlotUsage() for _ in range(settings.workers)]
+        self.facts_at_s = 0.0
         self.respawn_at_s = [0.0] * settings.workers
         self.stopping_since_s: float | None = None
         self.exit_code = 0
@@ -88,6 +118,7 @@ class Master:
                 self.reap_workers()
                 self.kill_unresponsive()
                 self.manage_workers()
+                self.watch_workers()
         finally:
             self.stop_workers(signal.SIGKILL)
             self.log_summary()
@@ -129,6 +160,7 @@ class Master:
         self.begin_stop("SIGINT")
 
     def handle_quit(self) -> None:
+        self.watch_workers(now=True)
         self.stop_workers(signal.SIGQUIT)
         self.done = True
 
@@ -161,6 +193,7 @@ class Master:
         if self.stopping_since_s is not None:
             return
         self.stopping_since_s = time.monotonic()
+        self.watch_workers(now=True)
         log.info("%s: draining %d workers (graceful timeout %.0f s)", why, len(self.workers),
                  self.settings.graceful_timeout_s)
         # New connections are refused from now on; established sessions go on.
@@ -175,7 +208,7 @@ class Master:
         pid = os.fork()
         if pid == 0:
             self.become_worker(slot)
-        self.workers[pid] = WorkerProcess(slot, pid, time.monotonic())
+        self.workers[pid] = WorkerProcess(slot, pid, time.monotonic(), psutil.Process(pid))
         log.debug("spawned worker %d (pid %d)", slot, pid)
 
     def become_worker(self, slot: int) -> None:
@@ -202,7 +235,7 @@ class Master:
     def reap_workers(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status, rusage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
@@ -210,6 +243,7 @@ class Master:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
+            self.count_usage(worker, rusage)
             code = os.waitstatus_to_exitcode(status)
             if code == EXIT_BOOT_ERROR and self.stopping_since_s is None:
                 log.critical("worker %d could not start (see above); stopping", worker.slot)
@@ -257,12 +291,42 @@ class Master:
         for pid in list(self.workers):
             self.signal_worker(pid, signum)
         if signum == signal.SIGKILL:
-            for pid in list(self.workers):
+            for pid, worker in list(self.workers.items()):
                 try:
-                    os.waitpid(pid, 0)
+                    _, _, rusage = os.wait4(pid, 0)
                 except ChildProcessError:
                     pass
+                else:
+                    self.count_usage(worker, rusage)
                 self.workers.pop(pid, None)
+
+    def count_usage(self, worker: WorkerProcess, rusage: resource.struct_rusage) -> None:
+        usage = self.usage[worker.slot]
+        usage.cpu_s += rusage.ru_utime + rusage.ru_stime
+        usage.peak_rss_bytes = max(usage.peak_rss_bytes, rusage.ru_maxrss * 1024)  # KiB on Linux
+
+    def worker_facts(self) -> list[WorkerFacts]:
+        """RSS, CPU and open fds of every live worker, by slot (for the metrics, and the
+        peak of fds that the stop line reports)."""
+        facts = []
+        for worker in sorted(self.workers.values(), key=lambda w: w.slot):
+            try:
+                with worker.process.oneshot():
+                    times = worker.process.cpu_times()
+                    facts.append(WorkerFacts(worker.slot, worker.pid, worker.process.memory_info().rss,
+                                             times.user + times.system, worker.process.num_fds()))
+            except psutil.NoSuchProcess:
+                continue  # exited since the last reap
+        return facts
+
+    def watch_workers(self, now: bool = False) -> None:
+        """Every FACTS_EVERY_S (or now): the peak of each slot's open fds."""
+        if not now and time.monotonic() - self.facts_at_s < FACTS_EVERY_S:
+            return
+        self.facts_at_s = time.monotonic()
+        for facts in self.worker_facts():
+            usage = self.usage[facts.slot]
+            usage.peak_fds = max(usage.peak_fds, facts.open_fds)
 
     @staticmethod
     def signal_worker(pid: int, signum: int) -> None:
@@ -275,9 +339,11 @@ class Master:
         if self.stats is None:
             return
         slots = [self.stats.read(slot) for slot in range(self.settings.workers)]
-        log.info("stopped: accepted per worker %s, bytes up %d, down %d",
+        log.info("stopped: accepted per worker %s, bytes up %d, down %d; per worker CPU s %s, "
+                 "peak RSS MiB %s, peak open fds %s",
                  [s.accepted for s in slots], sum(s.bytes_up for s in slots),
-                 sum(s.bytes_down for s in slots))
+                 sum(s.bytes_down for s in slots), [round(u.cpu_s, 2) for u in self.usage],
+                 [round(u.peak_rss_bytes / MIB, 1) for u in self.usage], [u.peak_fds for u in self.usage])
 
 
 def raise_fd_limit() -> None:

@@ -21,6 +21,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 REQUIRE_CLIENTS = os.environ.get("FASTSOCKS_REQUIRE_CLIENTS") == "1"
@@ -61,19 +62,21 @@ def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.02, wha
 
 
 def children_of(pid: int) -> list[int]:
-    """Live child pids of ``pid`` (from /proc; workers are the master's children)."""
-    kids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            kids.append(int(entry))
-    return kids
+    """Live child pids of ``pid`` (workers are the master's children); zombies left out."""
+    try:
+        kids = psutil.Process(pid).children()
+    except psutil.NoSuchProcess:
+        return []
+    return [kid.pid for kid in kids if alive(kid)]
+
+
+def alive(proc: psutil.Process | int) -> bool:
+    """A process that exists and is not a zombie."""
+    try:
+        proc = proc if isinstance(proc, psutil.Process) else psutil.Process(proc)
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 class Server:
@@ -383,10 +386,10 @@ def netns_prefix(tmp_path):
 
 
 def process_usage(pid: int) -> tuple[int, int]:
-    """(resident memory in KiB, open file descriptors) of a live process, from /proc."""
-    with open(f"/proc/{pid}/status") as f:
-        rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return rss_kib, len(os.listdir(f"/proc/{pid}/fd"))
+    """(resident memory in KiB, open file descriptors) of a live process."""
+    proc = psutil.Process(pid)
+    with proc.oneshot():
+        return proc.memory_info().rss // 1024, proc.num_fds()
 
 
 # --------------------------------------------------------------------- joining a namespace

@@ -8,5 +8,5 @@
     targets.py   the target server in a child process, or `fastsocks bench serve`
     wire.py      SOCKS5 client messages and the bulk header (pure)
     stats.py     percentiles and medians (pure)
-    proctree.py  /proc: a process tree's CPU, RSS and PSS; who listens on a port
+    proctree.py  psutil: a process tree's CPU, RSS and PSS; who listens on a port
 """

@@ -1,22 +1,18 @@
-"""A process tree as /proc shows it: CPU seconds, RSS and PSS, and which processes hold
-a listening TCP socket on a port (how the proxy is found without --proxy-pid).
+"""A process tree as psutil sees it: CPU seconds, RSS and PSS, and which processes hold a
+listening TCP socket on a port (how the proxy is found without --proxy-pid).
 
-Linux only, no third-party module. CPU is utime + stime + cutime + cstime summed over the
-live tree: a child that exits between two samples moves its time into its parent's
-cutime, so before/after differences stay right across worker respawns.
+CPU is user + system + children's user + children's system summed over the live tree
+(zombies included: their time moves into the parent's once they are reaped): a child that
+exits between two samples moves its time into its parent's, so before/after differences
+stay right across worker respawns. PSS is ``memory_full_info().pss`` (smaps_rollup).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import time
 from dataclasses import dataclass
 
-TICKS_PER_S = os.sysconf("SC_CLK_TCK")
-PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
-TCP_LISTEN = "0A"
+import psutil
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +20,7 @@ class Sample:
     pids: tuple[int, ...]
     cpu_s: float
     rss_bytes: int
-    pss_bytes: int | None  # None when some smaps_rollup was unreadable
+    pss_bytes: int | None  # None when some process's PSS was unreadable
 
 
 class ProcessTree:
@@ -33,130 +29,89 @@ class ProcessTree:
     def __init__(self, roots: list[int]) -> None:
         self.roots = sorted(set(roots))
 
+    def processes(self) -> list[psutil.Process]:
+        found: dict[int, psutil.Process] = {}
+        for pid in self.roots:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                root = psutil.Process(pid)
+                found.update((p.pid, p) for p in [root, *root.children(recursive=True)])
+        return [found[pid] for pid in sorted(found)]
+
     def pids(self) -> list[int]:
-        return descendants_and_self(self.roots)
+        return [proc.pid for proc in self.processes()]
 
     def sample(self, memory: bool = False) -> Sample:
-        pids = self.pids()
-        rss, pss = memory_bytes(pids) if memory else (0, None)
-        return Sample(tuple(pids), cpu_seconds(pids), rss, pss)
+        pids, cpu_s, rss, pss = [], 0.0, 0, 0
+        for proc in self.processes():
+            try:
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    if memory:
+                        rss_one, pss_one = proc.memory_info().rss, _pss_bytes(proc)
+            except psutil.NoSuchProcess:
+                continue  # gone since it was listed
+            pids.append(proc.pid)
+            cpu_s += times.user + times.system + times.children_user + times.children_system
+            if memory:
+                rss += rss_one
+                pss = None if pss is None or pss_one is None else pss + pss_one
+        return Sample(tuple(pids), cpu_s, rss, pss if memory else None)
 
 
-def stat_fields(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name (field 3, state, comes first)."""
+def _pss_bytes(proc: psutil.Process) -> int | None:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    ticks = 0
-    for pid in pids:
-        fields = stat_fields(pid)
-        if fields:
-            ticks += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
-    return ticks / TICKS_PER_S
-
-
-def memory_bytes(pids: list[int]) -> tuple[int, int | None]:
-    """(RSS, PSS) summed over pids; PSS is None when any process's could not be read."""
-    rss, pss = 0, 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/statm") as f:
-                rss += int(f.read().split()[1]) * PAGE_BYTES
-        except (OSError, IndexError, ValueError):
-            continue  # gone
-        value = _pss_bytes(pid)
-        pss = None if value is None or pss is None else pss + value
-    return rss, pss
-
-
-def _pss_bytes(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def descendants_and_self(roots: list[int]) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = stat_fields(int(entry))
-            if fields and fields[0] != "Z":
-                children.setdefault(int(fields[1]), []).append(int(entry))
-    seen: set[int] = set()
-    todo = [pid for pid in roots if os.path.exists(f"/proc/{pid}")]
-    while todo:
-        pid = todo.pop()
-        if pid not in seen:
-            seen.add(pid)
-            todo.extend(children.get(pid, ()))
-    return sorted(seen)
-
-
-def listening_inodes(port: int) -> set[int]:
-    """Inodes of the TCP sockets (IPv4 and IPv6) listening on ``port``, any address."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    local, state, inode = fields[1], fields[3], int(fields[9])
-                    if state == TCP_LISTEN and int(local.rsplit(":", 1)[1], 16) == port:
-                        inodes.add(inode)
-        except (OSError, StopIteration):
-            continue
-    return inodes
+        return proc.memory_full_info().pss
+    except (psutil.AccessDenied, psutil.ZombieProcess):
+        return None  # another user's process, or one that has no memory any more
 
 
 def pids_listening_on(port: int, exclude: set[int] = frozenset()) -> list[int]:
-    """Processes holding a socket that listens on ``port`` (needs permission to read their
-    /proc/PID/fd: the same user, or root)."""
-    wanted = {f"socket:[{inode}]" for inode in listening_inodes(port)}
-    found = []
-    if not wanted:
-        return found
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) in exclude:
-            continue
-        try:
-            fds = os.listdir(f"/proc/{entry}/fd")
-        except OSError:
-            continue
-        for fd in fds:
+    """Processes holding a TCP socket (IPv4 or IPv6, any address) that listens on ``port``
+    (the owner of a socket is known for processes we may inspect: the same user, or root).
+
+    psutil names one holder per socket, while a prefork server's master holds its workers'
+    listening sockets too: each holder's ancestors that also listen on the port are added."""
+    found = {conn.pid for conn in psutil.net_connections(kind="tcp")
+             if conn.pid is not None and _is_listener(conn, port)}
+    for pid in list(found):
+        found.update(_listening_ancestors(pid, port))
+    return sorted(found - set(exclude))
+
+
+def _is_listener(conn, port: int) -> bool:
+    return conn.status == psutil.CONN_LISTEN and bool(conn.laddr) and conn.laddr.port == port
+
+
+def _listening_ancestors(pid: int, port: int) -> list[int]:
+    ancestors = []
+    with contextlib.suppress(psutil.NoSuchProcess):
+        for parent in psutil.Process(pid).parents():
             try:
-                if os.readlink(f"/proc/{entry}/fd/{fd}") in wanted:
-                    found.append(int(entry))
+                if not any(_is_listener(conn, port) for conn in parent.net_connections(kind="tcp")):
                     break
-            except OSError:
-                continue
-    return sorted(found)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                break
+            ancestors.append(parent.pid)
+    return ancestors
 
 
 def process_cpu_seconds(pid: int) -> float | None:
-    """One process's own utime + stime (no children)."""
-    fields = stat_fields(pid)
-    return None if not fields else (int(fields[11]) + int(fields[12])) / TICKS_PER_S
+    """One process's own user + system time (no children); None once it is gone."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
+        return None
+    return times.user + times.system
 
 
 def reap(pid: int, timeout_s: float) -> None:
     """Wait for our child ``pid`` to exit; SIGKILL it after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    with contextlib.suppress(ChildProcessError):
-        while not os.waitpid(pid, os.WNOHANG)[0]:
-            if time.monotonic() >= deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                return
-            time.sleep(0.01)
+    try:
+        proc = psutil.Process(pid)
+        try:
+            proc.wait(timeout_s)
+        except psutil.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    except psutil.NoSuchProcess:
+        pass

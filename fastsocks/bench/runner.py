@@ -30,6 +30,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import psutil
+
 from fastsocks.bench import wire
 from fastsocks.bench._loadgen import Pattern
 from fastsocks.bench.params import Address, Endpoint, Plan
@@ -254,7 +256,7 @@ def _proxy_tree(plan: Plan, address: Address, notes: list[str], exclude: set[int
     if plan.direct:
         return None
     if plan.proxy_pid is not None:
-        if not os.path.exists(f"/proc/{plan.proxy_pid}"):
+        if not psutil.pid_exists(plan.proxy_pid):
             raise BenchError(f"--proxy-pid {plan.proxy_pid}: no such process")
         return ProcessTree([plan.proxy_pid])
     if not ipaddress.ip_address(address.ip).is_loopback:

@@ -12,9 +12,10 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 
-from support import fastsocks_command, socks5_connect, wait_until
+from support import alive, fastsocks_command, socks5_connect, wait_until
 
 
 def fetch_echo(proxy, target, payload: bytes = b"ping") -> bytes:
@@ -87,6 +88,41 @@ def test_killed_worker_is_replaced_and_the_port_keeps_answering(start_server, ec
     server.wait_for_log(rf"worker \d \(pid {victim}\) killed by SIGKILL")
     for _ in range(50):
         assert fetch_echo(server.address, echo_target) == b"ping"
+
+
+STOP_LINE = (r"stopped: accepted per worker \[(\d+)\], .*; per worker CPU s \[([\d.]+)\], "
+             r"peak RSS MiB \[([\d.]+)\], peak open fds \[(\d+)\]")
+
+
+def test_the_stop_line_says_what_each_worker_used_across_respawns(start_server, echo_target):
+    """Per worker slot: CPU seconds over every generation (a killed worker's included), the
+    peak RSS, and the peak of open fds (here: 20 sessions held open when the stop began)."""
+    server = start_server("--workers", "1")
+    (first,) = server.wait_workers(1)
+    payload = os.urandom(64 << 10)
+    for _ in range(200):
+        assert fetch_echo(server.address, echo_target, payload) == payload
+    with psutil.Process(first).oneshot():
+        times, rss = psutil.Process(first).cpu_times(), psutil.Process(first).memory_info().rss
+    os.kill(first, signal.SIGKILL)
+    (second,) = wait_until(lambda: (w := server.workers()) and first not in w and w, what="a new worker")
+    held = []
+    for _ in range(20):
+        sock, (code, _, _) = socks5_connect(server.address, *echo_target.address)
+        assert code == 0
+        held.append(sock)
+    fds_held = psutil.Process(second).num_fds()
+    server.proc.send_signal(signal.SIGTERM)
+    server.wait_for_log("SIGTERM: draining")
+    for sock in held:
+        sock.close()
+    assert server.stop() == 0
+    accepted, cpu_s, rss_mib, fds = server.wait_for_log(STOP_LINE).groups()
+    assert int(accepted) >= 20  # plus what the killed worker had written before it died
+    assert float(cpu_s) >= times.user + times.system   # the killed worker's CPU is counted
+    # The kernel's RSS counters run a few pages per thread behind; the unit must be MiB.
+    assert 0.9 <= float(rss_mib) / (rss / (1 << 20)) <= 4
+    assert int(fds) >= fds_held >= 40                  # two sockets per held session
 
 
 def test_a_hung_worker_is_killed_and_replaced(start_server, echo_target):
@@ -172,17 +208,9 @@ def test_workers_exit_when_the_master_dies(start_server):
     server.proc.wait(10)
 
     def all_gone():
-        return not any(os.path.exists(f"/proc/{pid}") and _state(pid) != "Z" for pid in workers)
+        return not any(alive(pid) for pid in workers)
 
     wait_until(all_gone, timeout_s=10, what="orphaned workers to exit")
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"
 
 
 def test_relayed_sessions_leak_no_fd_in_the_worker(start_server, echo_target):
@@ -190,7 +218,7 @@ def test_relayed_sessions_leak_no_fd_in_the_worker(start_server, echo_target):
     (worker,) = server.wait_workers(1)
     assert fetch_echo(server.address, echo_target) == b"ping"   # warm up lazily made fds
     time.sleep(0.2)
-    before = len(os.listdir(f"/proc/{worker}/fd"))
+    before = psutil.Process(worker).num_fds()
     for i in range(100):
         payload = os.urandom(100_000 if i % 10 == 0 else 64)
         assert fetch_echo(server.address, echo_target, payload) == payload
@@ -200,7 +228,7 @@ def test_relayed_sessions_leak_no_fd_in_the_worker(start_server, echo_target):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         sock.close()
     wait_until(lambda: server.count_log("fastsocks.access") >= 111, what="all access lines")
-    assert wait_until(lambda: len(os.listdir(f"/proc/{worker}/fd")) == before or None, timeout_s=10,
+    assert wait_until(lambda: psutil.Process(worker).num_fds() == before or None, timeout_s=10,
                       what=f"worker fds back to {before}")
 
 

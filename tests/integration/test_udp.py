@@ -16,6 +16,7 @@ import socket
 import struct
 import threading
 
+import psutil
 import pytest
 
 from support import needs_ipv6, read_socks5_reply, recv_exact, socks5_request_bytes, wait_until
@@ -122,7 +123,7 @@ def round_trip(client: socket.socket, relay, echo: UdpEcho, payload: bytes, dest
 
 def worker_fds(server) -> int:
     (worker,) = server.wait_workers(1)
-    return len(os.listdir(f"/proc/{worker}/fd"))
+    return psutil.Process(worker).num_fds()
 
 
 # --------------------------------------------------------------------- PySocks
