@@ -10,84 +10,43 @@ handshake has one deadline, so a client trickling a byte a second is cut too.
 address in turn with a non-blocking connect, each attempt getting an equal share of the
 time left before the connect deadline, and maps the last failure to a SOCKS reply code.
 
-``bind()`` (RFC 1928 §4 BIND, SOCKS4 "2) BIND") opens a listening socket on the address
-the expected peer can reach (the local address outbound traffic to it would leave from;
-the address the client reached us on when the request names no peer), answers with it,
-then waits a bounded time for one inbound connection from the expected peer address;
-others are closed and logged. The second reply names the peer that connected.
+``bind()`` (RFC 1928 §4 BIND, SOCKS4 "2) BIND") resolves the expected peer and hands
+the wait for it to ``BindWait`` (bind.py), which answers twice and gives the session its
+peer. ``udp_associate()`` (§7) binds the client-facing UDP socket, answers with its
+address, and hands both sockets to the worker's UDP association (udp.py).
 
 On success the reply carries the outbound socket's real local address, and both sockets
-are detached and handed to the worker's relay engine together with any bytes the client
-pipelined behind its request. Every way out ends in ``finish()``, which closes what the
-session still owns and writes the one access-log line of a failed session; the access
-line of a relayed session is written when the engine reports it ended.
+are detached and handed on, with any bytes the client pipelined behind its request. The
+session talks to its worker only through ``SessionHost`` (host.py) and ends in one call,
+``host.session_over(self, outcome)``: ``Relay``, ``StartUdp``, or ``Failed`` from
+``finish()``, which first closes what the session still owns.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import ipaddress
 import logging
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
+from dataclasses import replace
 
+from fastsocks import access
+from fastsocks.bind import BindWait
 from fastsocks.errors import ProtocolError
+from fastsocks.host import Environment, Failed, Relay, SessionHost, StartUdp, entry_point
 from fastsocks.policy import Query, Verdict, forbidden_destination, normal_name, unmapped
 from fastsocks.protocol import socks4, socks5, userpass
-from fastsocks.protocol.socks5 import Command, Method, Reply
+from fastsocks.protocol.socks5 import AddressType, Command, Method, Reply
 
-if TYPE_CHECKING:
-    from fastsocks.worker import Worker
-
-access_log = logging.getLogger("fastsocks.access")
 log = logging.getLogger(__name__)
 
 RECV_BYTES = 4096
-
-ERRNO_REPLIES = {
-    errno.ECONNREFUSED: Reply.CONNECTION_REFUSED,
-    errno.ENETUNREACH: Reply.NETWORK_UNREACHABLE,
-    errno.ENETDOWN: Reply.NETWORK_UNREACHABLE,
-    errno.EAFNOSUPPORT: Reply.NETWORK_UNREACHABLE,
-    errno.EADDRNOTAVAIL: Reply.NETWORK_UNREACHABLE,
-    errno.EHOSTUNREACH: Reply.HOST_UNREACHABLE,
-    errno.EHOSTDOWN: Reply.HOST_UNREACHABLE,
-    errno.ETIMEDOUT: Reply.TTL_EXPIRED,
-    errno.EACCES: Reply.CONNECTION_NOT_ALLOWED,
-    errno.EPERM: Reply.CONNECTION_NOT_ALLOWED,
-}
-
-
-def reply_for_errno(err: int) -> Reply:
-    return ERRNO_REPLIES.get(err, Reply.GENERAL_FAILURE)
-
+UDP_SOCKET_FLAGS = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
 METHODS = {"none": Method.NO_AUTH, "userpass": Method.USERNAME_PASSWORD}
 POLICY_COMMANDS = {Command.CONNECT: "connect", Command.BIND: "bind", Command.UDP_ASSOCIATE: "udp"}
-
-
-def _entry_point(method):
-    """Wrap what the loop, the resolver or the authenticator calls: a bug in a session
-    ends that session (logged once, with its client) instead of leaving its sockets open."""
-
-    @functools.wraps(method)
-    def guarded(self: Session, *args):
-        try:
-            return method(self, *args)
-        except Exception:
-            log.exception("%s: internal error in %s", self.describe(), method.__name__)
-            if not self.closed:
-                try:
-                    self.fail(Reply.GENERAL_FAILURE, f"internal error in {method.__name__}")
-                except Exception:
-                    self.closed = True
-                    self.client.close()
-        return None
-
-    return guarded
 
 
 def close_gently(sock: socket.socket, max_reads: int = 4) -> None:
@@ -104,51 +63,55 @@ def close_gently(sock: socket.socket, max_reads: int = 4) -> None:
     sock.close()
 
 
-def format_peer(address) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def kernel_text(host: str) -> tuple[int, str]:
+    """(family, text) of an IP address, unmapped and written as recvfrom() reports it."""
+    ip = ipaddress.ip_address(host.partition("%")[0])
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
+    return family, socket.inet_ntop(family, ip.packed)
 
 
 class Session:
-    __slots__ = ("worker", "sid", "client", "peer", "conn", "upstream", "request", "candidates",
-                 "timer", "last_errno", "deadline_s", "started_s", "closed", "listener", "expected_peer",
-                 "username", "checking", "client_ip", "client_key", "denial")
+    __slots__ = ("host", "env", "loop", "sid", "client", "peer", "conn", "upstream", "request",
+                 "candidates", "timer", "last_errno", "deadline_s", "started_s", "over", "bind_wait",
+                 "username", "checking", "client_ip", "denial")
 
-    def __init__(self, worker: Worker, sid: int, client: socket.socket, peer: str) -> None:
-        self.worker = worker
+    def __init__(self, host: SessionHost, env: Environment, sid: int, client: socket.socket, peer: str,
+                 client_ip=None) -> None:
+        self.host = host
+        self.env = env
+        self.loop = host.loop
         self.sid = sid
         self.client = client
         self.peer = peer
         self.conn: socks5.ServerConnection | socks4.ServerConnection | None = None  # by the first byte
         self.upstream: socket.socket | None = None
-        self.listener: socket.socket | None = None      # BIND only
+        self.bind_wait: BindWait | None = None          # BIND only, while it waits for the peer
         self.username = b""                             # SOCKS5 user, once authenticated
         self.checking = False                           # a password check is under way
-        self.client_ip = None                           # ipaddress, unmapped: set by the worker at accept
-        self.client_key = None                          # its buckets in limits.py, when counted
+        self.client_ip = client_ip                      # ipaddress, unmapped, once parsed
         self.denial: str | None = None                  # why the last address was refused
-        self.expected_peer: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
         self.request: socks5.Request | socks4.Request | None = None
         self.candidates: list = []
         self.timer = None
         self.last_errno = 0
         self.deadline_s = 0.0
         self.started_s = time.monotonic()
-        self.closed = False
+        self.over = False                               # it ended: failed, or its sockets handed on
 
     # ------------------------------------------------------------------ handshake
 
-    @_entry_point
+    @entry_point
     def start(self) -> None:
-        loop = self.worker.loop
-        loop.add_reader(self.client, self.on_client_readable)
-        self.timer = loop.call_later(self.worker.settings.handshake_timeout_s, self.on_handshake_timeout)
+        self.loop.add_reader(self.client, self.on_client_readable)
+        self.timer = self.loop.call_later(self.env.settings.handshake_timeout_s, self.on_handshake_timeout)
         # TCP_DEFER_ACCEPT means the greeting is usually here already: no loop round trip.
         self.on_client_readable()
 
-    @_entry_point
+    @entry_point
     def on_client_readable(self) -> None:
-        if self.closed:
+        if self.over:
             return
         try:
             data = self.client.recv(RECV_BYTES)
@@ -160,7 +123,7 @@ class Session:
         if not data:
             # EOF stays readable: stop watching, or the loop calls back (while a password
             # check runs) and the parser is fed a second EOF.
-            self.worker.loop.remove(self.client)
+            self.loop.remove(self.client)
         if self.conn is None and not self.choose_protocol(data):
             return
         try:
@@ -185,7 +148,7 @@ class Session:
         return True
 
     def handshake(self) -> None:
-        while not self.closed:
+        while not self.over:
             if self.conn.state is socks5.State.AUTH:
                 self.authenticate()
                 return  # the check's result carries the handshake on
@@ -204,9 +167,9 @@ class Session:
 
     def answer_greeting(self, greeting: socks5.Greeting) -> None:
         # The server picks (RFC 1928 §3): its first configured method the client offers.
-        names = self.worker.settings.methods
+        names = self.env.settings.methods
         for name in names:
-            if METHODS[name] in greeting.methods and (name != "userpass" or self.worker.auth is not None):
+            if METHODS[name] in greeting.methods and (name != "userpass" or self.host.auth is not None):
                 self.send(self.conn.send(socks5.MethodSelection(METHODS[name])))
                 return
         self.send(self.conn.send(socks5.MethodSelection(Method.NO_ACCEPTABLE)))
@@ -228,19 +191,19 @@ class Session:
             return
         credentials, consumed = parsed
         self.checking = True
-        self.worker.auth.verify(credentials.username, credentials.password,
-                                lambda ok: self.on_auth_checked(ok, credentials.username, consumed))
+        self.host.auth.verify(credentials.username, credentials.password,
+                              lambda ok: self.on_auth_checked(ok, credentials.username, consumed))
 
-    @_entry_point
+    @entry_point
     def on_auth_checked(self, ok: bool, username: bytes, consumed: int) -> None:
         self.checking = False
-        if self.closed:
+        if self.over:
             return
         self.username = username
         if not ok:
-            self.worker.auth_failed(self, username)
             if self.send(userpass.encode_reply(False)):
-                self.finish(None, "authentication failed")  # RFC 1929 §2: MUST close
+                # RFC 1929 §2: MUST close
+                self.finish(None, "authentication failed", failed_login=username)
             return
         if self.send(userpass.encode_reply(True)):
             self.conn.auth_done(consumed)
@@ -248,12 +211,14 @@ class Session:
 
     def answer_request(self, request: socks5.Request | socks4.Request) -> None:
         self.request = request
-        self.worker.loop.remove(self.client)
-        if self.conn.version == socks4.SOCKS4_VERSION and "none" not in self.worker.settings.methods:
+        self.loop.remove(self.client)
+        if self.conn.version == socks4.SOCKS4_VERSION and "none" not in self.env.settings.methods:
             # SOCKS4 carries no password: with --users it would be a way around them.
             self.fail(Reply.CONNECTION_NOT_ALLOWED, "SOCKS4 has no password and this server requires one")
             return
-        refusal = self.worker.over_cap(self, self.policy_user())
+        command = POLICY_COMMANDS.get(request.command)
+        udp_client = self.peer_ip_text() if command == "udp" else ""  # the UDP caps count by it
+        refusal = self.host.admit(self.sid, self.policy_user(), command, udp_client)
         if refusal is not None:
             self.fail(Reply.GENERAL_FAILURE, refusal)
             return
@@ -272,7 +237,7 @@ class Session:
             return
         self.finish(exc.reply, f"protocol error: {exc}")
 
-    @_entry_point
+    @entry_point
     def on_handshake_timeout(self) -> None:
         self.finish(None, "handshake timed out")
 
@@ -281,9 +246,9 @@ class Session:
     def connect(self) -> None:
         request = self.request
         self.timer.cancel()
-        self.deadline_s = time.monotonic() + self.worker.settings.connect_timeout_s
+        self.deadline_s = time.monotonic() + self.env.settings.connect_timeout_s
         if request.address_type == socks5.AddressType.DOMAIN:
-            verdict = self.worker.settings.policy.before_resolve(self.query())
+            verdict = self.env.settings.policy.before_resolve(self.query())
             if verdict is not None and not verdict.allowed:
                 self.deny(verdict)  # a denied name is not even looked up
                 return
@@ -299,17 +264,17 @@ class Session:
         """Look the name up off the loop, within the connect deadline (a slow resolver
         must not hold a session for ever), then ``then(addresses)``. A cached name calls
         back at once."""
-        self.timer = self.worker.loop.call_later(self.worker.settings.connect_timeout_s, self.on_resolve_timeout)
-        self.worker.resolver.resolve(self.request.host, self.request.port,
-                                     lambda addresses, error: self.on_resolved(then, addresses, error))
+        self.timer = self.loop.call_later(self.env.settings.connect_timeout_s, self.on_resolve_timeout)
+        self.host.resolver.resolve(self.request.host, self.request.port,
+                                   lambda addresses, error: self.on_resolved(then, addresses, error))
 
-    @_entry_point
+    @entry_point
     def on_resolve_timeout(self) -> None:
         self.fail(Reply.TTL_EXPIRED, f"{self.request.host!r} did not resolve in time")
 
-    @_entry_point
+    @entry_point
     def on_resolved(self, then, addresses, error: OSError | None) -> None:
-        if self.closed:
+        if self.over:
             return
         self.timer.cancel()
         if error is not None:
@@ -338,7 +303,7 @@ class Session:
             self.fail(Reply.CONNECTION_NOT_ALLOWED, self.denial)  # every address was refused
             return
         err = self.last_errno or errno.EHOSTUNREACH
-        self.fail(reply_for_errno(err), f"connect failed: {os.strerror(err)}")
+        self.fail(Reply.for_errno(err), f"connect failed: {os.strerror(err)}")
 
     def start_connect(self, family: int, sockaddr: tuple, timeout_s: float) -> bool:
         """Begin one attempt; False when it failed at once (last_errno says why)."""
@@ -356,13 +321,13 @@ class Session:
             self.last_errno = err
             return False
         self.upstream = upstream
-        self.worker.loop.add_writer(upstream, self.on_upstream_writable)
-        self.timer = self.worker.loop.call_later(timeout_s, self.on_connect_timeout)
+        self.loop.add_writer(upstream, self.on_upstream_writable)
+        self.timer = self.loop.call_later(timeout_s, self.on_connect_timeout)
         return True
 
-    @_entry_point
+    @entry_point
     def on_upstream_writable(self) -> None:
-        if self.closed:
+        if self.over:
             return
         self.timer.cancel()
         err = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -372,21 +337,21 @@ class Session:
             return
         self.established()
 
-    @_entry_point
+    @entry_point
     def on_connect_timeout(self) -> None:
-        if self.closed:
+        if self.over:
             return
         self.drop_upstream(errno.ETIMEDOUT)
         self.try_next_address()
 
     def drop_upstream(self, err: int) -> None:
         self.last_errno = err
-        self.worker.loop.remove(self.upstream)
+        self.loop.remove(self.upstream)
         self.upstream.close()
         self.upstream = None
 
     def established(self) -> None:
-        self.worker.loop.remove(self.upstream)
+        self.loop.remove(self.upstream)
         host, port = self.upstream.getsockname()[:2]
         if self.send(self.conn.send(self.reply_event(Reply.SUCCEEDED, host, port))):
             self.hand_off()
@@ -394,9 +359,9 @@ class Session:
     def hand_off(self) -> None:
         """Both sockets, and what the client pipelined, go to the relay engine."""
         initial, _eof = self.conn.trailing_data
-        self.closed = True
-        client_fd, upstream_fd = self.client.detach(), self.upstream.detach()
-        self.worker.start_relay(self, client_fd, upstream_fd, initial)
+        self.over = True
+        self.bind_wait = None  # BIND: its peer is self.upstream now
+        self.host.session_over(self, Relay(self.client.detach(), self.upstream.detach(), initial))
 
     # ------------------------------------------------------------------ policy
 
@@ -406,28 +371,29 @@ class Session:
         if self.username:
             return self.username
         userid = getattr(self.request, "userid", b"")
-        return userid if "userpass" not in self.worker.settings.methods else b""
+        return userid if "userpass" not in self.env.settings.methods else b""
 
     def query(self) -> Query:
         request = self.request
         name = normal_name(request.host) if request.address_type == socks5.AddressType.DOMAIN else None
-        if self.client_ip is None:  # the worker parses it at accept only when rules need it then
+        if self.client_ip is None:  # parsed at accept only when rules or caps needed it then
             self.client_ip = unmapped(ipaddress.ip_address(self.client.getpeername()[0].partition("%")[0]))
         return Query(self.client_ip, POLICY_COMMANDS[request.command], request.port, self.policy_user(), name)
 
     def screen(self, host: str, port: int) -> str | None:
         """Why this session may not open ``host`` (an address, never a name), or None."""
-        worker = self.worker
-        if (not worker.settings.policy.rules and worker.settings.policy.default_allow and ":" not in host
-                and not host.startswith("0.") and port not in worker.own_addresses):
+        env = self.env
+        policy = env.settings.policy
+        if (not policy.rules and policy.default_allow and ":" not in host
+                and not host.startswith("0.") and port not in env.own_addresses):
             return None  # no rules, and plainly neither this host nor this proxy: the common case
         ip = unmapped(ipaddress.ip_address(host.partition("%")[0]))
         forbidden = forbidden_destination(ip)
         if forbidden is not None:
             return f"denied: {forbidden}"
-        if self.worker.is_own_listener(ip, port):
-            return f"denied: {format_peer((str(ip), port))} is this proxy itself"
-        verdict = self.worker.settings.policy.decide(self.query(), ip)
+        if env.is_own_listener(ip, port):
+            return f"denied: {access.format_peer((str(ip), port))} is this proxy itself"
+        verdict = policy.decide(self.query(), ip)
         return None if verdict.allowed else f"{verdict}"
 
     def deny(self, verdict: Verdict) -> None:
@@ -437,106 +403,11 @@ class Session:
 
     def bind(self) -> None:
         self.timer.cancel()
-        request = self.request
-        if request.address_type == socks5.AddressType.DOMAIN:
-            self.resolve(lambda addresses: self.open_bind_listener(addresses[0][1][0]))
+        self.bind_wait = wait = BindWait(self)
+        if self.request.address_type == socks5.AddressType.DOMAIN:
+            self.resolve(lambda addresses: wait.open(addresses[0][1][0]))
         else:
-            self.open_bind_listener(request.host)
-
-    def open_bind_listener(self, peer_ip: str) -> None:
-        expected = unmapped(ipaddress.ip_address(peer_ip))
-        # A request with no peer (0.0.0.0 / ::) accepts whoever connects first.
-        any_peer = expected.is_unspecified or self.worker.settings.bind_any_peer
-        if not expected.is_unspecified:
-            verdict = self.worker.settings.policy.decide(self.query(), expected)
-            if not verdict.allowed:
-                self.deny(verdict)
-                return
-        self.expected_peer = None if any_peer else expected
-        family = socket.AF_INET6 if expected.version == 6 else socket.AF_INET
-        try:
-            listener = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-            self.listener = listener
-            listener.bind((self.reachable_address(family, str(expected)), 0))
-            listener.listen(1)
-        except OSError as exc:
-            self.fail(reply_for_errno(exc.errno or errno.EIO), f"BIND listener: {exc.strerror or exc}")
-            return
-        host, port = listener.getsockname()[:2]
-        host = self.worker.settings.advertise or host
-        if not self.send(self.conn.send(self.reply_event(Reply.SUCCEEDED, host, port))):
-            return
-        loop = self.worker.loop
-        loop.add_reader(listener, self.on_bind_peer)
-        loop.add_reader(self.client, self.on_client_during_bind)
-        self.timer = loop.call_later(self.worker.settings.bind_timeout_s, self.on_bind_timeout)
-
-    def reachable_address(self, family: int, peer_ip: str) -> str:
-        """The local address the peer can reach: never 0.0.0.0 (RFC 1928 §6, BND.ADDR)."""
-        if self.expected_peer is None or ipaddress.ip_address(peer_ip).is_loopback:
-            here = self.client.getsockname()[0]
-            if (":" in here) == (family == socket.AF_INET6):
-                return here
-        # connect() on a UDP socket picks the outbound route and sends nothing.
-        with socket.socket(family, socket.SOCK_DGRAM) as probe:
-            probe.connect((peer_ip, 9))
-            return probe.getsockname()[0]
-
-    @_entry_point
-    def on_bind_peer(self) -> None:
-        if self.closed:
-            return
-        try:
-            peer, address = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.fail(Reply.GENERAL_FAILURE, f"BIND accept: {exc.strerror or exc}")
-            return
-        source = unmapped(ipaddress.ip_address(address[0]))
-        if self.expected_peer is not None and source != self.expected_peer:
-            peer.close()
-            log.warning("%s BIND: closed a connection from %s, expecting %s", self.describe(),
-                        format_peer(address), self.expected_peer)
-            return
-        if self.expected_peer is None:  # any peer: the rules judge who came
-            verdict = self.worker.settings.policy.decide(self.query(), source)
-            if not verdict.allowed:
-                peer.close()
-                log.warning("%s BIND: closed a connection from %s: %s", self.describe(),
-                            format_peer(address), verdict)
-                return
-        self.timer.cancel()
-        loop = self.worker.loop
-        loop.remove(self.listener)
-        loop.remove(self.client)
-        self.listener.close()
-        peer.setblocking(False)
-        peer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.upstream = peer
-        if self.send(self.conn.send(self.reply_event(Reply.SUCCEEDED, address[0], address[1]))):
-            self.hand_off()
-
-    @_entry_point
-    def on_client_during_bind(self) -> None:
-        """The client may only wait; notice if it leaves (peeking leaves its bytes queued)."""
-        if self.closed:
-            return
-        try:
-            data = self.client.recv(1, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self.finish(None, f"client error while waiting for the BIND peer: {exc.strerror or exc}")
-            return
-        if not data:
-            self.finish(None, "client closed while waiting for the BIND peer")
-        else:
-            self.worker.loop.remove(self.client)  # early bytes wait in the kernel for the relay
-
-    @_entry_point
-    def on_bind_timeout(self) -> None:
-        self.fail(Reply.TTL_EXPIRED, "no peer connected to the BIND address in time")
+            wait.open(self.request.host)
 
     # ------------------------------------------------------------------ endings
 
@@ -560,39 +431,43 @@ class Session:
         return socks5.CommandReply(reply, host, port)
 
     def fail(self, reply: Reply | None, why: str) -> None:
-        if reply is not None and not self.closed:
+        if reply is not None and not self.over:
             try:
                 self.send(self.conn.send(self.reply_event(reply)))
             except ProtocolError:
                 pass  # nothing can be answered in this state (e.g. still in the greeting)
         self.finish(reply, why)
 
-    def finish(self, reply: Reply | None, why: str) -> None:
-        if self.closed:
+    def finish(self, reply: Reply | None, why: str, failed_login: bytes | None = None) -> None:
+        if self.over:
             return
-        self.closed = True
+        self.over = True
         if self.timer is not None:
             self.timer.cancel()
-        loop = self.worker.loop
-        loop.remove(self.client)
+        self.loop.remove(self.client)
         close_gently(self.client)
-        for sock in (self.upstream, self.listener):
-            if sock is not None:
-                loop.remove(sock)
-                sock.close()
-        self.worker.session_failed(self, reply, why)
+        if self.upstream is not None:
+            self.loop.remove(self.upstream)
+            self.upstream.close()
+        if self.bind_wait is not None:
+            self.bind_wait.close()
+        self.host.session_over(self, Failed(reply, why, failed_login))
+
+    def internal_error(self, where: str) -> None:
+        """A bug in one of this session's callbacks (host.entry_point): logged once, and the
+        session ends with a failure reply where one can still be sent."""
+        log.exception("%s: internal error in %s", self.describe(), where)
+        if self.over:
+            return
+        try:
+            self.fail(Reply.GENERAL_FAILURE, f"internal error in {where}")
+        except Exception:
+            self.over = True
+            self.client.close()
 
     def describe(self) -> str:
-        request = self.request
-        who = f"client={self.peer} proto={self.protocol_name()}"
-        if request is None:
-            return f"{who} cmd=- dest=-"
-        user = getattr(request, "userid", b"") or self.username
-        if user:
-            who += f" user={user.decode('utf-8', 'backslashreplace')!r}"
-        host = f"[{request.host}]" if ":" in request.host else request.host
-        command = getattr(request.command, "name", str(request.command)).lower()
-        return f"{who} cmd={command} dest={host}:{request.port}"
+        user = getattr(self.request, "userid", b"") or self.username
+        return access.describe(self.peer, self.protocol_name(), self.request, user)
 
     def protocol_name(self) -> str:
         if self.conn is None:
@@ -603,14 +478,52 @@ class Session:
 
     # ------------------------------------------------------------------ UDP ASSOCIATE
 
+    def peer_ip_text(self) -> str:
+        """The client's IP (from the address accept() gave), as the kernel writes it."""
+        return kernel_text(self.peer.rpartition(":")[0].strip("[]"))[1]
+
     def udp_associate(self) -> None:
-        """RFC 1928 §7, in udp.py (beside the session: the worker builds it, DESIGN §3). The
-        association answers the request; once it has, it owns the client socket, watches it
-        and ends with it, and this session is over."""
+        """RFC 1928 §7: bind the client-facing UDP socket where the client reached us over
+        TCP (it can reach that address, §6 BND.ADDR), answer with it, and hand both sockets
+        to the worker's UDP association (udp.py), which ends with the TCP connection."""
         self.timer.cancel()
-        verdict = self.worker.settings.policy.for_any_destination(self.query())
+        verdict = self.env.settings.policy.for_any_destination(self.query())
         if verdict is not None:
             self.deny(verdict)  # no destination could be allowed: refuse the association
             return
-        if self.worker.start_udp(self):
-            self.closed = True
+        client_ip, client_port = self.udp_source()
+        try:
+            family, here = kernel_text(self.client.getsockname()[0])
+        except OSError as exc:  # the client left already
+            self.fail(Reply.GENERAL_FAILURE, f"UDP ASSOCIATE: client gone: {exc.strerror or exc}")
+            return
+        try:
+            relay_sock = socket.socket(family, UDP_SOCKET_FLAGS)
+        except OSError as exc:
+            self.fail(Reply.GENERAL_FAILURE, f"UDP ASSOCIATE: cannot open the relay socket: {exc.strerror or exc}")
+            return
+        try:
+            relay_sock.bind((here, 0))
+        except OSError as exc:
+            relay_sock.close()
+            self.fail(Reply.GENERAL_FAILURE, f"UDP ASSOCIATE: cannot open the relay socket: {exc.strerror or exc}")
+            return
+        host, port = relay_sock.getsockname()[:2]
+        host = self.env.settings.advertise or host  # behind NAT: what clients must use
+        if not self.send(self.conn.send(self.reply_event(Reply.SUCCEEDED, host, port))):
+            relay_sock.close()  # the session logged and closed
+            return
+        self.over = True
+        query = replace(self.query(), name=None)  # what the rules see of every datagram
+        self.host.session_over(self, StartUdp(self.client, relay_sock, client_ip, client_port, query))
+
+    def udp_source(self) -> tuple[str, int]:
+        """The address the client will send from (§6, §7): the request's DST where it is not
+        zero, else the TCP connection's IP and the port of the first datagram (port 0)."""
+        request = self.request
+        client_ip = self.peer_ip_text()
+        if request.address_type != AddressType.DOMAIN:  # a name is no address (PySocks sends "0")
+            _, ip = kernel_text(request.host)
+            if not ipaddress.ip_address(ip).is_unspecified:
+                client_ip = ip
+        return client_ip, request.port

@@ -2,19 +2,20 @@
 
 Theory of operation
 -------------------
-The session reads the request; the worker builds a ``UdpAssociation`` and calls
-``start(session)``. It binds the client-facing UDP socket on the address the client
-reached us on over TCP (port 0), has the session answer SUCCEEDED with that address and
-port, and from then on owns the client's TCP socket. It only watches that socket (bytes
-the client sends there mean nothing and are discarded): "a UDP association terminates
-when the TCP connection that the UDP ASSOCIATE request arrived on terminates" (§6).
+The session reads the request, binds the client-facing UDP socket on the address the
+client reached us on over TCP (port 0), answers SUCCEEDED with that address and port, and
+ends with a ``StartUdp`` (host.py); the worker builds a ``UdpAssociation`` of it, which
+owns the client's TCP socket from then on. It only watches that socket (bytes the client
+sends there mean nothing and are discarded): "a UDP association terminates when the TCP
+connection that the UDP ASSOCIATE request arrived on terminates" (§6).
 
 Who may use it. §7: the relay "MUST drop any datagrams arriving from any source IP
 address other than the one recorded for the particular association". The request's
 DST.ADDR and DST.PORT are the address the client will send from, or zeros (§6). A given
 IP is recorded as is, a zero (or a domain name) means the IP of the TCP connection; a
-given port is recorded as is, a zero one is fixed by the first datagram from that IP.
-Datagrams from any other source are dropped and counted, never relayed.
+given port is recorded as is, a zero one is fixed by the first datagram from that IP (the
+session records them: ``Session.udp_source``). Datagrams from any other source are dropped
+and counted, never relayed.
 
 The datagram loop is compiled: ``UdpRelay`` (_udp_relay.pxi), one per worker, holds every
 association's UDP sockets in an epoll set, which the worker's loop watches, and the batch
@@ -48,7 +49,10 @@ and a queue would have to be unbounded or drop anyway.
 
 It ends on EOF or an error on the TCP connection, after ``udp_idle_timeout_s`` without a
 relayed datagram, or when the worker shuts down. ``end()`` closes every socket (through
-the idempotent ``close()``) and has the worker write the one access-log line.
+the idempotent ``close()``) and tells its owner (``on_end``), which writes the one
+access-log line. An association gets only what it uses: the loop, the resolver, the
+worker's ``UdpRelay``, the settings (replaced by ``reload``) and what the rules see of its
+datagrams.
 """
 
 from __future__ import annotations
@@ -58,16 +62,19 @@ import ipaddress
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from fastsocks._relay import UdpRelay
-from fastsocks.policy import forbidden_destination, normal_name, unmapped
-from fastsocks.protocol.socks5 import AddressType, Reply
+from fastsocks.access import format_peer
+from fastsocks.policy import Query, forbidden_destination, normal_name, unmapped
 
 if TYPE_CHECKING:
-    from fastsocks.session import Session
-    from fastsocks.worker import Worker
+    from fastsocks.host import StartUdp
+    from fastsocks.loop import Loop
+    from fastsocks.resolver import Resolver
+    from fastsocks.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -80,30 +87,10 @@ CONTROL_RECV_BYTES = 4096
 SOCKET_FLAGS = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
 
-def new_buffer() -> UdpRelay:
+def new_relay() -> UdpRelay:
     """The datagram relay a worker shares among its associations (one loop thread): its
     batch buffers, made once, on the first association."""
     return UdpRelay(batch=BATCH, max_verdicts=MAX_VERDICTS, max_peers=MAX_PEERS)
-
-
-def kernel_text(host: str) -> tuple[int, str]:
-    """(family, text) of an IP address, unmapped and written as recvfrom() reports it."""
-    ip = ipaddress.ip_address(host.partition("%")[0])
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-    return family, socket.inet_ntop(family, ip.packed)
-
-
-def over_cap(worker: Worker, client_ip: str) -> str | None:
-    """Why one more association for ``client_ip`` is refused, or None."""
-    settings, live = worker.settings, worker.udp_associations
-    if len(live) >= settings.max_udp_per_worker:
-        return f"UDP ASSOCIATE refused: {len(live)} associations in this worker (--max-udp-per-worker)"
-    mine = sum(1 for association in live.values() if association.client_ip == client_ip)
-    if mine >= settings.max_udp_per_client:
-        return f"UDP ASSOCIATE refused: {mine} associations for {client_ip} (--max-udp-per-client)"
-    return None
 
 
 def _flow_counter(name: str) -> property:
@@ -113,9 +100,9 @@ def _flow_counter(name: str) -> property:
 
 
 class UdpAssociation:
-    __slots__ = ("worker", "sid", "described", "started_s", "client", "relay_sock", "remote_socks",
-                 "client_ip", "client_port", "flow", "resolving", "timer", "closed", "query",
-                 "warned_denied")
+    __slots__ = ("loop", "resolver", "relay", "settings", "on_end", "sid", "described", "started_s",
+                 "client", "relay_sock", "remote_socks", "client_ip", "client_port", "flow", "resolving",
+                 "timer", "closed", "query", "warned_denied")
 
     datagrams_up = _flow_counter("datagrams_up")
     datagrams_down = _flow_counter("datagrams_down")
@@ -123,23 +110,27 @@ class UdpAssociation:
     bytes_down = _flow_counter("bytes_down")
     dropped = _flow_counter("dropped")
 
-    def __init__(self, worker: Worker, session: Session) -> None:
-        self.worker = worker
-        self.sid = session.sid
-        self.described = session.describe()
-        self.started_s = session.started_s
-        self.client: socket.socket | None = None        # the TCP control connection, once ours
-        self.relay_sock: socket.socket | None = None    # client-facing UDP
+    def __init__(self, start: StartUdp, *, sid: int, described: str, started_s: float, loop: Loop,
+                 resolver: Resolver, relay: UdpRelay, settings: Settings,
+                 on_end: Callable[[UdpAssociation, str], None]) -> None:
+        self.loop = loop
+        self.resolver = resolver
+        self.relay = relay
+        self.settings = settings
+        self.on_end = on_end
+        self.sid = sid
+        self.described = described
+        self.started_s = started_s
+        self.client = start.client                       # the TCP control connection: ours
+        self.relay_sock = start.relay_sock               # client-facing UDP, bound
         self.remote_socks: dict[int, socket.socket] = {}  # remote-facing UDP, by family
-        self.client_ip = ""                              # §7: the only source let in, set by start()
-        self.client_port = 0                             # 0: fixed by the first datagram from client_ip
-        self.flow = None                                 # the relay's state for us, once the socket is bound
+        self.client_ip = start.client_ip                 # §7: the only source let in
+        self.client_port = start.client_port             # 0: fixed by the first datagram from client_ip
+        self.flow = None                                 # the relay's state for us, once started
         self.resolving: dict[tuple[str, int], list[bytes]] = {}
         self.timer = None
         self.closed = False
-        # What the rules see of every datagram: the client and user of the TCP session.
-        query = getattr(session, "query", None)  # (a test's stand-in session may have none)
-        self.query = replace(query(), name=None) if query is not None else None
+        self.query: Query = start.query  # what the rules see of every datagram: the TCP session's
         self.warned_denied = False
 
     @property
@@ -154,72 +145,22 @@ class UdpAssociation:
 
     # ------------------------------------------------------------------ set-up and endings
 
-    def start(self, session: Session) -> bool:
-        """Answer the request. True once this association owns the session's client socket;
-        False when the session answered a failure (and logged and closed it) instead."""
-        refusal = self._prepare(session)
-        if refusal is not None:
+    def start(self) -> None:
+        """Relay from now on; OSError (the relay could not watch the socket) closes it all."""
+        try:
+            self.flow = self.relay.new_flow(self, self.relay_sock, self.client_ip, self.client_port)
+        except OSError:
             self.close()
-            session.fail(Reply.GENERAL_FAILURE, refusal)
-            return False
-        host, port = self.relay_sock.getsockname()[:2]
-        host = session.worker.settings.advertise or host  # behind NAT: what clients must use
-        if not session.send(session.conn.send(session.reply_event(Reply.SUCCEEDED, host, port))):
-            self.close()  # the session logged and closed; nothing of ours was in use
-            return False
-        self.client = session.client
-        self._watch_relay()
-        self.worker.loop.add_reader(self.client, self.on_control_readable)
-        self._arm_idle_timer(self.worker.settings.udp_idle_timeout_s)
-        return True
-
-    def _prepare(self, session: Session) -> str | None:
-        """Record who may send and bind the relay socket; or say why not."""
-        try:
-            self._expect_source(session.request, session.client.getpeername()[0])
-        except OSError as exc:  # the client left already (ENOTCONN)
-            return f"UDP ASSOCIATE: client gone: {exc.strerror or exc}"
-        refusal = over_cap(self.worker, self.client_ip)
-        if refusal is not None:
-            return refusal
-        try:
-            self._open_relay_socket(session.client.getsockname()[0])
-            self.flow = self.worker.udp_buffer.new_flow(self, self.relay_sock, self.client_ip, self.client_port)
-        except OSError as exc:
-            return f"UDP ASSOCIATE: cannot open the relay socket: {exc.strerror or exc}"
-        return None
-
-    def _expect_source(self, request, tcp_peer_ip: str) -> None:
-        """Record the address the client will send from: the request's DST, where it is
-        not zero, else the TCP connection's IP and the port of the first datagram (§6, §7)."""
-        _, self.client_ip = kernel_text(tcp_peer_ip)
-        self.client_port = request.port
-        if request.address_type != AddressType.DOMAIN:  # a name is no address (PySocks sends "0")
-            _, ip = kernel_text(request.host)
-            if not ipaddress.ip_address(ip).is_unspecified:
-                self.client_ip = ip
-
-    def _open_relay_socket(self, local_ip: str) -> None:
-        """Bind where the client reached us over TCP: it can reach that address (§6 BND.ADDR)."""
-        family, here = kernel_text(local_ip)
-        self.relay_sock = socket.socket(family, SOCKET_FLAGS)
-        self.relay_sock.bind((here, 0))
-
-    def _watch_relay(self) -> None:
-        """The worker's loop watches the relay (every association's datagram sockets) from
-        its first association on."""
-        relay = self.worker.udp_buffer
-        try:
-            self.worker.loop.add_reader(relay, relay.run)
-        except KeyError:
-            pass  # watched already
+            raise
+        self.loop.add_reader(self.client, self.on_control_readable)
+        self._arm_idle_timer(self.settings.udp_idle_timeout_s)
 
     def end(self, how: str) -> None:
         """End a started association: close everything, then the worker logs it."""
         if self.closed:
             return
         self.close()
-        self.worker.udp_ended(self, how)
+        self.on_end(self, how)
 
     def close(self) -> None:
         """Close every socket this association owns. Idempotent."""
@@ -231,7 +172,7 @@ class UdpAssociation:
         if self.flow is not None:
             self.flow.close()  # first: the relay must not watch or use the fds once closed
         if self.client is not None:
-            self.worker.loop.remove(self.client)
+            self.loop.remove(self.client)
         for sock in (self.client, self.relay_sock, *self.remote_socks.values()):
             if sock is not None:
                 sock.close()
@@ -253,20 +194,21 @@ class UdpAssociation:
 
     def _arm_idle_timer(self, delay_s: float) -> None:
         if delay_s > 0:
-            self.timer = self.worker.loop.call_later(delay_s, self._on_idle_timer)
+            self.timer = self.loop.call_later(delay_s, self._on_idle_timer)
 
     def _on_idle_timer(self) -> None:
         if self.closed:
             return
-        timeout_s = self.worker.settings.udp_idle_timeout_s
+        timeout_s = self.settings.udp_idle_timeout_s
         idle_s = time.monotonic() - self.last_active_s
         if idle_s >= timeout_s:
             self.end("idle")
         else:
             self._arm_idle_timer(timeout_s - idle_s)
 
-    def forget_verdicts(self) -> None:
-        """Ask ``_allowed`` again for every destination: the rules were reloaded."""
+    def reload(self, settings: Settings) -> None:
+        """New rules (and idle timeout): ``_allowed`` is asked again for every destination."""
+        self.settings = settings
         if self.flow is not None:
             self.flow.forget_verdicts()
 
@@ -283,11 +225,11 @@ class UdpAssociation:
         the first denial of the association is logged, the rest are counted."""
         ip = unmapped(ipaddress.ip_address(host.partition("%")[0]))
         why = forbidden_destination(ip)
-        if why is None and self.query is not None:
-            verdict = self.worker.settings.policy.decide(replace(self.query, port=port, name=name), ip)
+        if why is None:
+            verdict = self.settings.policy.decide(replace(self.query, port=port, name=name), ip)
             why = None if verdict.allowed else str(verdict)
         if why is not None:
-            self._log_denied(f"{name} ({_format((str(ip), port))})" if name else _format((str(ip), port)), why)
+            self._log_denied(f"{name} ({format_peer((str(ip), port))})" if name else format_peer((str(ip), port)), why)
         return why is None
 
     def _log_denied(self, destination: str, why: str) -> None:
@@ -321,17 +263,15 @@ class UdpAssociation:
         """The first datagram from a source other than the client's (dropped and counted)."""
         expected = self.client_addr or (self.client_ip, self.client_port)
         log.warning("%s UDP: dropped a datagram from %s, the association is for %s", self.described,
-                    _format(source), _format(expected))
+                    format_peer(source), format_peer(expected))
 
     def _send_to_name(self, name: str, port: int, payload: bytes) -> None:
         key = (name, port)
-        if self.query is not None:
-            verdict = self.worker.settings.policy.before_resolve(
-                replace(self.query, port=port, name=normal_name(name)))
-            if verdict is not None and not verdict.allowed:  # a denied name is not looked up
-                self.flow.dropped += 1
-                self._log_denied(f"{name}:{port}", str(verdict))
-                return
+        verdict = self.settings.policy.before_resolve(replace(self.query, port=port, name=normal_name(name)))
+        if verdict is not None and not verdict.allowed:  # a denied name is not looked up
+            self.flow.dropped += 1
+            self._log_denied(f"{name}:{port}", str(verdict))
+            return
         held = self.resolving.get(key)
         if held is not None:
             if len(held) < HOLD_PER_NAME:
@@ -344,7 +284,7 @@ class UdpAssociation:
             return
         self.resolving[key] = [payload]
         # A cached name calls back at once, before resolve() returns.
-        self.worker.resolver.resolve(name, port, lambda addresses, error: self._on_resolved(key, addresses, error))
+        self.resolver.resolve(name, port, lambda addresses, error: self._on_resolved(key, addresses, error))
 
     def _on_resolved(self, key: tuple[str, int], addresses, error: OSError | None) -> None:
         held = self.resolving.pop(key, [])
@@ -361,7 +301,3 @@ class UdpAssociation:
         for payload in held:
             self.flow.send(sockaddr, payload, checked=True)  # judged with its name just now
 
-
-def _format(address: tuple) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

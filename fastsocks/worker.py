@@ -3,12 +3,17 @@ path on a selectors loop and hands established sessions to the relay engine.
 
 Theory of operation
 -------------------
-Everything happens on one thread but DNS (resolver.py). The loop watches: the listening
+Everything happens on one thread but DNS (resolver.py) and password checks (auth.py). The loop watches: the listening
 sockets of this worker's slot, the client and upstream sockets of sessions still in the
 handshake or connect phase, the relay engine's epoll fd, the resolver's eventfd and a
 socketpair that signal handlers write to. Once a second a tick writes the heartbeat and
 counters into the shared stats slot, expires idle relays, and checks that the master is
 still alive.
+
+Who gets in is Admission's (admission.py). A session sees the worker only as its
+``SessionHost`` (host.py): the loop, the resolver, the authenticator, ``admit`` and, once,
+``session_over`` with what became of it; the worker then starts the relay or the UDP
+association, or writes the failure's access line.
 
 SIGTERM/SIGINT start a drain: stop accepting, let every live session finish until the
 graceful timeout, then exit 0. A second SIGINT, or SIGQUIT, exits at once.
@@ -24,15 +29,18 @@ import select
 import signal
 import socket
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from fastsocks import config
+from fastsocks import access, config
+from fastsocks.admission import Admission
 from fastsocks.auth import Authenticator
 from fastsocks.errors import BootError, ConfigError
+from fastsocks.host import Environment, Failed, Outcome, Relay, StartUdp
 from fastsocks.loop import Loop
 from fastsocks.policy import own_addresses, reaches_listener, unmapped
 from fastsocks.resolver import Resolver
-from fastsocks.session import Session, access_log, format_peer
+from fastsocks.session import Session
 from fastsocks.settings import Settings
 from fastsocks.stats import SharedStats, SlotStats
 from fastsocks.users import UserDB, load_users
@@ -70,9 +78,8 @@ class Worker:
                  limits: SharedLimits | None = None, reload=None) -> None:
         self.slot = slot
         self.settings = settings
-        self.limits = limits
+        self.admission = Admission(slot, settings, limits)
         self.reload = reload
-        self.counted: dict[int, tuple] = {}  # sid -> (client buckets, user buckets or None) in limits
         self.listeners = listeners
         self.stats = stats
         self.master_pid = master_pid
@@ -80,10 +87,10 @@ class Worker:
         self.handshaking: dict[int, Session] = {}
         self.relayed: dict[int, tuple[str, float]] = {}
         self.udp_associations: dict[int, UdpAssociation] = {}  # UDP ASSOCIATE sessions, by sid
-        self.udp_buffer: UdpRelay | None = None  # their shared datagram relay, made on first use
+        self.udp_relay: UdpRelay | None = None  # their shared datagram relay, made on first use
         self.next_sid = 0
         self.accepted = 0
-        self.errors = 0
+        self.start_failures = 0  # sessions answered SUCCEEDED whose relay or association could not start
         self.draining = False
         self.drain_deadline_s = 0.0
         self.exit_code: int | None = None
@@ -92,12 +99,13 @@ class Worker:
         self.resolver = None
         self.users = users
         self.auth: Authenticator | None = None
-        self.auth_failures = 0
         self.udp_bytes = [0, 0]  # payload bytes up, down of the UDP associations that ended
         self.signal_rsock = self.signal_wsock = None
         self.watches: list[ListenerWatch] = []
         self.base = stats.read(slot)
-        self.own_addresses = own_addresses(sock.getsockname()[:2] for sock in listeners)
+        # What every session is accepted under; a reload makes a new one for the next sessions.
+        self.env = Environment(settings, own_addresses(sock.getsockname()[:2] for sock in listeners),
+                               self.is_own_listener)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -149,9 +157,9 @@ class Worker:
             session.finish(None, "worker shutting down")
         for association in list(self.udp_associations.values()):
             association.end("shutdown")
-        if self.udp_buffer is not None:
-            self.loop.remove(self.udp_buffer)
-            self.udp_buffer.close()
+        if self.udp_relay is not None:
+            self.loop.remove(self.udp_relay)
+            self.udp_relay.close()
         for ended in self.engine.close():
             self.session_ended(ended)
         self.write_stats()
@@ -190,14 +198,16 @@ class Worker:
         except ConfigError as exc:
             log.error("worker %d: keeping the current configuration: %s", self.slot, exc)
             return
-        self.settings = settings
+        self.settings = self.admission.settings = settings
+        self.env = replace(self.env, settings=settings)
         if users is not None and self.auth is not None:
             self.auth.replace_users(users)
         elif users is not None:
             self.auth = Authenticator(users)
             self.loop.add_reader(self.auth, self.auth.dispatch)
         for association in self.udp_associations.values():
-            association.forget_verdicts()
+            association.reload(settings)
+        log.info("worker %d: reloaded (%d rules)", self.slot, len(settings.policy.rules))
 
     def begin_drain(self) -> None:
         if self.draining:
@@ -244,72 +254,20 @@ class Worker:
             watch.accepted()
             client.setblocking(False)
             self.next_sid += 1
-            session = Session(self, self.next_sid, client, format_peer(address))
-            if self.turned_away(session, address[0]):
+            sid, peer = self.next_sid, access.format_peer(address)
+            admitted, client_ip = self.admission.at_accept(sid, peer, address[0])
+            if not admitted:
+                client.close()  # nothing read, nothing to answer: SOCKS has no reply yet
                 continue
-            self.handshaking[session.sid] = session
+            session = Session(self, self.env, sid, client, peer, client_ip)
+            self.handshaking[sid] = session
             session.start()
 
-    def turned_away(self, session: Session, client_ip: str) -> bool:
-        """Close at once a client the rules deny whatever it asks, or that is blocked for
-        failed logins; else start counting its session for the caps."""
-        settings = self.settings
-        counting = self.limits is not None and (self.caps_on or "userpass" in settings.methods)
-        if not settings.policy.rules and settings.policy.default_allow and not counting:
-            return False  # nothing to judge or count: the client's address is parsed if needed later
-        session.client_ip = ip = unmapped(ipaddress.ip_address(client_ip.partition("%")[0]))
-        verdict = settings.policy.at_accept(ip)
-        if verdict is not None and not verdict.allowed:
-            access_log.info("client=%s closed at accept: %s", session.peer, verdict)
-            session.client.close()  # nothing read, nothing to answer: SOCKS has no reply yet
-            return True
-        if not counting:
-            return False
-        session.client_key = buckets = self.limits.buckets(ip.packed)
-        blocked_ms = self.limits.blocked_until(buckets)
-        if blocked_ms and blocked_ms > _now_ms():
-            log.debug("client=%s closed at accept: blocked for %.0f s more after failed logins",
-                      session.peer, (blocked_ms - _now_ms()) / 1000)
-            session.client.close()
-            return True
-        self.limits.open_session(self.slot, buckets)
-        self.counted[session.sid] = (buckets, None)
-        return False
-
     def is_own_listener(self, ip, port: int) -> bool:
-        return reaches_listener(self.own_addresses, ip, port, _is_local)
+        return reaches_listener(self.env.own_addresses, ip, port, _is_local)
 
-    @property
-    def caps_on(self) -> bool:
-        s = self.settings
-        return bool(s.max_sessions or s.max_sessions_per_worker or s.max_sessions_per_client
-                    or s.max_sessions_per_user)
-
-    def over_cap(self, session: Session, user: bytes) -> str | None:
-        """Checked when the request arrives (the user is known by then); the session has
-        been counted since accept, so a count above the cap includes it."""
-        counted = self.counted.get(session.sid)
-        if counted is None or not self.caps_on:
-            return None
-        s, limits = self.settings, self.limits
-        if s.max_sessions_per_worker and limits.of_worker(self.slot) > s.max_sessions_per_worker:
-            return f"over max_sessions_per_worker ({s.max_sessions_per_worker})"
-        if s.max_sessions and limits.total() > s.max_sessions:
-            return f"over max_sessions ({s.max_sessions})"
-        if s.max_sessions_per_client and limits.of_client(counted[0]) > s.max_sessions_per_client:
-            return f"over max_sessions_per_client ({s.max_sessions_per_client})"
-        if user and s.max_sessions_per_user:
-            user_key = limits.buckets(b"user:" + user)
-            limits.add_user(self.slot, user_key)
-            self.counted[session.sid] = (counted[0], user_key)
-            if limits.of_user(user_key) > s.max_sessions_per_user:
-                return f"over max_sessions_per_user ({s.max_sessions_per_user})"
-        return None
-
-    def uncount(self, sid: int) -> None:
-        counted = self.counted.pop(sid, None)
-        if counted is not None:
-            self.limits.close_session(self.slot, *counted)
+    def admit(self, sid: int, user: bytes, command: str, udp_client: str) -> str | None:
+        return self.admission.admit(sid, user, command, udp_client)
 
     def pause_accepting(self, exc: OSError) -> None:
         if self.paused_accept:
@@ -322,76 +280,69 @@ class Worker:
 
     # ------------------------------------------------------------------ sessions
 
-    def start_relay(self, session: Session, client_fd: int, upstream_fd: int, initial: bytes) -> None:
-        del self.handshaking[session.sid]
+    def session_over(self, session: Session, outcome: Outcome) -> None:
+        self.handshaking.pop(session.sid, None)
+        if type(outcome) is Relay:
+            self.start_relay(session, outcome)
+        elif type(outcome) is StartUdp:
+            self.start_udp(session, outcome)
+        else:
+            self.session_failed(session, outcome)
+
+    def start_relay(self, session: Session, relay: Relay) -> None:
         # The access line is the only reader: with it off (--log-level warning), skip the string.
-        described = session.describe() if access_log.isEnabledFor(logging.INFO) else ""
+        described = session.describe() if access.enabled() else ""
         self.relayed[session.sid] = (described, session.started_s)
         try:
-            self.engine.add(client_fd, upstream_fd, session.sid, initial)
+            self.engine.add(relay.client_fd, relay.upstream_fd, session.sid, relay.initial)
         except OSError as exc:
             # The engine closed both fds: the session ends here.
             self.relayed.pop(session.sid, None)
-            self.uncount(session.sid)
-            self.errors += 1
+            self.admission.closed(session.sid)
+            self.start_failures += 1
             log.error("%s relay could not start: %s", session.describe(), exc)
 
-    def start_udp(self, session: Session) -> bool:
-        """UDP ASSOCIATE: True once an association answered and owns the client socket."""
+    def start_udp(self, session: Session, start: StartUdp) -> None:
+        """UDP ASSOCIATE answered: the association owns the client socket from now on."""
         # Imported here: udp needs the built engine, which boot() has found by now.
-        from fastsocks.udp import UdpAssociation, new_buffer
+        from fastsocks.udp import UdpAssociation, new_relay
 
-        if self.udp_buffer is None:
-            self.udp_buffer = new_buffer()
-        association = UdpAssociation(self, session)
-        if not association.start(session):
-            return False  # the session answered the failure and logged it
-        del self.handshaking[session.sid]
+        if self.udp_relay is None:
+            self.udp_relay = new_relay()
+            self.loop.add_reader(self.udp_relay, self.udp_relay.run)
+        association = UdpAssociation(start, sid=session.sid, described=session.describe(),
+                                     started_s=session.started_s, loop=self.loop, resolver=self.resolver,
+                                     relay=self.udp_relay, settings=self.settings, on_end=self.udp_ended)
+        try:
+            association.start()
+        except OSError as exc:
+            self.admission.closed(session.sid)
+            self.start_failures += 1
+            log.error("%s UDP association could not start: %s", association.described, exc)
+            return
         self.udp_associations[session.sid] = association
-        return True
+        self.admission.udp_started(session.sid, start.client_ip)
 
     def udp_ended(self, association: UdpAssociation, how: str) -> None:
         self.udp_associations.pop(association.sid, None)
-        self.uncount(association.sid)
+        self.admission.closed(association.sid)
         self.udp_bytes[0] += association.bytes_up
         self.udp_bytes[1] += association.bytes_down
-        access_log.info("%s reply=succeeded datagrams_up=%d datagrams_down=%d up=%d down=%d dropped=%d "
-                        "duration_s=%.3f end=%s", association.described, association.datagrams_up,
-                        association.datagrams_down, association.bytes_up, association.bytes_down,
-                        association.dropped, time.monotonic() - association.started_s, how)
+        access.udp_ended(association, how)
 
-    def auth_failed(self, session: Session, username: bytes) -> None:
-        """Logged and counted; too many failures from one IP block it for a while, on
-        every worker (limits.py)."""
-        self.auth_failures += 1
-        s = self.settings
-        log.warning("client=%s authentication failed for user %r", session.peer,
-                    username.decode("utf-8", "backslashreplace"))
-        key = getattr(session, "client_key", None)
-        if key is None or self.limits is None or not s.auth_block_s:
-            return
-        now = _now_ms()
-        failures = self.limits.note_failure(self.slot, key, now, int(s.auth_failure_window_s * 1000))
-        if failures >= s.auth_max_failures:
-            self.limits.block(self.slot, key, now + int(s.auth_block_s * 1000))
-            log.warning("client=%s blocked for %.0f s after %d failed logins in %.0f s", session.client_ip,
-                        s.auth_block_s, failures, s.auth_failure_window_s)
-
-    def session_failed(self, session: Session, reply, why: str) -> None:
-        self.handshaking.pop(session.sid, None)
-        self.uncount(session.sid)
-        reply_name = reply.name.lower() if hasattr(reply, "name") else ("-" if reply is None else str(reply))
-        access_log.info("%s reply=%s duration_s=%.3f error=%r", session.describe(), reply_name,
-                        time.monotonic() - session.started_s, why)
+    def session_failed(self, session: Session, failed: Failed) -> None:
+        if failed.failed_login is not None:  # counted against the client before it is uncounted
+            self.admission.login_failed(session.sid, session.peer, session.client_ip, failed.failed_login)
+        self.admission.closed(session.sid)
+        access.session_failed(session.describe(), failed.reply, session.started_s, failed.why)
 
     def session_ended(self, ended: tuple) -> None:
         sid, up, down, reason, err = ended
-        self.uncount(sid)
+        self.admission.closed(sid)
         described, started_s = self.relayed.pop(sid, ("client=? cmd=connect dest=?", time.monotonic()))
         if reason == "error":
             reason = f"error:{errno.errorcode.get(err, err)}"
-        access_log.info("%s reply=succeeded up=%d down=%d duration_s=%.3f end=%s",
-                        described, up, down, time.monotonic() - started_s, reason)
+        access.relay_ended(described, started_s, up, down, reason)
 
     def on_engine_ready(self) -> None:
         for ended in self.engine.run():
@@ -423,7 +374,8 @@ class Worker:
             pid=os.getpid(), heartbeat_s=time.monotonic(), accepted=base.accepted + self.accepted,
             active=self.engine.active + len(self.handshaking) + len(self.udp_associations), bytes_up=base.bytes_up + up,
             bytes_down=base.bytes_down + down, sessions=base.sessions + sessions,
-            errors=base.errors + self.errors, auth_failures=base.auth_failures + self.auth_failures))
+            errors=base.errors + self.start_failures,
+            auth_failures=base.auth_failures + self.admission.failures))
 
 
 class ListenerWatch:
@@ -472,11 +424,6 @@ def _is_local(ip) -> bool:
             return unmapped(ipaddress.ip_address(probe.getsockname()[0].partition("%")[0])) == ip
     except OSError:
         return False
-
-
-def _now_ms() -> int:
-    """CLOCK_MONOTONIC in ms: the same clock in every process, for limits.py."""
-    return int(time.monotonic() * 1000)
 
 
 def _wake_only(signum, frame) -> None:

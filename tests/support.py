@@ -79,6 +79,53 @@ def alive(proc: psutil.Process | int) -> bool:
         return False
 
 
+class FakeResolver:
+    """Answers from ``answers`` when told to (``release``), like the worker's from its pool."""
+
+    def __init__(self) -> None:
+        self.answers: dict[str, str] = {}
+        self.waiting: list = []
+
+    def resolve(self, name: str, port: int, callback) -> None:
+        self.waiting.append((name, port, callback))
+
+    def release(self) -> None:
+        waiting, self.waiting = self.waiting, []
+        for name, port, callback in waiting:
+            if name in self.answers:
+                callback(((socket.AF_INET6, (self.answers[name], port, 0, 0)),), None)
+            else:
+                callback(None, socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+
+
+class FakeHost:
+    """The one stand-in for a worker: a ``fastsocks.host.SessionHost`` for sessions run in the
+    test's own process, with a real loop, a resolver the test answers, no authenticator and
+    no caps. What became of each session lands in ``outcomes``; a UDP association made here
+    may report its end to ``ended``."""
+
+    def __init__(self) -> None:
+        from fastsocks.loop import Loop
+
+        self.loop = Loop()
+        self.resolver = FakeResolver()
+        self.auth = None
+        self.outcomes: list = []
+        self.ended: list[tuple] = []
+
+    def admit(self, sid: int, user: bytes, command: str, udp_client: str) -> str | None:
+        return None
+
+    def session_over(self, session, outcome) -> None:
+        self.outcomes.append(outcome)
+
+    def run_until(self, predicate, timeout_s: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            assert time.monotonic() < deadline, "the loop made no progress"
+            self.loop.run_once(0.02)
+
+
 class Server:
     """A running ``fastsocks`` (master and workers), its log collected line by line."""
 

@@ -52,6 +52,7 @@ connect upstream): beyond it ``receive_data()`` raises ``ProtocolError``.
 from __future__ import annotations
 
 import enum
+import errno
 import ipaddress
 from dataclasses import dataclass
 from typing import Callable, Final
@@ -101,6 +102,25 @@ class Reply(enum.IntEnum):
     TTL_EXPIRED = 0x06
     COMMAND_NOT_SUPPORTED = 0x07
     ADDRESS_TYPE_NOT_SUPPORTED = 0x08
+
+    @classmethod
+    def for_errno(cls, err: int) -> Reply:
+        """The reply for a failed connect() or bind(): what the error says of the destination."""
+        return _ERRNO_REPLIES.get(err, cls.GENERAL_FAILURE)
+
+
+_ERRNO_REPLIES: Final = {
+    errno.ECONNREFUSED: Reply.CONNECTION_REFUSED,
+    errno.ENETUNREACH: Reply.NETWORK_UNREACHABLE,
+    errno.ENETDOWN: Reply.NETWORK_UNREACHABLE,
+    errno.EAFNOSUPPORT: Reply.NETWORK_UNREACHABLE,
+    errno.EADDRNOTAVAIL: Reply.NETWORK_UNREACHABLE,
+    errno.EHOSTUNREACH: Reply.HOST_UNREACHABLE,
+    errno.EHOSTDOWN: Reply.HOST_UNREACHABLE,
+    errno.ETIMEDOUT: Reply.TTL_EXPIRED,
+    errno.EACCES: Reply.CONNECTION_NOT_ALLOWED,
+    errno.EPERM: Reply.CONNECTION_NOT_ALLOWED,
+}
 
 
 class State(enum.Enum):

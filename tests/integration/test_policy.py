@@ -12,7 +12,6 @@ import signal
 import socket
 import struct
 import subprocess
-import time
 
 import pytest
 
@@ -323,8 +322,8 @@ def test_sighup_swaps_the_rules_and_established_sessions_go_on(tmp_path, start_s
     path.write_text(f"[[rules]]\naction = \"deny\"\nport = [{echo_target.port}]\n[[rules]]\naction = \"allow\"\n")
     server.proc.send_signal(signal.SIGHUP)
     server.wait_for_log(r"SIGHUP: reloaded .*fastsocks\.toml: 2 rules")
-    wait_until(lambda: socks5_reply(server.address, "127.0.0.1", echo_target.port) == NOT_ALLOWED,
-               what="the new rules in the worker")
+    server.wait_for_log(r"worker 0: reloaded \(2 rules\)")
+    assert socks5_reply(server.address, "127.0.0.1", echo_target.port) == NOT_ALLOWED
     with sock:
         sock.sendall(b"established before the reload")
         assert recv_exact(sock, 29) == b"established before the reload"
@@ -336,7 +335,12 @@ def test_sighup_with_a_broken_file_keeps_the_rules(tmp_path, start_server, echo_
     path.write_text("[[rules]]\naction = \"alow\"\n")
     server.proc.send_signal(signal.SIGHUP)
     server.wait_for_log(r"SIGHUP: keeping the current configuration: .*fastsocks\.toml:2: rules\[1\]\.action")
-    time.sleep(0.2)
+    assert echo_through(server.address, echo_target) == b"still serving"
+    # A valid file next: the worker reloads that one, and only that one.
+    path.write_text(f"[[rules]]\naction = \"allow\"\nport = [{echo_target.port}]\n")
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"worker 0: reloaded \(1 rules\)")
+    assert server.count_log(r"worker \d: reloaded") == 1, "the broken file reached a worker"
     assert echo_through(server.address, echo_target) == b"still serving"
 
 

@@ -1,11 +1,12 @@
 """UdpAssociation (udp.py) in this process, on real loopback sockets and the worker's real
-Loop, with a fake worker and session around it: once over the compiled UdpRelay and once
-over the pure-Python twin, which is the fallback udp.py keeps working on.
+Loop: a real Session answers a real client's UDP ASSOCIATE to a fake host (support.FakeHost),
+and the association is made of its StartUdp as the worker makes it; once over the compiled
+UdpRelay and once over the pure-Python twin, which is the fallback udp.py keeps working on.
 
 What a server subprocess cannot show: the policy hook's contract (``_allowed`` asked once
 per destination, with resolved and unmapped addresses; denied datagrams dropped and
-counted; ``forget_verdicts()``), names held while they resolve, every fd closed at the end,
-and the kernel refusing UDP GSO (a smaller MTU in a private network namespace).
+counted; ``reload()``), names held while they resolve, every fd closed at the end, and the
+kernel refusing UDP GSO (a smaller MTU in a private network namespace).
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
-from types import SimpleNamespace
 
 import pytest
+from support import FakeHost, read_socks5_reply, recv_exact
 
 from fastsocks import _relay, _relay_py
-from fastsocks.loop import Loop
-from fastsocks.protocol.socks5 import AddressType, Command, Reply, Request
+from fastsocks.access import format_peer
+from fastsocks.host import Environment, StartUdp
+from fastsocks.session import Session
+from fastsocks.settings import Settings
 from fastsocks.udp import HOLD_PER_NAME, UdpAssociation
 
 RELAYS = {"cython": _relay.UdpRelay, "python": _relay_py.UdpRelay}
@@ -49,86 +51,38 @@ def udp_socket(host: str = "127.0.0.1") -> socket.socket:
     return sock
 
 
-class FakeResolver:
-    """Answers from ``answers`` when told to (``release``), like the worker's from its pool."""
-
-    def __init__(self) -> None:
-        self.answers: dict[str, tuple] = {}
-        self.waiting: list = []
-
-    def resolve(self, name: str, port: int, callback) -> None:
-        self.waiting.append((name, port, callback))
-
-    def release(self) -> None:
-        waiting, self.waiting = self.waiting, []
-        for name, port, callback in waiting:
-            if name in self.answers:
-                callback(((socket.AF_INET6, (self.answers[name], port, 0, 0)),), None)
-            else:
-                callback(None, socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
-
-
-class FakeWorker:
-    def __init__(self, relay) -> None:
-        self.loop = Loop()
-        self.settings = SimpleNamespace(max_udp_per_worker=8, max_udp_per_client=8, udp_idle_timeout_s=0,
-                                        advertise=None)
-        self.udp_associations: dict = {}
-        self.udp_buffer = relay
-        self.resolver = FakeResolver()
-        self.ended: list[tuple[UdpAssociation, str]] = []
-
-    def udp_ended(self, association, how: str) -> None:
-        self.ended.append((association, how))
-
-    def run_until(self, predicate) -> None:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not predicate():
-            assert time.monotonic() < deadline, "the loop made no progress"
-            self.loop.run_once(0.02)
-
-
-class FakeSession:
-    """What UdpAssociation.start() uses of a session: the accepted TCP socket and the reply."""
-
-    def __init__(self, worker: FakeWorker, client: socket.socket) -> None:
-        self.sid = 1
-        self.worker = worker
-        self.client = client
-        self.request = Request(Command.UDP_ASSOCIATE, AddressType.IPV4, "0.0.0.0", 0)
-        self.started_s = time.monotonic()
-        self.conn = SimpleNamespace(send=lambda event: event)
-        self.replies: list = []
-
-    def describe(self) -> str:
-        return "client=127.0.0.1 cmd=udp_associate dest=0.0.0.0:0"
-
-    def reply_event(self, reply: Reply, host: str, port: int):
-        return (reply, host, port)
-
-    def send(self, reply) -> bool:
-        self.replies.append(reply)
-        return True
-
-    def fail(self, reply, why: str) -> None:
-        raise AssertionError(f"the association failed: {why}")
+UDP_ASSOCIATE_ANY = b"\x05\x01\x00" + b"\x05\x03\x00\x01" + bytes(6)  # greeting; from 0.0.0.0:0
+SETTINGS = Settings(workers=1, udp_idle_timeout_s=0)
 
 
 class Association:
-    """A started association (of ``cls``), its client's TCP and UDP sockets, its worker."""
+    """A started association (of ``cls``), its client's TCP and UDP sockets, its host."""
 
     def __init__(self, relay, cls=UdpAssociation) -> None:
-        self.worker = FakeWorker(relay)
+        self.host = FakeHost()
         with socket.create_server(("127.0.0.1", 0)) as server:
             self.control = socket.create_connection(server.getsockname())
-            accepted, _ = server.accept()
+            accepted, address = server.accept()
         accepted.setblocking(False)
-        self.session = FakeSession(self.worker, accepted)
-        self.association = cls(self.worker, self.session)
-        assert self.association.start(self.session)
-        (reply, host, port), = self.session.replies
-        assert reply == Reply.SUCCEEDED
+        env = Environment(SETTINGS, {}, lambda ip, port: False)
+        session = Session(self.host, env, 1, accepted, format_peer(address))
+        self.control.sendall(UDP_ASSOCIATE_ANY)
+        session.start()
+        self.host.run_until(lambda: self.host.outcomes)
+        (start,) = self.host.outcomes
+        assert isinstance(start, StartUdp), start
+        self.control.settimeout(TIMEOUT_S)
+        assert recv_exact(self.control, 2) == b"\x05\x00"
+        reply, host, port = read_socks5_reply(self.control)
+        assert reply == 0 and (host, port) == start.relay_sock.getsockname()
         self.relay_address = (host, port)
+        self.described = session.describe()
+        self.host.loop.add_reader(relay, relay.run)  # as the worker does, for its first association
+        self.association = cls(start, sid=session.sid, described=self.described, started_s=session.started_s,
+                               loop=self.host.loop, resolver=self.host.resolver, relay=relay,
+                               settings=SETTINGS, on_end=lambda a, how: self.host.ended.append((a, how)))
+        self.association.start()
+        self.relay = relay
         self.client = udp_socket()
 
     def send(self, host: str, port: int, payload: bytes) -> None:
@@ -138,7 +92,8 @@ class Association:
         self.association.end("eof")
         self.control.close()
         self.client.close()
-        self.worker.loop.close()
+        self.host.loop.remove(self.relay)
+        self.host.loop.close()
 
 
 @pytest.fixture
@@ -152,7 +107,7 @@ def associations(relay_cls):
     yield make
     for association in made:
         association.close()
-        association.worker.udp_buffer.close()
+        association.relay.close()
 
 
 def test_a_round_trip_and_every_fd_closed_at_the_end(relay_cls):
@@ -161,21 +116,22 @@ def test_a_round_trip_and_every_fd_closed_at_the_end(relay_cls):
     a = Association(relay)
     with udp_socket() as echo:
         a.send(*echo.getsockname(), b"ping")
-        a.worker.run_until(lambda: a.association.datagrams_up == 1)
+        a.host.run_until(lambda: a.association.datagrams_up == 1)
         data, proxy_side = echo.recvfrom(100)
         assert data == b"ping"
         echo.sendto(b"pong", proxy_side)
-        a.worker.run_until(lambda: a.association.datagrams_down == 1)
+        a.host.run_until(lambda: a.association.datagrams_down == 1)
         assert a.client.recv(100) == header(*echo.getsockname()) + b"pong"
     association = a.association
     assert (association.bytes_up, association.bytes_down, association.dropped) == (4, 4, 0)
     assert association.client_addr == a.client.getsockname()
     a.control.close()                       # the association ends with its TCP connection (§6)
-    a.worker.run_until(lambda: a.worker.ended)
-    assert a.worker.ended == [(association, "eof")]
+    a.host.run_until(lambda: a.host.ended)
+    assert a.host.ended == [(association, "eof")]
     assert association.datagrams_up == 1    # the access line still has its counters
     a.client.close()
-    a.worker.loop.close()
+    a.host.loop.remove(relay)
+    a.host.loop.close()
     assert set(os.listdir("/proc/self/fd")) == before
     relay.close()
 
@@ -195,7 +151,7 @@ def test_the_policy_hook_is_asked_once_per_destination(associations):
         for i in range(3):
             a.send(*allowed.getsockname(), b"yes %d" % i)
             a.send(*denied.getsockname(), b"no %d" % i)
-        a.worker.run_until(lambda: a.association.datagrams_up + a.association.dropped == 6)
+        a.host.run_until(lambda: a.association.datagrams_up + a.association.dropped == 6)
         assert [allowed.recv(100) for _ in range(3)] == [b"yes 0", b"yes 1", b"yes 2"]
         denied.settimeout(0.05)
         with pytest.raises(TimeoutError):
@@ -203,9 +159,9 @@ def test_the_policy_hook_is_asked_once_per_destination(associations):
         assert asked == [(socket.AF_INET, allowed.getsockname()), (socket.AF_INET, denied.getsockname())]
         assert (a.association.datagrams_up, a.association.dropped) == (3, 3)
 
-        a.association.forget_verdicts()       # the rules were reloaded
+        a.association.reload(SETTINGS)        # the rules were reloaded
         a.send(*allowed.getsockname(), b"after the reload")
-        a.worker.run_until(lambda: a.association.datagrams_up == 4)
+        a.host.run_until(lambda: a.association.datagrams_up == 4)
         assert allowed.recv(100) == b"after the reload"
         assert len(asked) == 3
 
@@ -221,14 +177,14 @@ def test_names_are_resolved_held_and_checked_with_their_address(associations, mo
 
     monkeypatch.setattr(UdpAssociation, "_judge", judge)
     a = associations()
-    resolver = a.worker.resolver
+    resolver = a.host.resolver
     resolver.answers["echo.test"] = "::ffff:127.0.0.1"   # mapped: checked and sent as IPv4
     with udp_socket() as echo:
         port = echo.getsockname()[1]
         for i in range(HOLD_PER_NAME + 2):
             a.send("echo.test", port, b"held %d" % i)
         a.send("nowhere.test", port, b"lost")
-        a.worker.run_until(lambda: len(resolver.waiting) == 2)
+        a.host.run_until(lambda: len(resolver.waiting) == 2)
         assert a.association.dropped == 2     # beyond what one name may hold
         resolver.release()
         assert [echo.recv(100) for _ in range(HOLD_PER_NAME)] == [b"held %d" % i for i in range(HOLD_PER_NAME)]
@@ -236,7 +192,7 @@ def test_names_are_resolved_held_and_checked_with_their_address(associations, mo
         assert (a.association.datagrams_up, a.association.dropped) == (HOLD_PER_NAME, 3)
         for i in range(2):
             a.send("127.0.0.1", port, b"by address %d" % i)
-        a.worker.run_until(lambda: a.association.datagrams_up == HOLD_PER_NAME + 2)
+        a.host.run_until(lambda: a.association.datagrams_up == HOLD_PER_NAME + 2)
         assert [echo.recv(100) for _ in range(2)] == [b"by address 0", b"by address 1"]
         assert asked[1:] == [(None, "127.0.0.1", port)]  # asked once, then cached
 
@@ -248,11 +204,11 @@ def test_a_foreign_source_is_warned_about_once(associations, caplog):
         for _ in range(3):
             intruder.sendto(header(*sink.getsockname()) + b"intruder", a.relay_address)
         a.send(*sink.getsockname(), b"client")
-        a.worker.run_until(lambda: a.association.datagrams_up == 1)
+        a.host.run_until(lambda: a.association.datagrams_up == 1)
         assert sink.recv(100) == b"client"
     assert a.association.dropped == 3
     warnings = [r.getMessage() for r in caplog.records if "dropped a datagram" in r.getMessage()]
-    assert warnings == [(f"{a.session.describe()} UDP: dropped a datagram from "
+    assert warnings == [(f"{a.described} UDP: dropped a datagram from "
                          f"127.0.0.2:{intruder_port}, the association is for 127.0.0.1:0")]
 
 

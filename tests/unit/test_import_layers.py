@@ -83,14 +83,15 @@ def test_protocol_and_policy_are_pure(path: Path) -> None:
 # DESIGN.md §3: cli -> master -> worker -> session -> protocol; a module may import only
 # modules of a lower rank (imports under ``if TYPE_CHECKING:`` are for annotations only).
 RANKS = {
-    "errors": 0, "__init__": 0, "__main__": 6,
+    "errors": 0, "__init__": 0, "__main__": 7,
     "protocol": 1, "settings": 1, "stats": 1, "logs": 1, "loop": 1, "resolver": 1,
     "_relay": 1, "_relay_py": 1, "users": 1, "auth": 1,  # auth imports users only for annotations
-    "policy": 0, "limits": 1, "config": 2,
-    "listeners": 2, "session": 2, "udp": 2,  # udp sits beside session: only the worker imports it
-    "worker": 3,
-    "master": 4, "bench": 4,
-    "cli": 5, "explain": 5,
+    "policy": 0, "limits": 1, "config": 2, "access": 1, "host": 1,
+    "admission": 2, "bind": 2,  # bind is the session's BIND phase
+    "listeners": 3, "session": 3, "udp": 3,  # udp sits beside session: only the worker imports it
+    "worker": 4,
+    "master": 5, "bench": 5,
+    "cli": 6, "explain": 6,
 }
 
 
@@ -168,3 +169,34 @@ def test_layer_check_catches_an_upward_import(tmp_path: Path) -> None:
 def test_checker_catches_bad_imports(source: str, bad: bool) -> None:
     names = imported_names(source, "fastsocks.protocol.example")
     assert any(violation(name) for name in names) is bad, names
+
+
+# Calls go down only: below the worker, nothing names Worker, not even in an annotation
+# (a session reaches its worker through host.SessionHost alone).
+BELOW_WORKER = [p for p in TOP_LEVEL if RANKS[p.stem] < RANKS["worker"]]
+
+
+def names_the_worker(path: Path) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Name) and node.id == "Worker":
+            found.append(f"line {node.lineno}: Worker")
+        elif isinstance(node, ast.Attribute) and node.attr == "worker":
+            found.append(f"line {node.lineno}: .worker")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.endswith("worker"):
+            found.append(f"line {node.lineno}: imports {node.module}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value == "Worker":
+            found.append(f"line {node.lineno}: 'Worker'")  # a string annotation
+    return found
+
+
+@pytest.mark.parametrize("path", BELOW_WORKER, ids=lambda p: p.name)
+def test_nothing_below_the_worker_names_it(path: Path) -> None:
+    assert names_the_worker(path) == [], f"{path.name} reaches up to the worker"
+
+
+def test_the_call_direction_check_catches_a_breach(tmp_path: Path) -> None:
+    bad = tmp_path / "session.py"
+    bad.write_text("if TYPE_CHECKING:\n    from fastsocks.worker import Worker\n"
+                   "def f(s):\n    s.worker.loop\n")
+    assert names_the_worker(bad) == ["line 2: imports fastsocks.worker", "line 4: .worker"]

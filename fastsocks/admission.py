@@ -1,0 +1,143 @@
+"""Who gets in, and how many: one worker's door.
+
+Theory of operation
+-------------------
+``at_accept`` runs before a client has sent a byte: the rules that deny a client whatever
+it asks close it there, and so does the failed-login block; otherwise, when any cap or
+the block is on, its session is counted (limits.py, across workers) from then on. The
+caps are judged by ``admit`` once the request has arrived (the user is known by then,
+and the count includes the session itself), with the UDP association caps of this worker
+for UDP ASSOCIATE; ``closed`` uncounts a session however it ended. ``login_failed``
+counts an RFC 1929 refusal and blocks the address on every worker after too many.
+
+Admission writes the line of a client closed at accept and the failed-login warnings;
+it knows no socket.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from typing import NamedTuple
+
+from fastsocks import access
+from fastsocks.limits import SharedLimits
+from fastsocks.policy import IPAddress, unmapped
+from fastsocks.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Counted(NamedTuple):
+    """A session's buckets in limits.py: its client's, and its user's once one is counted."""
+    client: tuple[int, int]
+    user: tuple[int, int] | None = None
+
+
+class Admission:
+    def __init__(self, slot: int, settings: Settings, limits: SharedLimits | None) -> None:
+        self.slot = slot
+        self.settings = settings  # replaced on reload: new sessions follow the new caps
+        self.limits = limits
+        self.counted: dict[int, Counted] = {}   # sid -> its buckets, while it lives
+        self.udp_clients: dict[int, str] = {}   # sid -> client IP of each live UDP association
+        self.failures = 0                       # failed logins in this worker
+
+    @property
+    def caps_on(self) -> bool:
+        s = self.settings
+        return bool(s.max_sessions or s.max_sessions_per_worker or s.max_sessions_per_client
+                    or s.max_sessions_per_user)
+
+    def at_accept(self, sid: int, peer: str, peer_ip: str) -> tuple[bool, IPAddress | None]:
+        """(let in, the client's address where it had to be parsed). Closed at accept: a
+        client every rule path denies, and one blocked for failed logins."""
+        settings = self.settings
+        counting = self.limits is not None and (self.caps_on or "userpass" in settings.methods)
+        if not settings.policy.rules and settings.policy.default_allow and not counting:
+            return True, None  # nothing to judge or count: the address is parsed if needed later
+        ip = unmapped(ipaddress.ip_address(peer_ip.partition("%")[0]))
+        verdict = settings.policy.at_accept(ip)
+        if verdict is not None and not verdict.allowed:
+            access.closed_at_accept(peer, verdict)
+            return False, ip
+        if not counting:
+            return True, ip
+        buckets = self.limits.buckets(ip.packed)
+        blocked_ms = self.limits.blocked_until(buckets)
+        if blocked_ms and blocked_ms > _now_ms():
+            log.debug("client=%s closed at accept: blocked for %.0f s more after failed logins",
+                      peer, (blocked_ms - _now_ms()) / 1000)
+            return False, ip
+        self.limits.open_session(self.slot, buckets)
+        self.counted[sid] = Counted(buckets)
+        return True, ip
+
+    def admit(self, sid: int, user: bytes, command: str, client_ip: str) -> str | None:
+        """Why this request is over a cap, or None. The session has been counted since
+        accept, so a count above the cap includes it."""
+        refusal = self._over_session_cap(sid, user)
+        if refusal is None and command == "udp":
+            refusal = self._over_udp_cap(client_ip)
+        return refusal
+
+    def _over_session_cap(self, sid: int, user: bytes) -> str | None:
+        counted = self.counted.get(sid)
+        if counted is None or not self.caps_on:
+            return None
+        s, limits = self.settings, self.limits
+        if s.max_sessions_per_worker and limits.of_worker(self.slot) > s.max_sessions_per_worker:
+            return f"over max_sessions_per_worker ({s.max_sessions_per_worker})"
+        if s.max_sessions and limits.total() > s.max_sessions:
+            return f"over max_sessions ({s.max_sessions})"
+        if s.max_sessions_per_client and limits.of_client(counted.client) > s.max_sessions_per_client:
+            return f"over max_sessions_per_client ({s.max_sessions_per_client})"
+        if user and s.max_sessions_per_user:
+            user_key = limits.buckets(b"user:" + user)
+            limits.add_user(self.slot, user_key)
+            self.counted[sid] = counted._replace(user=user_key)
+            if limits.of_user(user_key) > s.max_sessions_per_user:
+                return f"over max_sessions_per_user ({s.max_sessions_per_user})"
+        return None
+
+    def _over_udp_cap(self, client_ip: str) -> str | None:
+        s, live = self.settings, self.udp_clients
+        if len(live) >= s.max_udp_per_worker:
+            return f"UDP ASSOCIATE refused: {len(live)} associations in this worker (--max-udp-per-worker)"
+        mine = sum(1 for ip in live.values() if ip == client_ip)
+        if mine >= s.max_udp_per_client:
+            return f"UDP ASSOCIATE refused: {mine} associations for {client_ip} (--max-udp-per-client)"
+        return None
+
+    def udp_started(self, sid: int, client_ip: str) -> None:
+        self.udp_clients[sid] = client_ip
+
+    def closed(self, sid: int) -> None:
+        """A session, relay or association ended: it counts no more."""
+        self.udp_clients.pop(sid, None)
+        counted = self.counted.pop(sid, None)
+        if counted is not None:
+            self.limits.close_session(self.slot, *counted)
+
+    def login_failed(self, sid: int, peer: str, client_ip, username: bytes) -> None:
+        """Logged and counted; too many failures from one IP block it for a while, on
+        every worker (limits.py)."""
+        self.failures += 1
+        s = self.settings
+        log.warning("client=%s authentication failed for user %r", peer,
+                    username.decode("utf-8", "backslashreplace"))
+        counted = self.counted.get(sid)
+        if counted is None or self.limits is None or not s.auth_block_s:
+            return
+        now = _now_ms()
+        failures = self.limits.note_failure(self.slot, counted.client, now, int(s.auth_failure_window_s * 1000))
+        if failures >= s.auth_max_failures:
+            self.limits.block(self.slot, counted.client, now + int(s.auth_block_s * 1000))
+            log.warning("client=%s blocked for %.0f s after %d failed logins in %.0f s", client_ip,
+                        s.auth_block_s, failures, s.auth_failure_window_s)
+
+
+def _now_ms() -> int:
+    """CLOCK_MONOTONIC in ms: the same clock in every process, for limits.py."""
+    return int(time.monotonic() * 1000)
