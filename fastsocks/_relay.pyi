@@ -8,10 +8,7 @@ import socket
 from collections.abc import Buffer
 from typing import Protocol
 
-REASONS: tuple[str, str, str, str]
-
-# (tag, bytes_up, bytes_down, reason, errno); reason is one of REASONS.
-Ended = tuple[int, int, int, str, int]
+from fastsocks._relay_types import REASONS as REASONS, Ended as Ended
 
 class RelayEngine:
     def __init__(

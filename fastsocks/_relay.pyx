@@ -58,7 +58,7 @@ cdef enum:
 
 cdef uint32_t EV_FLAGS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 
-REASONS = ("eof", "error", "idle", "shutdown")
+from fastsocks._relay_types import REASONS, Ended
 
 # Bits that record "the peer has shut down its write side" per fd: after that the
 # short-read shortcut is off and we read until EOF.
@@ -213,7 +213,7 @@ cdef class RelayEngine:
     def run(self):
         """Move the data of every ready session; return the sessions that ended.
 
-        Each ended session is a tuple ``(tag, bytes_up, bytes_down, reason, errno)``
+        Each ended session is an ``Ended(tag, bytes_up, bytes_down, reason, errno)``
         with reason one of "eof", "error", "idle", "shutdown".
         """
         if self.epfd < 0:
@@ -539,8 +539,8 @@ cdef class RelayEngine:
         cdef Session *s
         while idx >= 0:
             s = &self.slots[idx]
-            ended.append((s.tag, s.dir[0].nbytes, s.dir[1].nbytes,
-                          REASONS[s.end_reason], s.end_errno))
+            ended.append(Ended(s.tag, s.dir[0].nbytes, s.dir[1].nbytes,
+                               REASONS[s.end_reason], s.end_errno))
             self.finished_head = s.next
             s.state = SLOT_FREE
             s.gen += 1

@@ -12,7 +12,8 @@ import select
 import socket
 import time
 
-REASONS = ("eof", "error", "idle", "shutdown")
+from fastsocks._relay_types import REASONS, Ended
+
 _EOF, _ERROR, _IDLE, _SHUTDOWN = REASONS
 
 
@@ -176,10 +177,10 @@ class RelayEngine:
             self._by_fd.pop(sock.fileno(), None)
             sock.close()  # closing removes it from the epoll set
         up, down = (direction.nbytes for direction in session.dirs)
-        return (session.tag, up, down, reason, err)
+        return Ended(session.tag, up, down, reason, err)
 
 
-__all__ = ["RelayEngine", "REASONS"]
+__all__ = ["RelayEngine", "REASONS", "Ended"]
 
 
 # ====================================================================== SOCKS5 UDP header

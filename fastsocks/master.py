@@ -181,7 +181,7 @@ class Master:
                  f" {settings.config_path}" if settings.config_path else "", len(settings.policy.rules),
                  "allow" if settings.policy.default_allow else "deny",
                  f", {len(users)} users in {settings.users_file}" if users is not None else "")
-        self.stop_workers(signal.SIGHUP)
+        self.reload_workers()
 
     def handle_chld(self) -> None:
         pass  # reap_workers runs after every wake-up
@@ -286,6 +286,11 @@ class Master:
         for slot in range(self.settings.workers):
             if slot not in running and now >= self.respawn_at_s[slot]:
                 self.spawn_worker(slot)
+
+    def reload_workers(self) -> None:
+        """Each worker re-reads the files (validated here first) for its new sessions."""
+        for pid in list(self.workers):
+            self.signal_worker(pid, signal.SIGHUP)
 
     def stop_workers(self, signum: int) -> None:
         for pid in list(self.workers):

@@ -47,6 +47,7 @@ from fastsocks.users import UserDB, load_users
 
 if TYPE_CHECKING:
     from fastsocks._relay import UdpRelay
+    from fastsocks._relay_types import Ended
     from fastsocks.limits import SharedLimits
     from fastsocks.udp import UdpAssociation
 
@@ -336,13 +337,11 @@ class Worker:
         self.admission.closed(session.sid)
         access.session_failed(session.describe(), failed.reply, session.started_s, failed.why)
 
-    def session_ended(self, ended: tuple) -> None:
-        sid, up, down, reason, err = ended
-        self.admission.closed(sid)
-        described, started_s = self.relayed.pop(sid, ("client=? cmd=connect dest=?", time.monotonic()))
-        if reason == "error":
-            reason = f"error:{errno.errorcode.get(err, err)}"
-        access.relay_ended(described, started_s, up, down, reason)
+    def session_ended(self, ended: Ended) -> None:
+        self.admission.closed(ended.tag)
+        described, started_s = self.relayed.pop(ended.tag, ("client=? cmd=connect dest=?", time.monotonic()))
+        end = f"error:{errno.errorcode.get(ended.errno, ended.errno)}" if ended.reason == "error" else ended.reason
+        access.relay_ended(described, started_s, ended.bytes_up, ended.bytes_down, end)
 
     def on_engine_ready(self) -> None:
         for ended in self.engine.run():

@@ -217,7 +217,7 @@ def test_relayed_sessions_leak_no_fd_in_the_worker(start_server, echo_target):
     server = start_server("--workers", "1")
     (worker,) = server.wait_workers(1)
     assert fetch_echo(server.address, echo_target) == b"ping"   # warm up lazily made fds
-    time.sleep(0.2)
+    server.wait_for_log("fastsocks.access")                    # and its session is closed
     before = psutil.Process(worker).num_fds()
     for i in range(100):
         payload = os.urandom(100_000 if i % 10 == 0 else 64)

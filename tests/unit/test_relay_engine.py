@@ -41,7 +41,7 @@ class Relay:
         upstream_side, self.app_upstream = tcp_pair()
         for sock in (client_side, upstream_side):
             sock.setblocking(False)
-        self.ended: list[tuple] = []
+        self.ended: list = []  # Ended values
         engine.add(client_side.detach(), upstream_side.detach(), tag, initial)
 
     def pump(self, until, timeout_s: float = 20.0) -> None:
@@ -168,7 +168,7 @@ def test_pipelined_initial_data_goes_first(engine_cls):
     relay.pump(got_all)
     relay.close_apps()
     relay.pump(lambda: relay.ended)
-    assert relay.ended[0][1] == 18
+    assert relay.ended[0].bytes_up == 18
     engine.close()
 
 
@@ -219,7 +219,7 @@ def test_backpressure_buffers_nothing_unbounded(engine_cls):
     assert sent < (64 << 20), f"{sent} bytes taken while the destination read nothing"
     relay.close_apps()
     relay.pump(lambda: relay.ended)
-    assert relay.ended[0][3] in ("error", "eof")
+    assert relay.ended[0].reason in ("error", "eof")
     engine.close()
 
 
@@ -227,11 +227,12 @@ def test_reset_by_peer_ends_with_error(engine_cls):
     engine = engine_cls()
     relay = Relay(engine)
     relay.app_client.sendall(b"data that the upstream never reads")
-    time.sleep(0.05)
+    relay.app_upstream.setblocking(False)
+    relay.pump(lambda: _readable(relay.app_upstream))   # relayed, and left unread
     relay.app_upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     relay.app_upstream.close()                  # RST
     relay.pump(lambda: relay.ended)
-    assert relay.ended[0][3] == "error"
+    assert relay.ended[0].reason == "error"
     relay.app_client.close()
     engine.close()
 
@@ -242,7 +243,7 @@ def test_idle_sessions_expire_and_peers_see_eof(engine_cls):
     time.sleep(0.1)
     relay.ended.extend(engine.run())
     relay.ended.extend(engine.expire_idle())
-    assert [e[3] for e in relay.ended] == ["idle"]
+    assert [e.reason for e in relay.ended] == ["idle"]
     relay.app_client.settimeout(5)
     assert relay.app_client.recv(10) == b""
     relay.close_apps()
@@ -280,3 +281,10 @@ def test_many_sessions_finish_without_fd_leak(engine_cls):
     assert engine.active == 0
     engine.close()
     assert fd_count() == before
+
+
+def _readable(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:
+        return False
