@@ -75,7 +75,7 @@ def kernel_text(host: str) -> tuple[int, str]:
 class Session:
     __slots__ = ("host", "env", "loop", "sid", "client", "peer", "conn", "upstream", "request",
                  "candidates", "timer", "last_errno", "deadline_s", "started_s", "over", "bind_wait",
-                 "username", "checking", "client_ip", "denial")
+                 "username", "client_ip", "denial")
 
     def __init__(self, host: SessionHost, env: Environment, sid: int, client: socket.socket, peer: str,
                  client_ip=None) -> None:
@@ -89,7 +89,6 @@ class Session:
         self.upstream: socket.socket | None = None
         self.bind_wait: BindWait | None = None          # BIND only, while it waits for the peer
         self.username = b""                             # SOCKS5 user, once authenticated
-        self.checking = False                           # a password check is under way
         self.client_ip = client_ip                      # ipaddress, unmapped, once parsed
         self.denial: str | None = None                  # why the last address was refused
         self.request: socks5.Request | socks4.Request | None = None
@@ -149,18 +148,17 @@ class Session:
 
     def handshake(self) -> None:
         while not self.over:
-            if self.conn.state is socks5.State.AUTH:
-                self.authenticate()
-                return  # the check's result carries the handshake on
             try:
                 event = self.conn.next_event()
             except ProtocolError as exc:
                 self.protocol_failure(exc)
                 return
             if event is socks5.NEED_DATA:
-                return
+                return  # more bytes, or our turn (a password check under way)
             if isinstance(event, socks5.Greeting):
                 self.answer_greeting(event)
+            elif isinstance(event, userpass.Credentials):
+                self.check_credentials(event)
             else:  # a SOCKS5 or SOCKS4 request: the handshake is over
                 self.answer_request(event)
                 return
@@ -176,38 +174,22 @@ class Session:
         self.finish(None, f"no acceptable authentication method in {list(greeting.methods)} "
                           f"(this server accepts {', '.join(names)})")
 
-    def authenticate(self) -> None:
-        """RFC 1929: parse the credentials from what the client sent after the method
-        selection, and check them off the loop; one check at a time."""
-        if self.checking:
-            return
-        try:
-            parsed = userpass.parse_request(*self.conn.trailing_data)
-        except ProtocolError as exc:
-            if exc.reply is None or self.send(userpass.encode_reply(False)):
-                self.finish(None, f"protocol error: {exc}")
-            return
-        if parsed is socks5.NEED_DATA:
-            return
-        credentials, consumed = parsed
-        self.checking = True
+    def check_credentials(self, credentials: userpass.Credentials) -> None:
+        """RFC 1929: the check runs off the loop; the protocol waits for its response."""
         self.host.auth.verify(credentials.username, credentials.password,
-                              lambda ok: self.on_auth_checked(ok, credentials.username, consumed))
+                              lambda ok: self.on_auth_checked(ok, credentials.username))
 
     @entry_point
-    def on_auth_checked(self, ok: bool, username: bytes, consumed: int) -> None:
-        self.checking = False
+    def on_auth_checked(self, ok: bool, username: bytes) -> None:
         if self.over:
             return
         self.username = username
-        if not ok:
-            if self.send(userpass.encode_reply(False)):
-                # RFC 1929 §2: MUST close
-                self.finish(None, "authentication failed", failed_login=username)
+        if not self.send(self.conn.send(userpass.AuthResponse(ok))):
             return
-        if self.send(userpass.encode_reply(True)):
-            self.conn.auth_done(consumed)
+        if ok:
             self.handshake()  # a request pipelined behind the credentials parses now
+        else:
+            self.finish(None, "authentication failed", failed_login=username)  # RFC 1929 §2: MUST close
 
     def answer_request(self, request: socks5.Request | socks4.Request) -> None:
         self.request = request
@@ -235,7 +217,8 @@ class Session:
         refusal = self.conn.refusal()
         if refusal is not None and not self.send(self.conn.send(refusal)):
             return
-        self.finish(exc.reply, f"protocol error: {exc}")
+        # The access line names SOCKS replies; a refused sub-negotiation has none.
+        self.finish(None if isinstance(refusal, userpass.AuthResponse) else exc.reply, f"protocol error: {exc}")
 
     @entry_point
     def on_handshake_timeout(self) -> None:

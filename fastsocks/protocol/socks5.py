@@ -15,7 +15,10 @@ two, the method selection (§3) and the reply (§6; BIND gets a second one,
     AWAIT_METHOD_SELECTION ──send MethodSelection(NO_AUTH)──────> AWAIT_REQUEST
                            ──send MethodSelection(NO_ACCEPTABLE)─> CLOSED
                            ──send MethodSelection(any other)─────> AUTH
-    AUTH ──auth_done(consumed_bytes)──> AWAIT_REQUEST
+    AUTH (USERNAME_PASSWORD) ──Credentials received (RFC 1929)──> AWAIT_AUTH_RESPONSE
+    AWAIT_AUTH_RESPONSE ──send AuthResponse(ok=True)───> AWAIT_REQUEST
+                        ──send AuthResponse(ok=False)──> CLOSED   (RFC 1929 §2: MUST close)
+    AUTH (another method) ──auth_done(consumed_bytes)──> AWAIT_REQUEST
     AWAIT_REQUEST ──Request received──> REQUEST_RECEIVED
     REQUEST_RECEIVED ──send CommandReply(SUCCEEDED), BIND──> AWAIT_BIND_PEER
                      ──send CommandReply(SUCCEEDED)───────> ESTABLISHED
@@ -24,16 +27,18 @@ two, the method selection (§3) and the reply (§6; BIND gets a second one,
                     ──send CommandReply(failure)────> CLOSED
     any live state ──the client breaks the protocol──> ERROR ──send the refusal──> CLOSED
 
-``next_event()`` parses only in AWAIT_GREETING and AWAIT_REQUEST. In every
+``next_event()`` parses only in AWAIT_GREETING, AWAIT_REQUEST and, once
+USERNAME_PASSWORD is selected, AUTH (the credentials, read by ``userpass``). In every
 other live state it returns ``NEED_DATA``: it is our turn, or the handshake is
 over and what the client sends is payload, left in ``trailing_data`` to be
-relayed. In CLOSED it raises ``LocalProtocolError``; in ERROR it raises the
+relayed. Another method's sub-negotiation is read from ``trailing_data`` by its own
+code, which calls ``auth_done(consumed_bytes)`` when it succeeds. In CLOSED it raises ``LocalProtocolError``; in ERROR it raises the
 client's ``ProtocolError`` again.
 
 A ``ProtocolError`` carries the code to answer with, or None when there is no
 way to answer. After one, ``send()`` accepts exactly that kind of refusal once
-(``MethodSelection(NO_ACCEPTABLE)`` for a greeting, a failed ``CommandReply``
-for a request), then the connection is CLOSED.
+(``MethodSelection(NO_ACCEPTABLE)`` for a greeting, ``AuthResponse(ok=False)`` for
+credentials, a failed ``CommandReply`` for a request), then the connection is CLOSED.
 
 The checks run in one fixed order, each as soon as the bytes it needs are
 buffered, so the same input gives the same events and errors whether it comes
@@ -58,6 +63,9 @@ from dataclasses import dataclass
 from typing import Callable, Final
 
 from fastsocks.errors import LocalProtocolError, ProtocolError
+from fastsocks.protocol import userpass
+from fastsocks.protocol.common import NEED_DATA, _NeedData
+from fastsocks.protocol.userpass import AuthResponse, Credentials
 
 SOCKS_VERSION: Final = 5
 MAX_GREETING_BYTES: Final = 2 + 255  # VER NMETHODS METHODS(1..255), RFC 1928 §3
@@ -129,23 +137,13 @@ class State(enum.Enum):
     AWAIT_GREETING = enum.auto()
     AWAIT_METHOD_SELECTION = enum.auto()
     AUTH = enum.auto()
+    AWAIT_AUTH_RESPONSE = enum.auto()
     AWAIT_REQUEST = enum.auto()
     REQUEST_RECEIVED = enum.auto()
     AWAIT_BIND_PEER = enum.auto()
     ESTABLISHED = enum.auto()
     CLOSED = enum.auto()
     ERROR = enum.auto()
-
-
-class _NeedData:
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA: Final = _NeedData()
-"""Returned by ``next_event()`` when no event can be produced yet."""
 
 
 # --- events -----------------------------------------------------------------
@@ -388,6 +386,7 @@ class ServerConnection:
         self._eof = False
         self._state = State.AWAIT_GREETING
         self._offered: tuple[int, ...] = ()
+        self._method: int | None = None  # the one selected
         self._command: Command | None = None
         self._error: ProtocolError | None = None
         self._refusal: type[MethodSelection] | type[CommandReply] | None = None
@@ -419,12 +418,14 @@ class ServerConnection:
             )
         self._buffer += data
 
-    def next_event(self) -> Greeting | Request | _NeedData:
+    def next_event(self) -> Greeting | Credentials | Request | _NeedData:
         """The next message from the client, or NEED_DATA; raises ProtocolError."""
         if self._state is State.CLOSED:
             raise LocalProtocolError("next_event() called on a closed connection")
         if self._error is not None:
             raise ProtocolError(str(self._error), self._error.reply)
+        if self._state is State.AUTH and self._method == Method.USERNAME_PASSWORD:
+            return self._next_credentials()
         if self._state not in _READERS:
             return NEED_DATA
         read, next_state, message = _READERS[self._state]
@@ -442,7 +443,19 @@ class ServerConnection:
         self._state = next_state
         return event
 
-    def send(self, event: MethodSelection | CommandReply) -> bytes:
+    def _next_credentials(self) -> Credentials | _NeedData:
+        try:
+            parsed = userpass.parse_request(self._buffer, self._eof)
+        except ProtocolError as error:
+            raise self._fail(error) from None
+        if parsed is NEED_DATA:
+            return NEED_DATA
+        credentials, consumed = parsed
+        del self._buffer[:consumed]
+        self._state = State.AWAIT_AUTH_RESPONSE
+        return credentials
+
+    def send(self, event: MethodSelection | AuthResponse | CommandReply) -> bytes:
         """The bytes for ``event``; raises LocalProtocolError if it is not our turn."""
         # Encode first: it validates the fields the transition looks at.
         if isinstance(event, MethodSelection):
@@ -451,12 +464,15 @@ class ServerConnection:
         elif isinstance(event, CommandReply):
             data = _encode_command_reply(event)
             next_state = self._after_command_reply(event)
+        elif isinstance(event, AuthResponse):
+            data = userpass.encode_reply(event.ok)
+            next_state = self._after_auth_response(event)
         else:
             raise TypeError(f"cannot send {event!r}")
         self._state = next_state
         return data
 
-    def refusal(self) -> MethodSelection | CommandReply | None:
+    def refusal(self) -> MethodSelection | AuthResponse | CommandReply | None:
         """After next_event() raised a ProtocolError: the event that answers it.
 
         None when the protocol has no answer at that point (reply None, e.g. a bad
@@ -466,16 +482,21 @@ class ServerConnection:
             return None
         if self._refusal is MethodSelection:
             return MethodSelection(Method.NO_ACCEPTABLE)
+        if self._refusal is AuthResponse:
+            return AuthResponse(ok=False)
         return CommandReply(self._error.reply)
 
     def auth_done(self, consumed_bytes: int) -> None:
         """The method's sub-negotiation (§3) succeeded and used ``consumed_bytes``.
 
-        The sub-negotiation is parsed elsewhere, from ``trailing_data``; the
-        bytes after it are the request, which this connection parses next.
+        For a method other than USERNAME_PASSWORD (which this connection reads itself):
+        its sub-negotiation is parsed elsewhere, from ``trailing_data``; the bytes after
+        it are the request, which this connection parses next.
         """
-        if self._state is not State.AUTH:
-            raise LocalProtocolError(f"auth_done() called in state {self._state.name}")
+        if self._state is not State.AUTH or self._method == Method.USERNAME_PASSWORD:
+            raise LocalProtocolError(f"auth_done() called in state {self._state.name}"
+                                     + (" (username/password answers with AuthResponse)"
+                                        if self._state is State.AUTH else ""))
         if not 0 <= consumed_bytes <= len(self._buffer):
             raise LocalProtocolError(
                 f"auth_done(): consumed_bytes must be 0-{len(self._buffer)}, got {consumed_bytes}"
@@ -500,7 +521,15 @@ class ServerConnection:
             return State.CLOSED
         # §3: the server selects from the methods given in METHODS.
         self._require(event.method in self._offered, f"method {event.method:#04x} was not offered")
+        self._method = event.method
         return State.AWAIT_REQUEST if event.method == Method.NO_AUTH else State.AUTH
+
+    def _after_auth_response(self, event: AuthResponse) -> State:
+        if self._owes_refusal(AuthResponse):
+            self._require(not event.ok, "bad credentials can only be answered with a failure")
+            return State.CLOSED
+        self._require_state(event, State.AWAIT_AUTH_RESPONSE)
+        return State.AWAIT_REQUEST if event.ok else State.CLOSED
 
     def _after_command_reply(self, event: CommandReply) -> State:
         succeeded = event.reply == Reply.SUCCEEDED
@@ -534,7 +563,9 @@ class ServerConnection:
             self._state = State.ERROR
         return error
 
-    def _refusal_for(self, error: ProtocolError) -> type[MethodSelection] | type[CommandReply] | None:
+    def _refusal_for(self, error: ProtocolError) -> type[MethodSelection | AuthResponse | CommandReply] | None:
         if error.reply is None:
             return None
-        return MethodSelection if self._state is State.AWAIT_GREETING else CommandReply
+        if self._state is State.AWAIT_GREETING:
+            return MethodSelection
+        return AuthResponse if self._state is State.AUTH else CommandReply

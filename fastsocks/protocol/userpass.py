@@ -3,25 +3,18 @@
 Theory of operation
 -------------------
 After the server selects method 0x02 (``MethodSelection(Method.USERNAME_PASSWORD)``),
-the ``socks5.ServerConnection`` is in state AUTH: it keeps buffering what the client
-sends but parses nothing. The sub-negotiation is one message each way (RFC 1929 §2),
-the client's request and our status reply, so it needs no state of its own: it is
-parsed straight from the connection's buffer, which stays the one owner of the bytes::
+the ``socks5.ServerConnection`` reads the sub-negotiation itself, with ``parse_request``
+from here: one message each way (RFC 1929 §2), so the connection's states carry it::
 
-    # every time bytes arrive while conn.state is State.AUTH (and no check is pending):
-    result = userpass.parse_request(*conn.trailing_data)    # may raise ProtocolError
-    if result is NEED_DATA:
-        return                                               # read more
-    credentials, consumed_bytes = result
-    # ... verify off the loop (fastsocks.auth), then on success:
-    send(userpass.encode_reply(True))
-    conn.auth_done(consumed_bytes)       # the request pipelined behind it parses next
-    # ... or on failure:
-    send(userpass.encode_reply(False))   # and close: RFC 1929 §2 says MUST
+    event = conn.next_event()            # in AUTH: Credentials, or NEED_DATA
+    # ... verify off the loop (fastsocks.auth), then:
+    send(conn.send(AuthResponse(ok=True)))   # the request pipelined behind it parses next
+    # ... or:
+    send(conn.send(AuthResponse(ok=False)))  # and close: RFC 1929 §2 says MUST
 
 ``parse_request`` reads only the request at the start of the buffer and reports how
 many bytes it used; everything after it (a pipelining client's SOCKS5 request, even
-payload) stays in the connection's buffer for ``auth_done(consumed_bytes)`` to hand on.
+payload) stays in the connection's buffer.
 
 The checks run in one fixed order, each as soon as the byte it needs is buffered (VER,
 ULEN, PLEN), so the same bytes give the same result whole, byte by byte or split
@@ -37,7 +30,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from fastsocks.errors import ProtocolError
-from fastsocks.protocol.socks5 import NEED_DATA, _NeedData
+from fastsocks.protocol.common import NEED_DATA, _NeedData
 
 SUBNEGOTIATION_VERSION: Final = 0x01
 MAX_FIELD_BYTES: Final = 255  # ULEN and PLEN are one octet each, RFC 1929 §2
@@ -64,6 +57,13 @@ class Credentials:
 
     def __repr__(self) -> str:
         return f"Credentials(username={self.username!r}, password=<hidden>)"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResponse:
+    """To send: the result of checking the credentials (STATUS, RFC 1929 §2)."""
+
+    ok: bool
 
 
 class _Incomplete(Exception):

@@ -21,6 +21,7 @@ from fastsocks.protocol import (
 from fastsocks.protocol.socks5 import AddressType, Command
 from fastsocks.protocol.userpass import (
     MAX_REQUEST_BYTES,
+    AuthResponse,
     Credentials,
     Status,
     encode_reply,
@@ -168,43 +169,71 @@ GREETING_USERPASS = b"\x05\x01\x02"
 REQUEST = b"\x05\x01\x00\x01\x7f\x00\x00\x01\x00\x50"
 
 
-def session_handshake(chunks: list[bytes]) -> tuple[list[object], bytes]:
-    """Drive ServerConnection + parse_request the way the session must; return events and payload."""
+def session_handshake(chunks: list[bytes], ok: bool = True) -> tuple[list[object], ServerConnection]:
+    """Drive ServerConnection the way the session does: the credentials are an event,
+    answered with AuthResponse; return the events and what was sent, and the connection."""
     conn = ServerConnection()
     events: list[object] = []
     for chunk in chunks:
         conn.receive_data(chunk)
-        while True:
-            if conn.state is State.AUTH:
-                result = parse_request(*conn.trailing_data)
-                if result is NEED_DATA:
-                    break
-                credentials, consumed = result
-                events.append(credentials)
-                events.append(encode_reply(True))
-                conn.auth_done(consumed)
+        while conn.state is not State.CLOSED:
             event = conn.next_event()
             if event is NEED_DATA:
                 break
             events.append(event)
             if isinstance(event, Greeting):
                 conn.send(MethodSelection(Method.USERNAME_PASSWORD))
-    assert conn.state is State.REQUEST_RECEIVED
-    return events, conn.trailing_data[0]
+            elif isinstance(event, Credentials):
+                assert conn.state is State.AWAIT_AUTH_RESPONSE
+                assert conn.next_event() is NEED_DATA  # our turn: nothing parses meanwhile
+                events.append(conn.send(AuthResponse(ok)))
+    return events, conn
 
 
 @pytest.mark.parametrize("mode", ["whole", "bytewise"])
 def test_pipelined_socks5_request_survives_the_subnegotiation(mode: str) -> None:
     data = GREETING_USERPASS + b"\x01\x05alice\x06secret" + REQUEST + b"GET / HTTP/1.0\r\n\r\n"
     chunks = [data] if mode == "whole" else [data[i : i + 1] for i in range(len(data))]
-    events, payload = session_handshake(chunks)
+    events, conn = session_handshake(chunks)
     assert events == [
         Greeting((Method.USERNAME_PASSWORD,)),
         Credentials(b"alice", b"secret"),
         b"\x01\x00",
         Request(Command.CONNECT, AddressType.IPV4, "127.0.0.1", 80),
     ]
-    assert payload == b"GET / HTTP/1.0\r\n\r\n"
+    assert conn.state is State.REQUEST_RECEIVED
+    assert conn.trailing_data[0] == b"GET / HTTP/1.0\r\n\r\n"
+
+
+def test_refused_credentials_close_the_connection() -> None:
+    events, conn = session_handshake([GREETING_USERPASS + b"\x01\x05alice\x05wrong" + REQUEST], ok=False)
+    assert events[-1] == b"\x01\x01"
+    assert conn.state is State.CLOSED  # RFC 1929 §2: the server MUST close
+
+
+@pytest.mark.parametrize(("credentials", "refusal"), [
+    (b"\x01\x00", AuthResponse(ok=False)),  # ULEN 0: the client speaks RFC 1929, and is told
+    (b"\x02\x01a\x01b", None),              # another VER: nothing it would understand
+])
+def test_malformed_credentials_get_the_answer_the_protocol_has(credentials: bytes, refusal) -> None:
+    conn = ServerConnection()
+    conn.receive_data(GREETING_USERPASS + credentials)
+    conn.next_event()
+    conn.send(MethodSelection(Method.USERNAME_PASSWORD))
+    with pytest.raises(ProtocolError):
+        conn.next_event()
+    assert conn.refusal() == refusal
+    if refusal is not None:
+        assert conn.send(refusal) == b"\x01\x01"
+        assert conn.state is State.CLOSED
+
+
+def test_credentials_are_answered_once_and_only_in_turn() -> None:
+    events, conn = session_handshake([GREETING_USERPASS + b"\x01\x01a\x01b"])
+    with pytest.raises(LocalProtocolError):
+        conn.send(AuthResponse(ok=True))  # answered already
+    with pytest.raises(LocalProtocolError):
+        conn.auth_done(0)                 # username/password is not another method's
 
 
 # --- properties --------------------------------------------------------------
