@@ -123,10 +123,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 SUBCOMMANDS = {  # fastsocks SUBCOMMAND ...: module and function, imported only when used
     "bench": ("fastsocks.bench.cli", "main"),
-    "hash-password": ("fastsocks.users", "hash_password_main"),
-    "check-config": ("fastsocks.explain", "check_config_main"),
-    "example-config": ("fastsocks.explain", "example_config_main"),
-    "explain": ("fastsocks.explain", "explain_main"),
+    "hash-password": ("fastsocks.commands.hash_password", "main"),
+    "check-config": ("fastsocks.commands.config_files", "check_main"),
+    "example-config": ("fastsocks.commands.config_files", "example_main"),
+    "explain": ("fastsocks.commands.explain", "main"),
 }
 
 

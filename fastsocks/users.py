@@ -1,4 +1,4 @@
-"""The users file, the password hashes in it, and ``fastsocks hash-password``.
+"""The users file and the password hashes in it (``fastsocks hash-password``: commands/).
 
 The users file
 --------------
@@ -25,14 +25,11 @@ password, above them one check would tie up a thread (or the memory) for too lon
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
-import getpass
 import hashlib
 import hmac
 import secrets
-import sys
 import unicodedata
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -120,7 +117,7 @@ def hash_password(password: str | bytes, scheme: str = SCRYPT, *, scrypt_ln: int
     password that RFC 1929 cannot carry (empty, or longer than 255 bytes).
     """
     secret = _password_bytes(password)
-    problem = _password_problem(secret)
+    problem = password_problem(secret)
     if problem:
         raise ValueError(f"password {problem}")
     salt = secrets.token_bytes(_SALT_BYTES)
@@ -210,7 +207,7 @@ def _password_bytes(password: str | bytes) -> bytes:
     return password.encode("utf-8") if isinstance(password, str) else bytes(password)
 
 
-def _password_problem(password: bytes) -> str | None:
+def password_problem(password: bytes) -> str | None:
     if not password:
         return "is empty"
     if len(password) > MAX_PASSWORD_BYTES:
@@ -319,63 +316,3 @@ def user_name_problem(name: str) -> str | None:
 
 def _field(name: bytes) -> str:
     return f"users[{name.decode('utf-8', errors='backslashreplace')}]"
-
-
-# --- fastsocks hash-password ------------------------------------------------
-
-
-def hash_password_main(argv: list[str]) -> int:
-    """``fastsocks hash-password``: print a hash (or a users-file line) for a password.
-
-    The password is prompted for twice without echo when stdin is a terminal, else read
-    as one line from stdin (for scripts). Exit 0, or 1 with a message on stderr
-    (argparse's usage errors exit 2).
-    """
-    args = _hash_password_parser().parse_args(argv)
-    if args.user is not None and (problem := user_name_problem(args.user)):
-        return _fail(f"user name {problem}")
-    try:
-        password = _prompt_password() if sys.stdin.isatty() else _read_password_line()
-        secret = password.encode("utf-8", errors="surrogateescape")
-    except EOFError:
-        return _fail("no password given")
-    except UnicodeEncodeError:  # its message would quote a character of the password
-        return _fail("the password is not valid UTF-8")
-    except ValueError as exc:
-        return _fail(str(exc))
-    problem = _password_problem(secret)
-    if problem:
-        return _fail(f"the password {problem}")
-    stored = hash_password(secret, args.scheme)
-    print(stored if args.user is None else f"{args.user}:{stored}")
-    return 0
-
-
-def _hash_password_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fastsocks hash-password",
-        description="Hash a password for the users file (--users). The password is prompted for "
-                    "twice without echo, or read as one line from standard input when it is not a terminal.",
-    )
-    parser.add_argument("--user", metavar="NAME", help="print a whole users-file line, NAME:HASH")
-    parser.add_argument("--scheme", choices=SCHEMES, default=SCRYPT, help="hash function (default: %(default)s)")
-    return parser
-
-
-def _prompt_password() -> str:
-    password = getpass.getpass("Password: ")
-    if password and password != getpass.getpass("Repeat password: "):
-        raise ValueError("the passwords do not match")
-    return password
-
-
-def _read_password_line() -> str:
-    line = sys.stdin.readline()
-    if not line:
-        raise EOFError
-    return line.removesuffix("\n").removesuffix("\r")
-
-
-def _fail(message: str) -> int:
-    print(f"fastsocks hash-password: error: {message}", file=sys.stderr)
-    return 1

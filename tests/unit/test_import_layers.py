@@ -91,7 +91,7 @@ RANKS = {
     "listeners": 3, "session": 3, "udp": 3,  # udp sits beside session: only the worker imports it
     "worker": 4,
     "master": 5, "bench": 5,
-    "cli": 6, "explain": 6,
+    "cli": 6, "commands": 6,
 }
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from fastsocks import users
+from fastsocks.commands import hash_password as hash_password_command
 from fastsocks.errors import ConfigError
 from fastsocks.users import (
     UserDB,
     hash_password,
-    hash_password_main,
     load_users,
     parse_hash,
     verify_password,
@@ -259,14 +259,14 @@ def tty_stdin(monkeypatch: pytest.MonkeyPatch, answers: list[str]) -> list[str]:
         return answers.pop(0)
 
     monkeypatch.setattr(sys, "stdin", FakeTTY())
-    monkeypatch.setattr(users.getpass, "getpass", fake_getpass)
+    monkeypatch.setattr(hash_password_command.getpass, "getpass", fake_getpass)
     return prompts
 
 
 def test_piped_password_with_user_loads_back(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
                                              tmp_path: Path) -> None:
     pipe_stdin(monkeypatch, "s3cret pass\n")
-    assert hash_password_main(["--user", "alice"]) == 0
+    assert hash_password_command.main(["--user", "alice"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("alice:scrypt$ln=14,r=8,p=1$")
     assert "s3cret" not in out + err
@@ -276,7 +276,7 @@ def test_piped_password_with_user_loads_back(monkeypatch: pytest.MonkeyPatch, ca
 
 def test_piped_password_pbkdf2_hash_only(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     pipe_stdin(monkeypatch, "pw\r\nignored second line\n")
-    assert hash_password_main(["--scheme", "pbkdf2-sha256"]) == 0
+    assert hash_password_command.main(["--scheme", "pbkdf2-sha256"]) == 0
     stored = capsys.readouterr().out.strip()
     assert stored.startswith("pbkdf2-sha256$i=600000$")
     assert verify_password(stored, b"pw")
@@ -284,7 +284,7 @@ def test_piped_password_pbkdf2_hash_only(monkeypatch: pytest.MonkeyPatch, capsys
 
 def test_tty_prompts_twice(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     prompts = tty_stdin(monkeypatch, ["typed", "typed"])
-    assert hash_password_main([]) == 0
+    assert hash_password_command.main([]) == 0
     assert prompts == ["Password: ", "Repeat password: "]
     assert verify_password(capsys.readouterr().out.strip(), b"typed")
 
@@ -296,7 +296,7 @@ def test_tty_prompts_twice(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Captu
 def test_tty_refuses(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, answers: list[str],
                      match: str) -> None:
     tty_stdin(monkeypatch, answers)
-    assert hash_password_main(["--user", "alice"]) == 1
+    assert hash_password_command.main(["--user", "alice"]) == 1
     out, err = capsys.readouterr()
     assert out == ""
     assert f"fastsocks hash-password: error: {match}" in err
@@ -315,7 +315,7 @@ def test_tty_refuses(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixt
 def test_piped_refuses(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, stdin: str,
                        argv: list[str], match: str) -> None:
     pipe_stdin(monkeypatch, stdin)
-    assert hash_password_main(argv) == 1
+    assert hash_password_command.main(argv) == 1
     out, err = capsys.readouterr()
     assert out == ""
     assert match in err

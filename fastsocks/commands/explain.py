@@ -1,4 +1,4 @@
-"""``fastsocks check-config FILE`` and ``fastsocks explain``: the policy as a dry run.
+"""``fastsocks explain``: the policy as a dry run.
 
 ``explain`` answers what the server would answer, in the order the server asks (see
 policy.py): the client at accept, the name before DNS, then every address the name
@@ -11,55 +11,17 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import socket
-import sys
-from pathlib import Path
 
-from fastsocks import config
-from fastsocks.errors import ConfigError
+from fastsocks.commands.config_files import load
 from fastsocks.policy import (COMMANDS, Query, forbidden_destination, normal_name, own_addresses,
                               reaches_listener, unmapped)
 from fastsocks.settings import Settings
 
 EXIT_ALLOWED, EXIT_DENIED, EXIT_USAGE = 0, 1, 2
-EXAMPLE = Path(__file__).with_name("fastsocks.example.toml")
 MAX_REASONS = 20  # earlier rules explained, at most
 
 
-def example_config_main(argv: list[str]) -> int:
-    """``fastsocks example-config > fastsocks.toml``: the commented example, every key."""
-    argparse.ArgumentParser(prog="fastsocks example-config",
-                            description="Print a fully commented example configuration file.").parse_args(argv)
-    sys.stdout.write(EXAMPLE.read_text(encoding="utf-8"))
-    return 0
-
-
-def check_config_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="fastsocks check-config",
-                                     description="Validate a configuration file without starting a server.")
-    parser.add_argument("file", help="the TOML configuration file")
-    args = parser.parse_args(argv)
-    settings = _load(args.file)
-    if settings is None:
-        return EXIT_USAGE
-    users = ""
-    if settings.users_file:
-        from fastsocks.users import load_users
-
-        try:
-            users = f", {len(load_users(settings.users_file))} users in {settings.users_file}"
-        except ConfigError as exc:
-            print(exc, file=sys.stderr)
-            return EXIT_USAGE
-    policy = settings.policy
-    print(f"{args.file}: OK: listen {', '.join(str(a) for a in settings.listen)}, "
-          f"methods {', '.join(settings.methods)}{users}, {len(policy.rules)} rules, "
-          f"default {'allow' if policy.default_allow else 'deny'}")
-    if settings.allow_open_proxy and settings.open_proxy_problem():
-        print(f"warning: allow_open_proxy: {settings.open_proxy_problem()}", file=sys.stderr)
-    return 0
-
-
-def explain_main(argv: list[str]) -> int:
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fastsocks explain",
         description="Say which rule of a configuration decides a request, and why; a dry run "
@@ -74,7 +36,7 @@ def explain_main(argv: list[str]) -> int:
                         help="for a NAME: the addresses it resolves to (repeatable); "
                              "without it the name is resolved here")
     args = parser.parse_args(argv)
-    settings = _load(args.config)
+    settings = load(args.config)
     if settings is None:
         return EXIT_USAGE
     return explain(settings, args, print)
@@ -161,14 +123,6 @@ def _resolve(host: str, port: int, out) -> list:
     addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0].partition("%")[0]) for info in infos))
     out(f"{host} resolves to {', '.join(str(a) for a in addresses)}")
     return addresses
-
-
-def _load(path: str) -> Settings | None:
-    try:
-        return config.load(path)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return None
 
 
 def _ip(text: str):
