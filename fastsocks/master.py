@@ -38,6 +38,7 @@ from fastsocks import config, logs
 from fastsocks.errors import BootError, ConfigError
 from fastsocks.limits import SharedLimits
 from fastsocks.listeners import ListenerSet
+from fastsocks.rlimit import raise_fd_limit
 from fastsocks.settings import Settings
 from fastsocks.stats import SharedStats
 from fastsocks.users import UserDB, load_users
@@ -102,7 +103,7 @@ class Master:
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
-        raise_fd_limit()
+        lift_fd_limit()
         self.listeners = ListenerSet(self.settings)
         self.stats = SharedStats(self.settings.workers)
         self.limits = SharedLimits(self.settings.workers)
@@ -351,17 +352,15 @@ class Master:
                  [round(u.peak_rss_bytes / MIB, 1) for u in self.usage], [u.peak_fds for u in self.usage])
 
 
-def raise_fd_limit() -> None:
-    """Each relayed session holds two sockets (and up to two pipes while streaming): lift
-    the soft RLIMIT_NOFILE to the hard limit, which the workers inherit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
-            return
-    log.debug("open-file limit: %d", max(soft, hard))
+def lift_fd_limit() -> None:
+    """Each relayed session holds two sockets (and up to two pipes while streaming): the
+    soft RLIMIT_NOFILE goes up to the hard limit, which the workers inherit."""
+    try:
+        limit = raise_fd_limit()
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open-file limit to the hard limit: %s", exc)
+        return
+    log.debug("open-file limit: %d", limit)
 
 
 def _wake_only(signum, frame) -> None:

@@ -39,7 +39,7 @@ from fastsocks.bench.preflight import PreflightError, check_path, check_udp_path
 from fastsocks.bench.progress import ProgressBar
 from fastsocks.bench.proctree import ProcessTree, Sample, pids_listening_on
 from fastsocks.bench.shares import SLICE_S, ForkedShare, LocalShare, ShareError, merge, own_cpu_s, split
-from fastsocks.bench.targets import TargetProcess, raise_fd_limit
+from fastsocks.bench.targets import TargetProcess, lift_fd_limit
 from fastsocks.errors import FastSocksError
 
 
@@ -272,7 +272,7 @@ def _proxy_tree(plan: Plan, address: Address, notes: list[str], exclude: set[int
 
 
 def _check_fd_budget(plan: Plan) -> None:
-    limit = raise_fd_limit()
+    limit = lift_fd_limit()
     need = plan.connections * (3 if plan.mode == "bulk" else 1) + 100  # bulk: a pipe per stream
     if need > limit:
         raise BenchError(f"{plan.connections:,} connections need about {need:,} open files and the "

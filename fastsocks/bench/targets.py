@@ -21,18 +21,16 @@ from collections.abc import Callable
 from fastsocks.bench._loadgen import Pattern, TargetServer
 from fastsocks.bench.params import Endpoint
 from fastsocks.bench.proctree import process_cpu_seconds, reap
+from fastsocks.rlimit import raise_fd_limit
 
 LOOPBACK = "127.0.0.1"
 BACKLOG = 4096
 
 
-def raise_fd_limit() -> int:
-    """Lift the soft RLIMIT_NOFILE to the hard one (idle runs hold many sockets)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+def lift_fd_limit() -> int:
+    """As far as the hard limit allows (idle runs hold many sockets); the limit now."""
+    with contextlib.suppress(ValueError, OSError):
+        raise_fd_limit()
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
@@ -117,7 +115,7 @@ def _serve_in_child(sock: socket.socket, stop_fd: int, pattern: Pattern, udp: so
     code = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-        raise_fd_limit()
+        lift_fd_limit()
         server = TargetServer(sock.fileno(), pattern, udp_fd=udp.fileno())
         server.serve(stop_fd)
         server.close()
@@ -130,7 +128,7 @@ def _serve_in_child(sock: socket.socket, stop_fd: int, pattern: Pattern, udp: so
 
 def serve_forever(endpoint: Endpoint, announce: Callable[[str], None]) -> None:
     """Serve in the foreground until SIGINT or SIGTERM (``fastsocks bench serve``)."""
-    raise_fd_limit()
+    lift_fd_limit()
     pattern = Pattern()
     wake_r, wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
     # A signal writes a byte to wake_w: the C loop sees wake_r readable and returns, and
