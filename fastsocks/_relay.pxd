@@ -194,7 +194,7 @@ cdef class UdpFlow:
     cdef socklen_t client_salen
     cdef bint warned_foreign
     cdef uint32_t gso_max[2]            # by UDP_UP/UDP_DOWN: longest datagram sent in a GSO batch
-    cdef UdpCache verdicts              # (ip, port) -> allowed, from owner._allowed
+    cdef UdpCache verdicts              # (ip, port) -> allowed, from owner.allowed
     cdef UdpCache peers                 # IPs the client has sent to: the only ones let back in
     cdef public unsigned long long datagrams_up
     cdef public unsigned long long datagrams_down
@@ -247,7 +247,7 @@ cdef class UdpRelay:
     cdef int _send(self, UdpFlow flow, int fd, int first, int count, bint up) noexcept
     cdef int _send_each(self, UdpFlow flow, int fd, int first, int count, bint up) noexcept
     cdef void _count(self, UdpFlow flow, int first, int count, bint up) noexcept
-    cdef object _hook(self, UdpFlow flow, str name, tuple args)
+    cdef object _hook(self, UdpFlow flow, bint foreign, tuple args)
     cdef int _ask(self, UdpFlow flow, int family, const unsigned char *ip, int port)
     cdef int _open(self, UdpFlow flow, int family)
 

@@ -5,11 +5,19 @@ reference the tests check the fast engine against.
 """
 
 import socket
-from collections.abc import Buffer
-from typing import Protocol
+import sys
+
+if sys.version_info >= (3, 12):
+    from collections.abc import Buffer
+else:
+    from typing_extensions import Buffer
+from typing import Protocol, type_check_only
+
+from typing_extensions import disjoint_base
 
 from fastsocks._relay_types import REASONS as REASONS, Ended as Ended
 
+@disjoint_base
 class RelayEngine:
     def __init__(
         self,
@@ -53,21 +61,23 @@ def udp_pack(host: str, port: int) -> bytes:
 # The datagram loop of UDP ASSOCIATE (RFC 1928 §7); udp.py keeps sockets, timers, names and
 # logging. Also in _relay_py, without recvmmsg/sendmmsg/GSO. Theory: _udp_relay.pxi.
 
+@type_check_only
 class UdpOwner(Protocol):
     """What a UdpFlow calls back (the UdpAssociation); never per datagram of a known
     destination. In run() or a pump an exception here drops that datagram, the work goes
     on, and the first one is raised at the end; a hook must not run() or pump again."""
-    def _allowed(self, family: int, sockaddr: tuple[str, int]) -> bool:
+    def allowed(self, family: int, sockaddr: tuple[str, int]) -> bool:
         """May the client send to this IP destination (unmapped: an IPv4-mapped one comes as
         AF_INET)? Asked once per (ip, port): the verdict is cached until forget_verdicts()."""
-    def _remote_socket(self, family: int) -> socket.socket | None:
+    def remote_socket(self, family: int) -> socket.socket | None:
         """The non-blocking remote-facing socket of ``family``, opened on first use (the
         relay watches it), or None if it cannot be opened."""
-    def _send_to_name(self, name: str, port: int, payload: bytes) -> None:
+    def send_to_name(self, name: str, port: int, payload: bytes) -> None:
         """A datagram for a domain name: resolve it, then UdpFlow.send() (the slow path)."""
-    def _warn_foreign(self, source: tuple[str, int]) -> None:
+    def warn_foreign(self, source: tuple[str, int]) -> None:
         """The first datagram from a source that is not the client's (dropped, counted)."""
 
+@disjoint_base
 class UdpRelay:
     """The epoll set and batch buffers of one worker's associations (one thread: not
     re-entrant)."""
@@ -88,6 +98,7 @@ class UdpRelay:
         ``client_ip`` (and ``client_port``, or the port of the first one when 0) are let in.
         The flow never closes a socket: its owner does, after flow.close()."""
 
+@disjoint_base
 class UdpFlow:
     datagrams_up: int
     datagrams_down: int
@@ -110,7 +121,7 @@ class UdpFlow:
         the owner judged it already): 1 if it left, else 0. Hooks' exceptions propagate. A
         hook may call it (it uses no batch buffer)."""
     def forget_verdicts(self) -> None:
-        """Ask _allowed again for every destination (the rules changed)."""
+        """Ask allowed() again for every destination (the rules changed)."""
     def close(self) -> None:
         """Leave the relay, forget the owner and the sockets (call it before closing them);
         counters stay. Idempotent."""

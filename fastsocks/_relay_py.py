@@ -244,7 +244,7 @@ __all__ += ["udp_pack", "udp_unpack"]
 # The reference for UdpRelay/UdpFlow in _relay.pyx: the same decisions, counters and
 # hooks, one recvfrom_into/sendto per datagram (no recvmmsg, no GSO), dicts for caches.
 
-UDP_HEADROOM = 22
+_UDP_HEADROOM = 22
 _UDP_MAX_DATAGRAM = 65536
 _V4_MAPPED = bytes(10) + b"\xff\xff"
 
@@ -300,75 +300,76 @@ class UdpRelay:
     def __init__(self, *, batch: int = 64, max_verdicts: int = 4096, max_peers: int = 4096) -> None:
         if not 1 <= batch <= 1024 or max_verdicts < 2 or max_peers < 2:
             raise ValueError("batch 1-1024, max_verdicts >= 2, max_peers >= 2")
-        self.batch = batch
-        self.max_verdicts = max_verdicts
-        self.max_peers = max_peers
-        self.buf = memoryview(bytearray(UDP_HEADROOM + _UDP_MAX_DATAGRAM))
-        self.busy = False
-        self.error: BaseException | None = None
-        self.epoll: select.epoll | None = select.epoll()
-        self.watched: dict[int, tuple[UdpFlow, int]] = {}  # fd -> (flow, 0 or a remote family)
+        self._batch = batch
+        self._max_verdicts = max_verdicts
+        self._max_peers = max_peers
+        self._buf = memoryview(bytearray(_UDP_HEADROOM + _UDP_MAX_DATAGRAM))
+        self._busy = False
+        self._error: BaseException | None = None
+        self._epoll: select.epoll | None = select.epoll()
+        self._watched: dict[int, tuple[UdpFlow, int]] = {}  # fd -> (flow, 0 or a remote family)
 
     def new_flow(self, owner, relay_sock, client_ip: str, client_port: int) -> UdpFlow:
         return UdpFlow(self, owner, relay_sock, client_ip, client_port)
 
     def fileno(self) -> int:
-        return self.epoll.fileno() if self.epoll is not None else -1
+        return self._epoll.fileno() if self._epoll is not None else -1
 
     def run(self) -> None:
-        if self.epoll is None:
+        if self._epoll is None:
             return
-        self.enter()
+        self._enter()
         try:
             received = 0
-            while received < 4 * self.batch:
-                events = self.epoll.poll(0, 64)
+            while received < 4 * self._batch:
+                events = self._epoll.poll(0, 64)
                 if not events:
                     break
                 for fd, _ in events:
-                    watched = self.watched.get(fd)
+                    watched = self._watched.get(fd)
                     if watched is not None:
                         flow, family = watched
-                        received += flow.up_batch() if family == 0 else flow.down_batch(family)
+                        received += flow._up_batch() if family == 0 else flow._down_batch(family)
         finally:
-            self.leave()
+            self._leave()
 
     def close(self) -> None:
-        if self.epoll is not None:
-            self.epoll.close()
-            self.epoll = None
+        if self._epoll is not None:
+            self._epoll.close()
+            self._epoll = None
 
-    def watch(self, flow: UdpFlow, sock: socket.socket, family: int) -> None:
-        if self.epoll is None:
+    def _watch(self, flow: UdpFlow, sock: socket.socket, family: int) -> None:
+        if self._epoll is None:
             raise ValueError("the UdpRelay is closed")
-        self.epoll.register(sock.fileno(), select.EPOLLIN)
-        self.watched[sock.fileno()] = (flow, family)
+        self._epoll.register(sock.fileno(), select.EPOLLIN)
+        self._watched[sock.fileno()] = (flow, family)
 
-    def unwatch(self, sock: socket.socket) -> None:
-        if self.watched.pop(sock.fileno(), None) is not None and self.epoll is not None:
-            self.epoll.unregister(sock.fileno())
+    def _unwatch(self, sock: socket.socket) -> None:
+        if self._watched.pop(sock.fileno(), None) is not None and self._epoll is not None:
+            self._epoll.unregister(sock.fileno())
 
-    def enter(self) -> None:
-        if self.busy:
+    def _enter(self) -> None:
+        if self._busy:
             raise RuntimeError("a hook of the UDP relay may not make it relay again")
-        self.busy = True
-        self.error = None
+        self._busy = True
+        self._error = None
 
-    def leave(self) -> None:
-        self.busy = False
-        error, self.error = self.error, None
+    def _leave(self) -> None:
+        self._busy = False
+        error, self._error = self._error, None
         if error is not None:
             raise error
 
-    def hook(self, flow: UdpFlow, name: str, *args):
-        """owner.<name>(*args); None, and the exception kept for leave(), if it raises."""
-        if flow.owner is None:
+    def _hook(self, flow: UdpFlow, call):
+        """call(owner), a hook of the flow's owner; None, and the exception kept for leave(),
+        if it raises."""
+        if flow._owner is None:
             return None
         try:
-            return getattr(flow.owner, name)(*args)
+            return call(flow._owner)
         except Exception as exc:  # noqa: BLE001 (a bug in a hook): raised by leave()
-            if self.error is None:
-                self.error = exc
+            if self._error is None:
+                self._error = exc
             return None
 
 
@@ -379,61 +380,62 @@ class UdpFlow:
         parsed = _ip16(client_ip)
         if parsed is None:
             raise ValueError(f"not an IP address: {client_ip!r}")
-        self.relay, self.owner, self.relay_sock = relay, owner, relay_sock
-        self.remote_socks: dict[int, socket.socket] = {}
-        self.client_ip = parsed[1]
-        self.client_port = client_port
-        self.client_to: tuple | None = (_ip_text(self.client_ip), client_port) if client_port else None
-        self.client_seen = False
-        self.warned_foreign = False
-        self.verdicts = _Cache(max(1, relay.max_verdicts // 2))
-        self.peers = _Cache(max(1, relay.max_peers // 2))
+        self._relay, self._owner, self._relay_sock = relay, owner, relay_sock
+        self._remote_socks: dict[int, socket.socket] = {}
+        self._client_ip = parsed[1]
+        self._client_port = client_port
+        self._client_to: tuple | None = (_ip_text(self._client_ip), client_port) if client_port else None
+        self._client_seen = False
+        self._warned_foreign = False
+        self._verdicts = _Cache(max(1, relay._max_verdicts // 2))
+        self._peers = _Cache(max(1, relay._max_peers // 2))
         self.datagrams_up = self.datagrams_down = self.bytes_up = self.bytes_down = self.dropped = 0
         self.last_active_s = time.monotonic()
-        relay.watch(self, relay_sock, 0)
+        relay._watch(self, relay_sock, 0)
 
     def pump_up(self) -> int:
         before = self.datagrams_up
-        self.relay.enter()
+        self._relay._enter()
         try:
-            self.up_batch()
+            self._up_batch()
         finally:
-            self.relay.leave()
+            self._relay._leave()
         return self.datagrams_up - before
 
     def pump_down(self, family: int) -> int:
         before = self.datagrams_down
-        self.relay.enter()
+        self._relay._enter()
         try:
-            self.down_batch(family)
+            self._down_batch(family)
         finally:
-            self.relay.leave()
+            self._relay._leave()
         return self.datagrams_down - before
 
-    def up_batch(self) -> int:
+    def _up_batch(self) -> int:
         """One batch from the client; how many datagrams were read."""
-        relay, received, sent = self.relay, 0, 0
-        if self.relay_sock is None:
+        relay, received, sent = self._relay, 0, 0
+        if self._relay_sock is None:
             return 0
-        for received in range(relay.batch):
+        for received in range(relay._batch):
             try:
-                n, source = self.relay_sock.recvfrom_into(relay.buf)
+                n, source = self._relay_sock.recvfrom_into(relay._buf)
             except OSError:  # EAGAIN, or an error the next readiness will tell again
                 break
-            sent += self._up_one(relay.buf[:n], source)
+            sent += self._up_one(relay._buf[:n], source)
         else:
-            received = relay.batch
+            received = relay._batch
         if sent:
             self.last_active_s = time.monotonic()
         return received
 
     def _up_one(self, datagram: memoryview, source: tuple) -> int:
-        relay = self.relay
+        relay = self._relay
         if not self._from_client(source):
             self.dropped += 1
-            if not self.warned_foreign:
-                self.warned_foreign = True
-                relay.hook(self, "_warn_foreign", (_ip_text(_ip16(source[0])[1]), source[1]))
+            if not self._warned_foreign:
+                self._warned_foreign = True
+                stranger = (_ip_text(_ip16(source[0])[1]), source[1])
+                relay._hook(self, lambda owner: owner.warn_foreign(stranger))
             return 0
         parsed = udp_unpack(datagram)
         if parsed is None:
@@ -441,48 +443,49 @@ class UdpFlow:
             return 0
         atyp, host, port, header_len = parsed
         if atyp == _UDP_ATYP_DOMAIN:
-            relay.hook(self, "_send_to_name", host, port, bytes(datagram[header_len:]))
+            payload = bytes(datagram[header_len:])
+            relay._hook(self, lambda owner: owner.send_to_name(host, port, payload))
             return 0
         family, ip = _ip16(host)
         try:
             allowed = self._verdict(family, ip, port)
         except Exception as exc:  # noqa: BLE001 (a bug in the rules): denied, raised by leave()
-            relay.error = relay.error or exc
+            relay._error = relay._error or exc
             allowed = False
         return self._send_to(family, ip, port, 0, datagram[header_len:], allowed, guarded=True)
 
     def _from_client(self, source: tuple) -> bool:
         parsed = _ip16(source[0])
-        if parsed is None or parsed[1] != self.client_ip:
+        if parsed is None or parsed[1] != self._client_ip:
             return False
-        if self.client_port and source[1] != self.client_port:
+        if self._client_port and source[1] != self._client_port:
             return False
-        if not self.client_seen:
-            self.client_seen = True
-            self.client_port = source[1]
-            self.client_to = source  # where datagrams for the client go, scope id and all
+        if not self._client_seen:
+            self._client_seen = True
+            self._client_port = source[1]
+            self._client_to = source  # where datagrams for the client go, scope id and all
         return True
 
     @property
     def client_addr(self) -> tuple | None:
-        return (_ip_text(self.client_ip), self.client_port) if self.client_to is not None else None
+        return (_ip_text(self._client_ip), self._client_port) if self._client_to is not None else None
 
     def _verdict(self, family: int, ip: bytes, port: int) -> bool:
-        allowed = self.verdicts.get((ip, port))
+        allowed = self._verdicts.get((ip, port))
         if allowed is None:
-            if self.owner is None:
+            if self._owner is None:
                 return False
-            allowed = bool(self.owner._allowed(family, (_ip_text(ip), port)))
-            self.verdicts.put((ip, port), allowed)
+            allowed = bool(self._owner.allowed(family, (_ip_text(ip), port)))
+            self._verdicts.put((ip, port), allowed)
         return allowed
 
     def _remote(self, family: int):
-        sock = self.remote_socks.get(family)
-        if sock is None and self.owner is not None:
-            sock = self.owner._remote_socket(family)
+        sock = self._remote_socks.get(family)
+        if sock is None and self._owner is not None:
+            sock = self._owner.remote_socket(family)
             if sock is not None:
-                self.relay.watch(self, sock, family)
-                self.remote_socks[family] = sock
+                self._relay._watch(self, sock, family)
+                self._remote_socks[family] = sock
         return sock
 
     def _send_to(self, family: int, ip: bytes, port: int, scope_id: int, payload, allowed: bool,
@@ -494,7 +497,7 @@ class UdpFlow:
             try:
                 sock = self._remote(family)
             except Exception as exc:  # noqa: BLE001 (a bug in a hook): raised by leave()
-                self.relay.error = self.relay.error or exc
+                self._relay._error = self._relay._error or exc
                 sock = None
         else:
             sock = self._remote(family)
@@ -507,42 +510,42 @@ class UdpFlow:
         except OSError:  # EAGAIN, unreachable, EMSGSIZE, port 0...: UDP may lose it
             self.dropped += 1
             return 0
-        if self.peers.get(ip) is None:
-            self.peers.put(ip, True)
+        if self._peers.get(ip) is None:
+            self._peers.put(ip, True)
         self.datagrams_up += 1
         self.bytes_up += len(payload)
         return 1
 
-    def down_batch(self, family: int) -> int:
+    def _down_batch(self, family: int) -> int:
         """One batch from the remote socket of ``family``; how many datagrams were read."""
-        relay, received, sent = self.relay, 0, 0
-        sock = self.remote_socks.get(family)
-        if sock is None or self.relay_sock is None:
+        relay, received, sent = self._relay, 0, 0
+        sock = self._remote_socks.get(family)
+        if sock is None or self._relay_sock is None:
             return 0
-        payload_area = relay.buf[UDP_HEADROOM:]
-        for received in range(relay.batch):
+        payload_area = relay._buf[_UDP_HEADROOM:]
+        for received in range(relay._batch):
             try:
                 n, source = sock.recvfrom_into(payload_area)
             except OSError:
                 break
             sent += self._down_one(n, source)
         else:
-            received = relay.batch
+            received = relay._batch
         if sent:
             self.last_active_s = time.monotonic()
         return received
 
     def _down_one(self, n: int, source: tuple) -> int:
         parsed = _ip16(source[0])
-        if self.client_to is None or parsed is None or self.peers.get(parsed[1]) is None:
+        if self._client_to is None or parsed is None or self._peers.get(parsed[1]) is None:
             self.dropped += 1  # a stranger, or nowhere to send it yet
             return 0
         header = udp_pack(_ip_text(parsed[1]), source[1])
-        start = UDP_HEADROOM - len(header)
-        buf = self.relay.buf
-        buf[start:UDP_HEADROOM] = header
+        start = _UDP_HEADROOM - len(header)
+        buf = self._relay._buf
+        buf[start:_UDP_HEADROOM] = header
         try:
-            self.relay_sock.sendto(buf[start:UDP_HEADROOM + n], self.client_to)
+            self._relay_sock.sendto(buf[start:_UDP_HEADROOM + n], self._client_to)
         except OSError:
             self.dropped += 1
             return 0
@@ -566,17 +569,17 @@ class UdpFlow:
         return sent
 
     def forget_verdicts(self) -> None:
-        self.verdicts.clear()
+        self._verdicts.clear()
 
     def close(self) -> None:
-        for sock in (self.relay_sock, *self.remote_socks.values()):
+        for sock in (self._relay_sock, *self._remote_socks.values()):
             if sock is not None:
-                self.relay.unwatch(sock)
-        self.owner = self.relay_sock = None
-        self.remote_socks = {}
-        self.client_to = None
-        self.verdicts.clear()
-        self.peers.clear()
+                self._relay._unwatch(sock)
+        self._owner = self._relay_sock = None
+        self._remote_socks = {}
+        self._client_to = None
+        self._verdicts.clear()
+        self._peers.clear()
 
 
 __all__ += ["UdpFlow", "UdpRelay"]

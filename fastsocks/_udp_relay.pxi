@@ -19,9 +19,9 @@
 # malformed and FRAG != 0 are dropped), the destination's verdict in the flow's cache; the
 # payload is queued, in place, on the send group of its family, and each group leaves in
 # one sendmmsg. Python is called only for a destination not yet in the cache
-# (owner._allowed), a domain name (owner._send_to_name: names are the slow path), the first
-# remote socket of a family (owner._remote_socket) and the first foreign datagram
-# (owner._warn_foreign). An exception from a hook denies or drops that datagram, the work
+# (owner.allowed), a domain name (owner.send_to_name: names are the slow path), the first
+# remote socket of a family (owner.remote_socket) and the first foreign datagram
+# (owner.warn_foreign). An exception from a hook denies or drops that datagram, the work
 # goes on, and run() raises the first exception when it is done.
 #
 # Down (a remote-facing socket): one recvmmsg; a datagram from an IP the client has not
@@ -301,7 +301,7 @@ cdef class UdpFlow:
     def send(self, tuple sockaddr not None, const unsigned char[::1] payload not None, bint checked=False):
         """One datagram to a resolved name's address: checked and sent like a batch's (it
         uses no batch buffer: a hook may call it). ``checked``: the owner has judged this
-        destination already (a name's rules differ from its address's), skip ``_allowed``.
+        destination already (a name's rules differ from its address's), skip ``allowed``.
         1 if it left, else 0 (counted in ``dropped``). Hooks' exceptions propagate."""
         cdef unsigned char ip[16]
         cdef sockaddr_in6 sa
@@ -342,7 +342,7 @@ cdef class UdpFlow:
         return 1
 
     def forget_verdicts(self):
-        """Ask owner._allowed again for every destination (the rules were reloaded)."""
+        """Ask owner.allowed again for every destination (the rules were reloaded)."""
         udp_cache_clear(&self.verdicts)
 
     def close(self):
@@ -373,14 +373,14 @@ cdef class UdpFlow:
         return True
 
     cdef int _verdict(self, int family, const unsigned char *ip, int port) except -1:
-        """Whether the client may send to (ip, port): from the cache, else from owner._allowed
+        """Whether the client may send to (ip, port): from the cache, else from owner.allowed
         (called with the unmapped address) and then cached."""
         cdef int allowed = udp_cache_get(&self.verdicts, ip, <uint16_t>port)
         if allowed >= 0:
             return allowed
         if self.owner is None:
             return 0
-        allowed = 1 if self.owner._allowed(family, (_ip_text(ip), port)) else 0
+        allowed = 1 if self.owner.allowed(family, (_ip_text(ip), port)) else 0
         udp_cache_put(&self.verdicts, ip, <uint16_t>port, <uint8_t>allowed)
         return allowed
 
@@ -389,7 +389,7 @@ cdef class UdpFlow:
         cannot be."""
         cdef int g = UDP_V4 if family == AF_INET else UDP_V6
         if self.remote_fd[g] < 0 and self.owner is not None:
-            sock = self.owner._remote_socket(family)
+            sock = self.owner.remote_socket(family)
             if sock is not None and self.slot >= 0:  # (a hook may have closed the flow)
                 self.relay._watch(self, 1 + g, sock.fileno())
                 self.remote_fd[g] = sock.fileno()
@@ -663,14 +663,13 @@ cdef class UdpRelay:
             flow.dropped += 1
             if not flow.warned_foreign:  # once per association: a flood must not flood the log
                 flow.warned_foreign = True
-                self._hook(flow, "_warn_foreign", (_source_tuple(&self.in_names[i]),))
+                self._hook(flow, True, (_source_tuple(&self.in_names[i]),))
             return 0
         if m.msg_hdr.msg_flags & MSG_TRUNC or udp_parse(p, length, &dest) != UDP_OK:
             flow.dropped += 1  # malformed, or FRAG != 0
             return 0
         if dest.atyp == UDP_ATYP_DOMAIN:
-            self._hook(flow, "_send_to_name", (_udp_host(&dest), dest.port,
-                                               (<char *>p)[dest.header_len:length]))
+            self._hook(flow, False, (_udp_host(&dest), dest.port, (<char *>p)[dest.header_len:length]))
             return 0
         family = _dest_ip(&dest, ip)
         allowed = udp_cache_get(&flow.verdicts, ip, <uint16_t>dest.port)
@@ -817,12 +816,14 @@ cdef class UdpRelay:
             flow.datagrams_down += count
             flow.bytes_down += nbytes
 
-    cdef object _hook(self, UdpFlow flow, str name, tuple args):
-        """owner.<name>(*args); None, and the exception kept for later, if it raises."""
-        if flow.owner is None:
+    cdef object _hook(self, UdpFlow flow, bint foreign, tuple args):
+        """owner.warn_foreign(*args) (``foreign``) or owner.send_to_name(*args); None, and the
+        exception kept for later, if it raises."""
+        owner = flow.owner
+        if owner is None:
             return None
         try:
-            return getattr(flow.owner, name)(*args)
+            return owner.warn_foreign(*args) if foreign else owner.send_to_name(*args)
         except Exception as exc:
             if self.error is None:
                 self.error = exc

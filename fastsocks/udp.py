@@ -27,13 +27,13 @@ decide (the hooks below): never per datagram.
 Up (client -> remote). Datagrams from any source but the client's are dropped and
 counted, and the first one is logged. ``udp_parse`` reads the header; malformed
 headers and FRAG != 0 are dropped (fragmentation is optional, §7). The destination is
-checked by ``_allowed``, once per destination: the verdict is cached per (ip, port), at
+checked by ``allowed``, once per destination: the verdict is cached per (ip, port), at
 most MAX_VERDICTS of them, and ``forget_verdicts()`` empties the cache when the rules
 change. The payload leaves, in place, from a remote-facing socket of the destination's
 family, opened on first use on an ephemeral port, in one ``sendmmsg`` per family (runs of
 datagrams of one length to one address as one UDP GSO message); an IPv4-mapped IPv6
 destination goes out as IPv4. A domain name comes back to Python
-(``_send_to_name``: names are the slow path) and is resolved through the worker's Resolver
+(``send_to_name``: names are the slow path) and is resolved through the worker's Resolver
 (cached, off the loop); while it resolves, up to HOLD_PER_NAME datagrams wait for it and
 at most MAX_NAMES_RESOLVING names resolve at once: past that, datagrams are dropped.
 
@@ -82,7 +82,7 @@ BATCH = 64                 # datagrams per socket per readiness, so one flood ca
 HOLD_PER_NAME = 4          # datagrams waiting for one name to resolve
 MAX_NAMES_RESOLVING = 16   # names of one association resolving at once
 MAX_PEERS = 4096           # remote IPs the client has sent to; the least recently used is forgotten first
-MAX_VERDICTS = 4096        # cached _allowed() verdicts per association, by destination (ip, port)
+MAX_VERDICTS = 4096        # cached allowed() verdicts per association, by destination (ip, port)
 CONTROL_RECV_BYTES = 4096
 SOCKET_FLAGS = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
@@ -207,7 +207,7 @@ class UdpAssociation:
             self._arm_idle_timer(timeout_s - idle_s)
 
     def reload(self, settings: Settings) -> None:
-        """New rules (and idle timeout): ``_allowed`` is asked again for every destination."""
+        """New rules (and idle timeout): ``allowed`` is asked again for every destination."""
         self.settings = settings
         if self.flow is not None:
             self.flow.forget_verdicts()
@@ -215,7 +215,7 @@ class UdpAssociation:
     # ------------------------------------------------------------------ hooks of the relay
     # UdpRelay calls these (see _relay.pyi, UdpOwner) for what is not decided in C.
 
-    def _allowed(self, family: int, sockaddr: tuple) -> bool:
+    def allowed(self, family: int, sockaddr: tuple) -> bool:
         """Whether the client may send to this address (the relay caches the answer per
         destination; names go through ``_judge`` with the name, see _on_resolved)."""
         return self._judge(None, sockaddr[0], sockaddr[1])
@@ -237,7 +237,7 @@ class UdpAssociation:
             self.warned_denied = True
             log.info("%s UDP: dropped datagrams to %s: %s", self.described, destination, why)
 
-    def _remote_socket(self, family: int) -> socket.socket | None:
+    def remote_socket(self, family: int) -> socket.socket | None:
         """The remote-facing socket of ``family``, opened on first use (the relay watches
         it); None if it cannot be."""
         sock = self.remote_socks.get(family)
@@ -259,13 +259,13 @@ class UdpAssociation:
         self.remote_socks[family] = sock
         return sock
 
-    def _warn_foreign(self, source: tuple) -> None:
+    def warn_foreign(self, source: tuple) -> None:
         """The first datagram from a source other than the client's (dropped and counted)."""
         expected = self.client_addr or (self.client_ip, self.client_port)
         log.warning("%s UDP: dropped a datagram from %s, the association is for %s", self.described,
                     format_peer(source), format_peer(expected))
 
-    def _send_to_name(self, name: str, port: int, payload: bytes) -> None:
+    def send_to_name(self, name: str, port: int, payload: bytes) -> None:
         key = (name, port)
         verdict = self.settings.policy.before_resolve(replace(self.query, port=port, name=normal_name(name)))
         if verdict is not None and not verdict.allowed:  # a denied name is not looked up

@@ -3,7 +3,7 @@ Loop: a real Session answers a real client's UDP ASSOCIATE to a fake host (suppo
 and the association is made of its StartUdp as the worker makes it; once over the compiled
 UdpRelay and once over the pure-Python twin, which is the fallback udp.py keeps working on.
 
-What a server subprocess cannot show: the policy hook's contract (``_allowed`` asked once
+What a server subprocess cannot show: the policy hook's contract (``allowed`` asked once
 per destination, with resolved and unmapped addresses; denied datagrams dropped and
 counted; ``reload()``), names held while they resolve, every fd closed at the end, and the
 kernel refusing UDP GSO (a smaller MTU in a private network namespace).
@@ -143,7 +143,7 @@ def test_the_policy_hook_is_asked_once_per_destination(associations):
         class Guarded(UdpAssociation):
             __slots__ = ()
 
-            def _allowed(self, family: int, sockaddr: tuple) -> bool:
+            def allowed(self, family: int, sockaddr: tuple) -> bool:
                 asked.append((family, sockaddr))
                 return sockaddr != denied.getsockname()
 
@@ -217,8 +217,8 @@ GSO_REFUSED = textwrap.dedent("""
     from fastsocks._relay import UdpRelay
 
     class Owner:
-        def _allowed(self, family, sockaddr): return True
-        def _remote_socket(self, family):
+        def allowed(self, family, sockaddr): return True
+        def remote_socket(self, family):
             sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
             sock.bind(("127.0.0.1", 0))
             return sock

@@ -84,19 +84,19 @@ class Owner:
         self.foreign: list[tuple] = []
         self.flow = relay.new_flow(self, self.relay_sock, client_ip, client_port)
 
-    def _allowed(self, family: int, sockaddr: tuple) -> bool:
+    def allowed(self, family: int, sockaddr: tuple) -> bool:
         self.asked.append((family, sockaddr))
         return sockaddr not in self.denied
 
-    def _remote_socket(self, family: int) -> socket.socket:
+    def remote_socket(self, family: int) -> socket.socket:
         sock = udp_socket("0.0.0.0" if family == socket.AF_INET else "::", blocking=False)
         self.remote_socks[family] = sock
         return sock
 
-    def _send_to_name(self, name: str, port: int, payload: bytes) -> None:
+    def send_to_name(self, name: str, port: int, payload: bytes) -> None:
         self.names.append((name, port, payload))
 
-    def _warn_foreign(self, source: tuple) -> None:
+    def warn_foreign(self, source: tuple) -> None:
         self.foreign.append(source)
 
     def remote_address(self, family: int = socket.AF_INET) -> tuple[str, int]:
@@ -291,7 +291,7 @@ def test_a_hook_that_raises_costs_its_datagram_not_the_batch(owners, sockets):
             raise RuntimeError("a bug in the rules")
         return True
 
-    owner._allowed = allowed
+    owner.allowed = allowed
     client.sendto(header(*bad.getsockname()) + b"to the bug", owner.address)
     client.sendto(header(*good.getsockname()) + b"fine", owner.address)
     with pytest.raises(RuntimeError, match="a bug in the rules"):
@@ -304,7 +304,7 @@ def test_a_hook_that_raises_costs_its_datagram_not_the_batch(owners, sockets):
 
 def test_a_remote_socket_that_cannot_be_opened_drops_the_datagram(owners, sockets):
     owner, client, sink = owners(), sockets(), sockets()
-    owner._remote_socket = lambda family: None
+    owner.remote_socket = lambda family: None
     client.sendto(header(*sink.getsockname()) + b"nowhere to send from", owner.address)
     assert owner.pump_up() == 0
     assert owner.flow.dropped == 1 and nothing_more(sink)
@@ -319,7 +319,7 @@ def test_the_flow_holds_the_sockets_it_sends_on(owners, sockets):
         opened_socks.append(sock.getsockname())
         return sock
 
-    owner._remote_socket = remote_socket
+    owner.remote_socket = remote_socket
     for i in range(2):
         client.sendto(header(*sink.getsockname()) + b"%d" % i, owner.address)
         assert owner.pump_up() == 1
@@ -538,7 +538,7 @@ def test_run_raises_what_a_hook_raised_once_the_work_is_done(owners, sockets):
     def broken(family, sockaddr):
         raise RuntimeError("a bug in the rules")
 
-    owner._allowed = broken
+    owner.allowed = broken
     client.sendto(header(*sink.getsockname()) + b"x", owner.address)
     wait_for(owner.relay)
     with pytest.raises(RuntimeError, match="a bug in the rules"):
@@ -581,7 +581,7 @@ def test_a_hook_may_not_pump_again(owners, sockets):
         except RuntimeError as exc:
             raised.append(exc)
 
-    owner._send_to_name = name_hook
+    owner.send_to_name = name_hook
     client.sendto(header("example.com", 53) + b"q", owner.address)
     owner.pump_up()
     assert len(raised) == 1
