@@ -1,7 +1,8 @@
-"""The comparison suite's own logic (benchmarks/compare.py): statistics, run order, the
-result document, the Markdown table, skipped peers, Dante's config, and one whole matrix
-driven end to end by stand-ins (a tiny SOCKS5 greeting server and a stand-in for
-`fastsocks bench` that writes JSON in its format). No assertion on speed anywhere.
+"""The comparison suite's own logic (benchmarks/compare.py and its parts in
+benchmarks/comparison/): statistics, run order, the result document, the Markdown table,
+skipped peers, Dante's config, and one whole matrix driven end to end by stand-ins (a tiny
+SOCKS5 greeting server and a stand-in for `fastsocks bench` that writes JSON in its
+format). No assertion on speed anywhere.
 """
 
 from __future__ import annotations
@@ -17,23 +18,30 @@ from pathlib import Path
 
 import pytest
 
+from comparison.document import build_document, machine_info, output_stem, write_outputs
+from comparison.matrix import bench_available, pin_prefixes, schedule
+from comparison.render import fmt_num, fmt_ratio, render_chart, render_table
+from comparison.servers import ServerSpec, _dante_argv, _which, check_servers, dante_config, default_servers
+from comparison.summary import aggregate, compute_ratios, saturated_loadgen, summarize
+from comparison.supervise import ServerError, Supervisor, start_server
+from comparison.workloads import FULL, QUICK, WORKLOADS, extract, unsupported_cells
+
 COMPARE = Path(__file__).resolve().parents[2] / "benchmarks" / "compare.py"
 
 
 def _load():
     spec = importlib.util.spec_from_file_location("fastsocks_bench_compare", COMPARE)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module     # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 
 
 compare = _load()
-W = compare.WORKLOADS
+W = WORKLOADS
 
 
 def spec(name: str, kind: str = "peer", **kw):
-    return compare.ServerSpec(name, name.capitalize(), kind, **kw)
+    return ServerSpec(name, name.capitalize(), kind, **kw)
 
 
 def run(workload: str, server: str, repeat: int, ok: bool = True, **metrics):
@@ -45,10 +53,10 @@ def run(workload: str, server: str, repeat: int, ok: bool = True, **metrics):
 
 
 def test_aggregate_median_min_max():
-    assert compare.aggregate([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3,
+    assert aggregate([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3,
                                                    "values": [3.0, 1.0, 2.0]}
-    assert compare.aggregate([4.0, 1.0])["median"] == 2.5
-    assert compare.aggregate([]) == {"median": None, "min": None, "max": None, "n": 0, "values": []}
+    assert aggregate([4.0, 1.0])["median"] == 2.5
+    assert aggregate([]) == {"median": None, "min": None, "max": None, "n": 0, "values": []}
 
 
 def test_summarize_ignores_failed_runs_and_missing_metrics():
@@ -56,7 +64,7 @@ def test_summarize_ignores_failed_runs_and_missing_metrics():
             run("bulk1", "dante", 1, ok=False),
             run("bulk1", "dante", 2, gbit_s=10.0, proxy_s_per_gb=None),
             run("bulk1", "direct", 0, gbit_s=28.0, proxy_s_per_gb=None)]
-    summary = compare.summarize(runs, [W["bulk1"]])
+    summary = summarize(runs, [W["bulk1"]])
     dante = summary["bulk1"]["dante"]
     assert (dante["runs"], dante["ok"], dante["errors"]) == (3, 2, ["boom"])
     assert dante["metrics"]["gbit_s"]["median"] == 9.0
@@ -69,20 +77,20 @@ def test_extract_reads_the_bench_json_format():
              "results": {"connections": 900, "errors": 2, "conn_per_s": 4500.0,
                          "latency_us": {"p50": 300, "p90": 500, "p99": 900, "max": 2000}},
              "cpu": {"loadgen_s": 1.0, "proxy_s": 0.2, "proxy_ms_per_1000_conn": 222.2}}
-    got = compare.extract(W["cps"], bench)
+    got = extract(W["cps"], bench)
     assert got == {"conn_per_s": 4500.0, "p50_us": 300.0, "p99_us": 900.0,
                    "proxy_ms_per_1000_conn": 222.2, "errors": 2.0}
-    idle = compare.extract(W["idle"], {"results": {"connections": 300, "answered": 299,
-                                                   "rss_per_conn_kb": 9.5, "pss_per_conn_kb": 4.0}})
+    idle = extract(W["idle"], {"results": {"connections": 300, "answered": 299,
+                                           "rss_per_conn_kb": 9.5, "pss_per_conn_kb": 4.0}})
     assert idle == {"pss_per_conn_kb": 4.0, "rss_per_conn_kb": 9.5, "unanswered": 1.0}
-    assert compare.extract(W["bulk1"], {"results": {}})["gbit_s"] is None
+    assert extract(W["bulk1"], {"results": {}})["gbit_s"] is None
 
 
 def test_cells_whose_load_generator_was_saturated_are_flagged():
     runs = [dict(run("cps", "direct", r), loadgen_busy=b) for r, b in enumerate((0.95, 0.97, 0.5))]
     runs += [dict(run("cps", "dante", r), loadgen_busy=0.4) for r in range(3)]
     runs += [dict(run("cps", "pproxy", 0, ok=False), loadgen_busy=None)]
-    assert compare.saturated_loadgen(runs) == [{"workload": "cps", "server": "direct", "loadgen_busy": 0.95}]
+    assert saturated_loadgen(runs) == [{"workload": "cps", "server": "direct", "loadgen_busy": 0.95}]
 
 
 def test_best_peer_and_ratios_follow_the_direction_of_each_metric():
@@ -91,8 +99,8 @@ def test_best_peer_and_ratios_follow_the_direction_of_each_metric():
             run("bulk1", "fastsocks-1w", 0, gbit_s=10.0, proxy_s_per_gb=0.2),
             run("bulk1", "dante", 0, gbit_s=5.0, proxy_s_per_gb=0.9),
             run("bulk1", "microsocks", 0, gbit_s=2.0, proxy_s_per_gb=0.4)]
-    summary = compare.summarize(runs, [W["bulk1"]])
-    ratios = compare.compute_ratios(summary, [W["bulk1"]], servers)
+    summary = summarize(runs, [W["bulk1"]])
+    ratios = compute_ratios(summary, [W["bulk1"]], servers)
     speed = ratios["bulk1"]["gbit_s"]
     assert (speed["best_peer"], speed["best_peer_median"]) == ("dante", 5.0)
     assert speed["fastsocks"]["fastsocks-1w"] == {"vs_best_peer": 2.0, "vs_direct": 0.5}
@@ -106,7 +114,7 @@ def test_best_peer_and_ratios_follow_the_direction_of_each_metric():
 
 def test_schedule_interleaves_servers_round_by_round_within_each_workload():
     servers = [spec("direct", "direct"), spec("a", "fastsocks"), spec("b"), spec("c")]
-    order = [(w.name, r, s.name) for w, r, s in compare.schedule([W["bulk1"], W["idle"]], servers, 3)]
+    order = [(w.name, r, s.name) for w, r, s in schedule([W["bulk1"], W["idle"]], servers, 3)]
     bulk = [(r, s) for w, r, s in order if w == "bulk1"]
     assert bulk == [(r, s) for r in range(3) for s in ("direct", "a", "b", "c")]
     idle = [s for w, r, s in order if w == "idle"]
@@ -117,25 +125,25 @@ def test_schedule_interleaves_servers_round_by_round_within_each_workload():
 def test_pin_splits_cpus_between_proxy_and_load_generator():
     if not shutil.which("taskset"):
         pytest.skip("taskset not installed")
-    proxy, load = compare.pin_prefixes("1", available=[0, 1])
+    proxy, load = pin_prefixes("1", available=[0, 1])
     assert proxy[1:] == ["-c", "1"] and load[1:] == ["-c", "0"]
-    proxy, load = compare.pin_prefixes("2-3", available=[0, 1, 2, 3])
+    proxy, load = pin_prefixes("2-3", available=[0, 1, 2, 3])
     assert proxy[-1] == "2,3" and load[-1] == "0,1"
-    assert compare.pin_prefixes(None) == ([], [])
+    assert pin_prefixes(None) == ([], [])
     with pytest.raises(ValueError, match="no CPU for the load generator"):
-        compare.pin_prefixes("0,1", available=[0, 1])
+        pin_prefixes("0,1", available=[0, 1])
     with pytest.raises(ValueError, match="not available"):
-        compare.pin_prefixes("7", available=[0, 1])
+        pin_prefixes("7", available=[0, 1])
 
 
 # ------------------------------------------------------------------ peers and Dante
 
 
 def test_missing_peer_is_skipped_with_its_install_hint(capsys):
-    ghost = spec("ghost", requires=compare._which("no-such-socks-server-here"),
+    ghost = spec("ghost", requires=_which("no-such-socks-server-here"),
                  install_hint="apt-get install ghost-socks")
     here = spec("here", requires=lambda: None)
-    ready, skipped = compare.check_servers([ghost, here])
+    ready, skipped = check_servers([ghost, here])
     assert [s.name for s in ready] == ["here"]
     assert skipped == [{"server": "ghost", "reason": "`no-such-socks-server-here` not found on PATH",
                         "install": "apt-get install ghost-socks"}]
@@ -145,17 +153,17 @@ def test_missing_peer_is_skipped_with_its_install_hint(capsys):
 
 
 def test_every_peer_says_how_to_install_it():
-    hints = {s.name: s.install_hint for s in compare.default_servers()}
+    hints = {s.name: s.install_hint for s in default_servers()}
     assert hints["dante"] == "apt-get install dante-server"
     assert hints["microsocks"] == "apt-get install microsocks"
     assert hints["pproxy"] == "pip install pproxy"
     assert "pip install ." in hints["fastsocks-1w"]
-    names = [s.name for s in compare.default_servers()]
+    names = [s.name for s in default_servers()]
     assert names == ["direct", "fastsocks-1w", "fastsocks-2w", "dante", "microsocks", "pproxy"]
 
 
 def test_dante_config_is_loopback_only(tmp_path):
-    conf = compare.dante_config(10800, as_root=False)
+    conf = dante_config(10800, as_root=False)
     lines = [line.strip() for line in conf.splitlines()]
     assert "internal: 127.0.0.1 port = 10800" in lines
     assert "external: 127.0.0.1" in lines
@@ -169,16 +177,16 @@ def test_dante_config_is_loopback_only(tmp_path):
         assert "from: 127.0.0.0/8 to: 127.0.0.0/8" in block
         assert "0.0.0.0" not in block
     assert sum(" block {" in b for b in blocks) == 2
-    assert "user.privileged: root" in compare.dante_config(1, as_root=True)
+    assert "user.privileged: root" in dante_config(1, as_root=True)
     if shutil.which("danted"):   # Dante itself accepts it (-V: verify the config and exit)
         path = tmp_path / "danted.conf"
-        path.write_text(compare.dante_config(10800))
+        path.write_text(dante_config(10800))
         done = subprocess.run(["danted", "-V", "-f", str(path)], capture_output=True, text=True, timeout=20)
         assert done.returncode == 0, done.stderr
 
 
 def test_dante_argv_writes_its_config_into_the_work_dir(tmp_path):
-    argv = compare._dante_argv(12345, tmp_path)
+    argv = _dante_argv(12345, tmp_path)
     assert argv[:2] == ["danted", "-f"] and argv[-2:] == ["-N", "1"]
     assert "port = 12345" in Path(argv[2]).read_text()
     assert Path(argv[2]).parent == tmp_path
@@ -199,13 +207,13 @@ def _table_fixture():
                  run("idle", "dante", r, pss_per_conn_kb=319.0, rss_per_conn_kb=400.0, unanswered=0),
                  run("idle", "pproxy", r, ok=r != 2, pss_per_conn_kb=11.0, rss_per_conn_kb=12.0, unanswered=0)]
     workloads = [W["bulk1"], W["idle"]]
-    summary = compare.summarize(runs, workloads)
-    return servers, workloads, runs, summary, compare.compute_ratios(summary, workloads, servers)
+    summary = summarize(runs, workloads)
+    return servers, workloads, runs, summary, compute_ratios(summary, workloads, servers)
 
 
 def test_markdown_table_shows_medians_ranges_and_ratios():
     servers, workloads, _, summary, ratios = _table_fixture()
-    table = compare.render_table(summary, ratios, workloads, servers, repeats=3)
+    table = render_table(summary, ratios, workloads, servers, repeats=3)
     lines = table.splitlines()
     assert lines[0] == ("| workload | unit | Direct | Fastsocks-1w | Dante | Pproxy | best peer "
                         "| Fastsocks-1w ÷ best peer / ÷ direct |")
@@ -227,25 +235,25 @@ def test_table_marks_a_cell_whose_runs_all_failed():
     servers = [spec("fastsocks-1w", "fastsocks"), spec("microsocks")]
     runs = [run("cps", "fastsocks-1w", 0, conn_per_s=9000.0, errors=0.0),
             run("cps", "microsocks", 0, ok=False)]
-    summary = compare.summarize(runs, [W["cps"]])
-    table = compare.render_table(summary, compare.compute_ratios(summary, [W["cps"]], servers),
-                                 [W["cps"]], servers, repeats=1)
+    summary = summarize(runs, [W["cps"]])
+    table = render_table(summary, compute_ratios(summary, [W["cps"]], servers),
+                         [W["cps"]], servers, repeats=1)
     row = next(line for line in table.splitlines() if line.startswith("| connections/s"))
     assert row.split(" | ")[3] == "failed"
     assert row.rstrip(" |").endswith("— / —")               # no peer to compare with
 
 
 def test_number_formatting():
-    assert [compare.fmt_num(v) for v in (15530.4, 319.0, 27.04, 0.284, None)] == ["15,530", "319", "27.0", "0.28", "—"]
-    assert compare.fmt_num(3.0, "count") == "3"
-    assert compare.fmt_ratio(1.8149) == "1.81×" and compare.fmt_ratio(None) == "—"
+    assert [fmt_num(v) for v in (15530.4, 319.0, 27.04, 0.284, None)] == ["15,530", "319", "27.0", "0.28", "—"]
+    assert fmt_num(3.0, "count") == "3"
+    assert fmt_ratio(1.8149) == "1.81×" and fmt_ratio(None) == "—"
 
 
 def _document(runs, servers, workloads, skipped=()):
-    return compare.build_document(
+    return build_document(
         started_at="2026-11-28T04:00:00+00:00", finished_at="2026-11-28T04:10:00+00:00",
-        command="python benchmarks/compare.py --quick", params=compare.QUICK, repeats=3,
-        setup=compare.machine_info("not pinned"), versions={"dante": "1.4.2"}, workloads=workloads,
+        command="python benchmarks/compare.py --quick", params=QUICK, repeats=3,
+        setup=machine_info("not pinned"), versions={"dante": "1.4.2"}, workloads=workloads,
         servers=servers, skipped=list(skipped), runs=runs, interrupted=False)
 
 
@@ -261,23 +269,23 @@ def test_result_document_shape_and_files(tmp_path):
     assert doc["failures"] == [{"workload": "idle", "server": "pproxy", "repeat": 2, "error": "boom"}]
     assert len(doc["runs"]) == len(runs)
     assert doc["summary"]["bulk1"]["fastsocks-1w"]["metrics"]["gbit_s"]["median"] == 14.7
-    assert doc["params"]["idle_connections"] == compare.QUICK.idle_connections
-    stem = compare.output_stem(tmp_path, "2026-11-28", "my host", quick=True)
+    assert doc["params"]["idle_connections"] == QUICK.idle_connections
+    stem = output_stem(tmp_path, "2026-11-28", "my host", quick=True)
     assert stem.name == "2026-11-28-my_host-quick"
-    table = compare.write_outputs(doc, workloads, servers, stem)
+    table = write_outputs(doc, workloads, servers, stem)
     loaded = json.loads(stem.with_suffix(".json").read_text())
     assert loaded["summary"] == json.loads(json.dumps(doc["summary"]))
     markdown = stem.with_suffix(".md").read_text()
     assert table in markdown and "`python benchmarks/compare.py --quick`" in markdown
     assert "skipped microsocks: not found (install: `apt-get install microsocks`)" in markdown
-    assert compare.output_stem(tmp_path, "2026-11-28", "my host", quick=True).name == "2026-11-28-my_host-quick-2"
+    assert output_stem(tmp_path, "2026-11-28", "my host", quick=True).name == "2026-11-28-my_host-quick-2"
 
 
 def test_chart_is_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     servers, workloads, runs, summary, ratios = _table_fixture()
     doc = _document(runs, servers, workloads)
-    path = compare.render_chart(doc, summary, ratios, workloads, servers, tmp_path / "chart.png")
+    path = render_chart(doc, summary, ratios, workloads, servers, tmp_path / "chart.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -343,11 +351,11 @@ def standins(tmp_path):
     server.write_text(TINY_SOCKS)
     bench = tmp_path / "bench_standin.py"
     bench.write_text(textwrap.dedent(STANDIN_BENCH))
-    servers = [compare.ServerSpec("direct", "direct", "direct"),
-               compare.ServerSpec("tiny-a", "tiny A", "fastsocks",
-                                  lambda port, wd: [sys.executable, str(server), str(port)]),
-               compare.ServerSpec("tiny-b", "tiny B", "peer",
-                                  lambda port, wd: [sys.executable, str(server), str(port)])]
+    servers = [ServerSpec("direct", "direct", "direct"),
+               ServerSpec("tiny-a", "tiny A", "fastsocks",
+                          lambda port, wd: [sys.executable, str(server), str(port)]),
+               ServerSpec("tiny-b", "tiny B", "peer",
+                          lambda port, wd: [sys.executable, str(server), str(port)])]
     return servers, [sys.executable, str(bench)]
 
 
@@ -362,13 +370,14 @@ def _pid_gone(pid: int) -> bool:
 def test_whole_matrix_with_standins_writes_everything_and_stops_every_server(standins, tmp_path, monkeypatch):
     servers, bench = standins
     monkeypatch.setenv("STANDIN_FAIL_MODE", "rr")
-    assert compare.bench_available(bench) is None
+    assert bench_available(bench) is None
     lines = []
     workloads = [W["bulk1"], W["rr"]]
+    supervisor = Supervisor()
     doc, stem, table = compare.run_matrix(
-        workloads=workloads, servers=servers, params=compare.QUICK, repeats=2, bench_cmd=bench, pin=None,
+        workloads=workloads, servers=servers, params=QUICK, repeats=2, bench_cmd=bench, pin=None,
         out_dir=tmp_path / "results", quick=True, run_timeout_s=30, command="test", settle_s=0,
-        log=lines.append)
+        log=lines.append, supervisor=supervisor)
     order = [(r["workload"], r["server"]) for r in doc["runs"]]
     everyone = ("direct", "tiny-a", "tiny-b")
     assert order == [("bulk1", s) for s in everyone] * 2 + [("rr", s) for s in everyone] * 2
@@ -377,7 +386,7 @@ def test_whole_matrix_with_standins_writes_everything_and_stops_every_server(sta
     assert all(r["ok"] for r in bulk)
     argv = bulk[1]["bench_argv"]
     assert argv[:len(bench) + 1] == bench + ["bulk"]
-    assert argv[-9:] == ["--streams", "1", "--bytes", str(compare.QUICK.bulk_bytes), "--direction", "download",
+    assert argv[-9:] == ["--streams", "1", "--bytes", str(QUICK.bulk_bytes), "--direction", "download",
                          "--json", argv[-2], "--quiet"]
     assert "--direct" in bulk[0]["bench_argv"] and "--proxy-pid" in bulk[1]["bench_argv"]
     assert all(not r["ok"] and "failing on purpose" in r["error"] for r in doc["runs"] if r["workload"] == "rr")
@@ -385,7 +394,7 @@ def test_whole_matrix_with_standins_writes_everything_and_stops_every_server(sta
     pids = [r["server_pid"] for r in doc["runs"] if r["server_pid"]]
     assert len(pids) == 8 and len(set(pids)) == 8
     assert all(_pid_gone(pid) for pid in pids)
-    assert compare._LIVE == {}
+    assert supervisor.live == {}
     assert doc["summary"]["bulk1"]["direct"]["metrics"]["gbit_s"]["median"] == 17.0
     assert doc["ratios"]["bulk1"]["gbit_s"]["fastsocks"]["tiny-a"] == {"vs_best_peer": 1.0,
                                                                      "vs_direct": 10.0 / 17.0}
@@ -413,28 +422,31 @@ def test_interrupt_stops_servers_and_keeps_what_was_measured(standins, tmp_path)
         if len(lines) == 1:
             raise KeyboardInterrupt   # as if Ctrl-C arrived right after the first run
 
+    supervisor = Supervisor()
     doc, stem, _ = compare.run_matrix(
-        workloads=[W["cps"]], servers=servers, params=compare.QUICK, repeats=3, bench_cmd=bench, pin=None,
-        out_dir=tmp_path, quick=False, run_timeout_s=30, command="test", settle_s=0, log=log)
+        workloads=[W["cps"]], servers=servers, params=QUICK, repeats=3, bench_cmd=bench, pin=None,
+        out_dir=tmp_path, quick=False, run_timeout_s=30, command="test", settle_s=0, log=log,
+        supervisor=supervisor)
     assert doc["interrupted"] is True and len(doc["runs"]) == 1
     assert lines[-1].startswith("interrupted")
-    assert compare._LIVE == {}
+    assert supervisor.live == {}
     assert json.loads(stem.with_suffix(".json").read_text())["interrupted"] is True
 
 
 def test_a_server_that_never_answers_fails_its_run_only(tmp_path):
-    silent = compare.ServerSpec("silent", "silent", "peer",
-                                lambda port, wd: [sys.executable, "-c", "import time; time.sleep(60)"])
-    with pytest.raises(compare.ServerError, match="did not answer"):
-        compare.start_server(silent, tmp_path, [], ready_timeout_s=0.5, attempts=1)
-    assert compare._LIVE == {}
+    silent = ServerSpec("silent", "silent", "peer",
+                        lambda port, wd: [sys.executable, "-c", "import time; time.sleep(60)"])
+    supervisor = Supervisor()
+    with pytest.raises(ServerError, match="did not answer"):
+        start_server(silent, tmp_path, [], supervisor, ready_timeout_s=0.5, attempts=1)
+    assert supervisor.live == {}
 
 
 def test_bench_problems_fail_the_run_and_warnings_are_kept(standins, tmp_path, monkeypatch):
     servers, bench = standins
     monkeypatch.setenv("STANDIN_PROBLEM_MODE", "rr")
     doc, stem, _ = compare.run_matrix(
-        workloads=[W["cps"], W["rr"]], servers=servers[1:], params=compare.QUICK, repeats=1, bench_cmd=bench,
+        workloads=[W["cps"], W["rr"]], servers=servers[1:], params=QUICK, repeats=1, bench_cmd=bench,
         pin=None, out_dir=tmp_path, quick=True, run_timeout_s=30, command="test", settle_s=0, log=lambda _: None)
     cps, rr = [r for r in doc["runs"] if r["server"] == "tiny-b"]
     assert cps["ok"] and cps["warnings"] == ["3 connections failed: reset 3"]
@@ -452,11 +464,11 @@ def test_udp_workload_skips_servers_without_udp():
     assert {m.key for m in udp.metrics} >= {"dgram_per_s", "proxy_us_per_dgram"}
     servers = [spec("direct", "direct"), spec("fastsocks-1w", "fastsocks"), spec("microsocks"), spec("pproxy"),
                spec("dante")]
-    order = [s.name for w, r, s in compare.schedule([udp], servers, 1)]
+    order = [s.name for w, r, s in schedule([udp], servers, 1)]
     assert order == ["direct", "fastsocks-1w", "dante"]   # Dante's config passes udpassociate
-    skipped = compare.unsupported_cells([udp, W["rr"]], servers)
+    skipped = unsupported_cells([udp, W["rr"]], servers)
     assert {c["server"] for c in skipped} == {"microsocks", "pproxy"}
     assert all(c["workload"] == "udp" and c["reason"] for c in skipped)
-    assert compare.QUICK.udp_duration_s < compare.FULL.udp_duration_s
-    args = udp.args(compare.QUICK)
+    assert QUICK.udp_duration_s < FULL.udp_duration_s
+    args = udp.args(QUICK)
     assert args[args.index("--duration") + 1] == "1"
