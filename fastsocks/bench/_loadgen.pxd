@@ -237,11 +237,6 @@ cdef class LoadGen:
     cdef void _close_conn(self, Conn *c) noexcept nogil
     cdef void _record(self, uint64_t latency_ns) noexcept nogil
     cdef void _scan_timeouts(self) noexcept nogil
-    cdef int _udp_loop(self, uint64_t until_ns) noexcept nogil
-    cdef int _udp_send(self, int idx, int k) noexcept nogil
-    cdef void _udp_recv(self, int idx) noexcept nogil
-    cdef void _udp_take(self, int idx, ssize_t n) noexcept nogil
-    cdef void _udp_scan(self) noexcept nogil
 
 
 # --------------------------------------------------------------------- target server

@@ -22,6 +22,7 @@ on the mode:
     idle   PARKED until go(), then one EXCHANGE (the ping), then PARKED again
     bulk   PARKED until go(), then BULK (header, then payload both ways as asked), then
            RESULT (the sink's count and verdict) when uploading, then close
+    udp    associations instead of connections: _udp_load.pxi (included below)
 
 Two phases: ``establish()`` opens every connection (``open_limit`` handshakes at a time)
 and parks them; ``go()`` starts the measured work at one instant for all of them (cps has
@@ -415,7 +416,7 @@ cdef class LoadGen:
         self.phase = PH_ESTABLISH
         self.now_ns = _now_ns()
         if self.mode == MODE_UDP:
-            self._udp_establish()  # synchronous: run() then returns True at once
+            _udp_establish(self)  # synchronous: run() then returns True at once
 
     def go(self, double duration_s=0.0):
         """Start the measured work now; with duration_s > 0 nothing new starts after it."""
@@ -433,7 +434,7 @@ cdef class LoadGen:
             elif self.conns[i].state == C_PARKED:
                 if self.mode == MODE_UDP:
                     for k in range(self.inflight):
-                        if self._udp_send(i, k) < 0:
+                        if _udp_send(self, i, k) < 0:
                             break
                 elif self.mode == MODE_BULK:
                     self._start_bulk(i)
@@ -571,7 +572,7 @@ cdef class LoadGen:
         cdef uint64_t *work
         cdef Conn *c
         if self.mode == MODE_UDP:
-            return self._udp_loop(until_ns)
+            return _udp_loop(self, until_ns)
         while True:
             self.now_ns = _now_ns()
             self._refill()
@@ -1058,266 +1059,6 @@ cdef class LoadGen:
             if (cat == 1 or cat == 3) and self.now_ns > c.t_active_ns + self.timeout_ns:
                 self._fail(i, E_TIMEOUT, 0)
 
-    # ------------------------------------------------------------------ udp
 
-    def _udp_establish(self):
-        """Open every association: over the proxy, a TCP connection with the greeting,
-        [auth] and UDP ASSOCIATE (RFC 1928 §4, §6), then a UDP socket connected to the
-        relay it names; direct, a UDP socket connected to the target. A failure is counted
-        by kind and leaves that association closed."""
-        import socket as pysocket
-        import ipaddress
-        cdef int i
-        cdef epoll_event ev
-        cdef Conn *c
-        peer_host, peer_port = self._peer()
-        for i in range(self.n_conns):
-            c = &self.conns[i]
-            if self.stopping:
-                break
-            relay = (self.family, peer_host, peer_port)
-            if self.via_proxy:
-                try:
-                    relay = self._udp_associate(peer_host, peer_port)
-                except _AssociateError as exc:
-                    self.errors[exc.args[0]] += 1
-                    self.last_kind = exc.args[0]
-                    self.last_reply = exc.args[1]
-                    self.last_errno = exc.args[2]
-                    continue
-            try:
-                udp = pysocket.socket(relay[0], pysocket.SOCK_DGRAM)
-                udp.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_RCVBUF, 1 << 20)
-                udp.setsockopt(pysocket.SOL_SOCKET, pysocket.SO_SNDBUF, 1 << 20)
-                udp.connect(relay[1:])
-                udp.setblocking(False)
-            except OSError as exc:
-                self.errors[E_CONNECT] += 1
-                self.last_kind, self.last_errno = E_CONNECT, exc.errno or 0
-                continue
-            c.fd = udp.detach()
-            c.gen += 1
-            ev.events = EPOLLIN
-            ev.data.u64 = _tag(c.gen, i)
-            if epoll_ctl(self.epfd, EPOLL_CTL_ADD, c.fd, &ev) < 0:
-                self.errors[E_OTHER] += 1
-                self.last_kind, self.last_errno = E_OTHER, errno
-                self._close_conn(c)
-                continue
-            self._set_state(c, C_PARKED)
-
-    def _peer(self):
-        import socket as pysocket
-        cdef sockaddr_in *sin = <sockaddr_in *>&self.peer
-        cdef sockaddr_in6 *sin6 = <sockaddr_in6 *>&self.peer
-        if self.family == AF_INET:
-            return pysocket.inet_ntop(pysocket.AF_INET, (<char *>&sin.sin_addr)[:4]), htons(sin.sin_port)
-        return pysocket.inet_ntop(pysocket.AF_INET6, (<char *>&sin6.sin6_addr)[:16]), htons(sin6.sin6_port)
-
-    def _udp_associate(self, host, port):
-        """One association's TCP side; (family, relay ip, relay port) or _AssociateError."""
-        import socket as pysocket
-        import ipaddress
-        timeout_s = self.timeout_ns / 1e9
-        try:
-            tcp = pysocket.create_connection((host, port), timeout=timeout_s)
-        except OSError as exc:
-            raise _AssociateError(E_CONNECT, 0, exc.errno or 0) from None
-        try:
-            tcp.sendall(self.greeting)
-            answer = _recv_exact(tcp, 2)
-            if answer[0] != 5:
-                raise _AssociateError(E_METHOD, 0, 0)
-            if answer[1] == 2 and self.auth is not None:
-                tcp.sendall(self.auth)
-                status = _recv_exact(tcp, 2)
-                if status[1] != 0:
-                    raise _AssociateError(E_AUTH, status[1], 0)
-            elif answer[1] != 0:
-                raise _AssociateError(E_METHOD, answer[1], 0)
-            tcp.sendall(self.request)
-            head = _recv_exact(tcp, 4)
-            if head[0] != 5 or head[1] != 0:
-                raise _AssociateError(E_REPLY, head[1], 0)
-            if head[3] == 1:
-                raw = _recv_exact(tcp, 6)
-                ip = pysocket.inet_ntop(pysocket.AF_INET, raw[:4])
-            elif head[3] == 4:
-                raw = _recv_exact(tcp, 18)
-                ip = pysocket.inet_ntop(pysocket.AF_INET6, raw[:16])
-            else:
-                raise _AssociateError(E_REPLY, 0, 0)  # a relay named by a domain: not for a bench
-            relay_port = (raw[len(raw) - 2] << 8) | raw[len(raw) - 1]
-            if ipaddress.ip_address(ip).is_unspecified:
-                ip = host  # "0.0.0.0": the relay is on the address we reached over TCP
-        except _AssociateError:
-            tcp.close()
-            raise
-        except EOFError:
-            tcp.close()
-            raise _AssociateError(E_EOF, 0, 0) from None
-        except pysocket.timeout:
-            tcp.close()
-            raise _AssociateError(E_TIMEOUT, 0, 0) from None
-        except OSError as exc:
-            tcp.close()
-            raise _AssociateError(_io_kind(exc.errno or 0), 0, exc.errno or 0) from None
-        self.udp_control.append(tcp)
-        family = pysocket.AF_INET6 if ":" in ip else pysocket.AF_INET
-        return family, ip, relay_port
-
-    cdef int _udp_loop(self, uint64_t until_ns) noexcept nogil:
-        cdef int i, n, idx, wait_ms
-        cdef uint64_t tag
-        if self.phase == PH_ESTABLISH:
-            return 1
-        while True:
-            self.now_ns = _now_ns()
-            if self.udp_busy == 0 and not self._can_start():
-                return 1
-            if self.now_ns >= until_ns:
-                return 0
-            if self.now_ns >= self.next_scan_ns:
-                self._udp_scan()
-                self.next_scan_ns = self.now_ns + UDP_SCAN_NS
-                continue
-            wait_ms = <int>_min(MAX_WAIT_MS, (_min(until_ns, self.next_scan_ns) - self.now_ns) // 1000000 + 1)
-            n = epoll_wait(self.epfd, self.events, self.max_events, wait_ms)
-            self.now_ns = _now_ns()
-            for i in range(n):
-                tag = self.events[i].data.u64
-                idx = <int>(tag & 0xFFFFFFFFU)
-                if self.conns[idx].gen == <uint32_t>(tag >> 32) and self.conns[idx].fd >= 0:
-                    self._udp_recv(idx)
-
-    cdef int _udp_send(self, int idx, int k) noexcept nogil:
-        """Send a new datagram in slot k of association idx. 1 sent, 0 not now (the slot
-        stays free for the next scan), -1 the association failed."""
-        cdef Conn *c = &self.conns[idx]
-        cdef USlot *slot = &self.slots[<size_t>idx * self.inflight + k]
-        cdef unsigned char *p = self.buf
-        cdef uint64_t seq
-        cdef ssize_t n
-        cdef size_t length = self.udp_header_len + self.size
-        if c.fd < 0 or not self._can_start():
-            return 0
-        seq = self.serial
-        memcpy(p, self.udp_header_p, self.udp_header_len)
-        p += self.udp_header_len
-        p[0] = <unsigned char>(k >> 24)
-        p[1] = <unsigned char>(k >> 16)
-        p[2] = <unsigned char>(k >> 8)
-        p[3] = <unsigned char>k
-        _put_be64(p + 4, seq)
-        memcpy(p + UDP_TAG_BYTES, self.pat + (seq * 4099) % PATTERN_BYTES, self.size - UDP_TAG_BYTES)
-        n = send(c.fd, self.buf, length, MSG_DONTWAIT)
-        if n < 0:
-            if errno == EAGAIN or errno == EINTR or errno == ENOBUFS:
-                return 0
-            # A hard error (ECONNREFUSED: nobody at the relay or the echo): the datagram
-            # counts as sent and lost, so that a --count run still ends.
-            self.serial += 1
-            self.started += 1
-            self.errors[E_RESET if errno == ECONNREFUSED else E_OTHER] += 1
-            self.last_kind = E_RESET if errno == ECONNREFUSED else E_OTHER
-            self.last_errno = errno
-            return -1
-        self.serial += 1
-        self.started += 1
-        self.bytes_up += self.size
-        slot.seq = seq
-        slot.t_sent_ns = _now_ns()
-        slot.busy = 1
-        self.udp_busy += 1
-        return 1
-
-    cdef void _udp_recv(self, int idx) noexcept nogil:
-        cdef Conn *c = &self.conns[idx]
-        cdef ssize_t n
-        cdef int i
-        for i in range(BUDGET * 2):
-            n = recv(c.fd, self.buf, self.buf_size, MSG_DONTWAIT)
-            if n < 0:
-                if errno == EAGAIN or errno == EINTR:
-                    return
-                self.errors[E_RESET if errno == ECONNREFUSED else E_OTHER] += 1
-                self.last_kind = E_RESET if errno == ECONNREFUSED else E_OTHER
-                self.last_errno = errno
-                if errno != ECONNREFUSED:
-                    return
-                continue
-            self._udp_take(idx, n)
-
-    cdef void _udp_take(self, int idx, ssize_t n) noexcept nogil:
-        """One datagram back: every byte compared (header, slot, sequence, payload)."""
-        cdef const unsigned char *p = self.buf + self.udp_header_len
-        cdef uint32_t k
-        cdef uint64_t seq, now
-        cdef USlot *slot
-        if (n != <ssize_t>(self.udp_header_len + self.size)
-                or memcmp(self.buf, self.udp_header_p, self.udp_header_len) != 0):
-            self.errors[E_MISMATCH] += 1
-            self.last_kind = E_MISMATCH
-            return
-        k = (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
-        seq = _get_be64(p + 4)
-        if k >= <uint32_t>self.inflight:
-            self.errors[E_MISMATCH] += 1
-            self.last_kind = E_MISMATCH
-            return
-        slot = &self.slots[<size_t>idx * self.inflight + k]
-        if not slot.busy or slot.seq != seq:
-            if seq < self.serial:
-                self.udp_late += 1  # given up on already, or an echo twice
-            else:
-                self.errors[E_MISMATCH] += 1
-                self.last_kind = E_MISMATCH
-            return
-        self.udp_compared += self.size
-        slot.busy = 0
-        self.udp_busy -= 1
-        if memcmp(p + UDP_TAG_BYTES, self.pat + (seq * 4099) % PATTERN_BYTES, self.size - UDP_TAG_BYTES) != 0:
-            self.errors[E_MISMATCH] += 1
-            self.last_kind = E_MISMATCH
-        else:
-            now = _now_ns()
-            self._record(now - slot.t_sent_ns)
-            self.ok += 1
-            self.bytes_down += self.size
-            self.t_last_ns = now
-        self._udp_send(idx, k)
-
-    cdef void _udp_scan(self) noexcept nogil:
-        """Give up on datagrams older than loss_ns; refill every free slot."""
-        cdef int i, k
-        cdef USlot *slot
-        for i in range(self.n_conns):
-            if self.conns[i].fd < 0:
-                continue
-            for k in range(self.inflight):
-                slot = &self.slots[<size_t>i * self.inflight + k]
-                if slot.busy:
-                    if self.now_ns < slot.t_sent_ns + self.loss_ns:
-                        continue
-                    slot.busy = 0
-                    self.udp_busy -= 1
-                    self.udp_timeouts += 1
-                if self._udp_send(i, k) < 0:
-                    break
-
-
-class _AssociateError(Exception):
-    """(error kind, SOCKS reply code, errno) of a failed UDP ASSOCIATE."""
-
-
-def _recv_exact(sock, int n):
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError()
-        data += chunk
-    return data
-
-
+include "_udp_load.pxi"
 include "_target.pxi"
