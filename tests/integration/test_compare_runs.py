@@ -6,14 +6,13 @@ own check of the config compare.py writes for it. No assertion on speed anywhere
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
+import compare  # benchmarks/compare.py (pyproject puts benchmarks/ on sys.path)
 import pytest
 from support import require_tool
 
@@ -22,17 +21,6 @@ from comparison.servers import ServerSpec, dante_config
 from comparison.supervise import ServerError, Supervisor, start_server
 from comparison.workloads import QUICK, WORKLOADS
 
-COMPARE = Path(__file__).resolve().parents[2] / "benchmarks" / "compare.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("fastsocks_bench_compare", COMPARE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _load()
 W = WORKLOADS
 
 

@@ -7,11 +7,11 @@ format: tests/integration/test_compare_runs.py). No assertion on speed anywhere.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
+import compare  # benchmarks/compare.py (pyproject puts benchmarks/ on sys.path)
 import pytest
 
 from comparison.document import build_document, machine_info, output_stem, write_outputs
@@ -21,17 +21,6 @@ from comparison.servers import ServerSpec, _dante_argv, _which, check_servers, d
 from comparison.summary import aggregate, compute_ratios, saturated_loadgen, summarize
 from comparison.workloads import FULL, QUICK, WORKLOADS, extract, unsupported_cells
 
-COMPARE = Path(__file__).resolve().parents[2] / "benchmarks" / "compare.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("fastsocks_bench_compare", COMPARE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = _load()
 W = WORKLOADS
 
 
