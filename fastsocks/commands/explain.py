@@ -12,6 +12,7 @@ import argparse
 import ipaddress
 import socket
 
+from fastsocks.access import format_host
 from fastsocks.commands.config_files import load
 from fastsocks.policy import (COMMANDS, Query, forbidden_destination, normal_name, own_addresses,
                               reaches_listener, unmapped)
@@ -49,7 +50,7 @@ def explain(settings: Settings, args: argparse.Namespace, out) -> int:
     name = None if literal is not None else normal_name(host)
     query = Query(args.client, args.command, port, args.user.encode("utf-8"), name)
     user = args.user or "(none)"
-    out(f"request: client {args.client}, user {user}, {args.command} to {_fmt(host)}:{port}")
+    out(f"request: client {args.client}, user {user}, {args.command} to {format_host(host)}:{port}")
     out(f"policy: {len(policy.rules)} rules, default {'allow' if policy.default_allow else 'deny'}")
 
     early = policy.at_accept(args.client)
@@ -144,7 +145,3 @@ def _literal(host: str):
         return ipaddress.ip_address(host)
     except ValueError:
         return None
-
-
-def _fmt(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
