@@ -294,7 +294,7 @@ def _round(value: float | None, digits: int) -> float | None:
 
 def table(doc: dict) -> str:
     """The document as a few aligned lines for a terminal."""
-    p, r, cpu = doc["params"], doc["results"], doc["cpu"]
+    p, r = doc["params"], doc["results"]
     where = f"{doc['proxy']}" if doc["proxy"] else "direct (no proxy)"
     target = f"{p['target']}{' (built-in)' if p['target_builtin'] else ''}"
     lines = [f"fastsocks bench {doc['mode']}: {where} -> {target}", "  " + _setup(doc)]
