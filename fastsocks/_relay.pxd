@@ -79,6 +79,10 @@ cdef class RelayEngine:
     cdef int *pipe_pool
     cdef int pool_len
     cdef int pool_max
+    cdef int pool_reserve         # pooled pipes kept however long they are unused
+    cdef int pool_low             # the fewest pooled pipes since pool_checked_s
+    cdef double pool_idle_s
+    cdef double pool_checked_s
     cdef double idle_timeout_s
     cdef double now_s
     cdef epoll_event *events
@@ -96,6 +100,7 @@ cdef class RelayEngine:
     cdef int _read(self, Session *s, int d) noexcept nogil
     cdef int _start_splice(self, Direction *dr) noexcept nogil
     cdef void _stop_splice(self, Direction *dr) noexcept nogil
+    cdef void _trim_pool(self) noexcept nogil
     cdef int _read_end(self, Session *s, int d, ssize_t n) noexcept nogil
     cdef int _write_error(self, Session *s, int d) noexcept nogil
     cdef void _count(self, Session *s, int d, ssize_t n) noexcept nogil

@@ -27,6 +27,8 @@ class RelayEngine:
         pipe_size: int = 1 << 20,
         max_pipes: int = 1024,
         pipe_pool: int = 64,
+        pipe_reserve: int = 2,
+        pipe_idle_s: float = 2.0,
         idle_timeout_s: float = 300.0,
         max_events: int = 256,
     ) -> None: ...
@@ -40,7 +42,9 @@ class RelayEngine:
     def add(self, client_fd: int, upstream_fd: int, tag: int, initial_up: Buffer | None = None) -> None:
         """Relay a session; the engine owns both (non-blocking) fds from now on, also on failure."""
     def run(self) -> list[Ended]: ...
-    def expire_idle(self) -> list[Ended]: ...
+    def expire_idle(self) -> list[Ended]:
+        """End the sessions idle for idle_timeout_s; and close the pooled splice pipes that no
+        session took for pipe_idle_s, but pipe_reserve of them (at most every pipe_idle_s)."""
     def close_all(self) -> list[Ended]: ...
     def close(self) -> list[Ended]: ...
 

@@ -23,7 +23,10 @@ would not take are kept, in a per-direction allocation freed as soon as it drain
 idle session costs no user-space buffer. A direction that fills the buffer three reads in
 a row is streaming: it switches to ``splice()`` socket -> pipe -> socket with a pipe from a
 capped pool (1 MiB where F_SETPIPE_SZ allows), and goes back to copy mode, returning the
-pipe, once it turns chatty again.
+pipe, once it turns chatty again. The pool gives back what a burst left: every
+``pipe_idle_s``, the pooled pipes no session took in that time (the pool never fell below
+them) are closed, down to ``pipe_reserve``; the kernel charges every pipe's pages to the
+user whether it holds data or not.
 
 Backpressure: a direction reads only while its destination is writable and nothing is
 pending, so at most one buffer (or one pipe) per direction is in flight. Half-close: EOF
@@ -47,7 +50,7 @@ import os
 from libc.errno cimport errno, EAGAIN, EINTR, EIO
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, calloc, free, realloc
-from libc.string cimport memcpy, memset, memcmp
+from libc.string cimport memcpy, memmove, memset, memcmp
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
 cdef enum:
@@ -98,10 +101,10 @@ cdef class RelayEngine:
         self.runq_work = NULL
 
     def __init__(self, *, int buffer_size=65536, bint splice=True, int pipe_size=1 << 20,
-                 int max_pipes=1024, int pipe_pool=64, double idle_timeout_s=300.0,
-                 int max_events=256):
-        if buffer_size < 1024 or max_events < 1 or max_pipes < 0 or pipe_pool < 0:
-            raise ValueError("buffer_size >= 1024, max_events >= 1, max_pipes/pipe_pool >= 0")
+                 int max_pipes=1024, int pipe_pool=64, int pipe_reserve=2, double pipe_idle_s=2.0,
+                 double idle_timeout_s=300.0, int max_events=256):
+        if buffer_size < 1024 or max_events < 1 or max_pipes < 0 or pipe_pool < 0 or pipe_reserve < 0:
+            raise ValueError("buffer_size >= 1024, max_events >= 1, max_pipes/pipe_pool/pipe_reserve >= 0")
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise OSError(errno, "epoll_create1 failed")
@@ -118,9 +121,11 @@ cdef class RelayEngine:
         self.splice_len = pipe_size if pipe_size > 65536 else 65536
         self.max_pipes = max_pipes
         self.idle_timeout_s = idle_timeout_s
+        self.pool_reserve = pipe_reserve
+        self.pool_idle_s = pipe_idle_s
         self.free_head = -1
         self.finished_head = -1
-        self.now_s = _monotonic()
+        self.now_s = self.pool_checked_s = _monotonic()
 
     def __dealloc__(self):
         cdef int i
@@ -225,9 +230,11 @@ cdef class RelayEngine:
         return self._collect()
 
     def expire_idle(self):
-        """End sessions idle for longer than idle_timeout_s; return them like run()."""
+        """End sessions idle for longer than idle_timeout_s; return them like run(). Also
+        close the pooled pipes left unused for pipe_idle_s, but pipe_reserve of them."""
         cdef int i
         cdef double limit = _monotonic() - self.idle_timeout_s
+        self._trim_pool()
         if self.idle_timeout_s <= 0:
             return []
         for i in range(self.capacity):
@@ -484,6 +491,8 @@ cdef class RelayEngine:
         cdef int fds[2]
         if self.pool_len:
             self.pool_len -= 1
+            if self.pool_len < self.pool_low:
+                self.pool_low = self.pool_len
             dr.pipe_r = self.pipe_pool[2 * self.pool_len]
             dr.pipe_w = self.pipe_pool[2 * self.pool_len + 1]
         elif self.pipes_open < self.max_pipes:
@@ -515,6 +524,24 @@ cdef class RelayEngine:
         dr.in_pipe = 0
         dr.streak = 0
         dr.flags &= ~DIR_SPLICE
+
+    cdef void _trim_pool(self) noexcept nogil:
+        """Every pool_idle_s: close the pooled pipes below the pool's low mark since the
+        last time (the bottom of the stack: no session took them all that time), down to
+        pool_reserve."""
+        cdef double now = _monotonic()
+        cdef int surplus, i
+        if now - self.pool_checked_s < self.pool_idle_s:
+            return
+        surplus = self.pool_low - self.pool_reserve
+        if surplus > 0:
+            for i in range(2 * surplus):
+                close(self.pipe_pool[i])
+            memmove(self.pipe_pool, self.pipe_pool + 2 * surplus, sizeof(int) * 2 * (self.pool_len - surplus))
+            self.pool_len -= surplus
+            self.pipes_open -= surplus
+        self.pool_low = self.pool_len
+        self.pool_checked_s = now
 
     cdef void _finish(self, int idx, int reason, int err) noexcept nogil:
         cdef Session *s = &self.slots[idx]

@@ -40,10 +40,11 @@ class _Session:
 
 class RelayEngine:
     def __init__(self, *, buffer_size: int = 65536, splice: bool = True, pipe_size: int = 1 << 20,
-                 max_pipes: int = 1024, pipe_pool: int = 64, idle_timeout_s: float = 300.0,
-                 max_events: int = 256) -> None:
-        if buffer_size < 1024 or max_events < 1 or max_pipes < 0 or pipe_pool < 0:
-            raise ValueError("buffer_size >= 1024, max_events >= 1, max_pipes/pipe_pool >= 0")
+                 max_pipes: int = 1024, pipe_pool: int = 64, pipe_reserve: int = 2, pipe_idle_s: float = 2.0,
+                 idle_timeout_s: float = 300.0, max_events: int = 256) -> None:
+        # Copies only: the splice and pipe arguments are accepted, and checked, for the same API.
+        if buffer_size < 1024 or max_events < 1 or max_pipes < 0 or pipe_pool < 0 or pipe_reserve < 0:
+            raise ValueError("buffer_size >= 1024, max_events >= 1, max_pipes/pipe_pool/pipe_reserve >= 0")
         self._epoll: select.epoll | None = select.epoll()
         self._buf_size = buffer_size
         self._idle_timeout_s = idle_timeout_s

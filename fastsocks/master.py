@@ -79,6 +79,7 @@ class SlotUsage:
     cpu_s: float = 0.0          # of the reaped ones, from their rusage
     peak_rss_bytes: int = 0     # likewise (ru_maxrss)
     peak_fds: int = 0           # sampled every FACTS_EVERY_S
+    peak_pipes: int = 0         # splice pipes open, likewise (the worker's stats slot)
 
 
 class Master:
@@ -333,6 +334,7 @@ class Master:
         for facts in self.worker_facts():
             usage = self.usage[facts.slot]
             usage.peak_fds = max(usage.peak_fds, facts.open_fds)
+            usage.peak_pipes = max(usage.peak_pipes, self.stats.read(facts.slot).splice_pipes)
 
     @staticmethod
     def signal_worker(pid: int, signum: int) -> None:
@@ -346,10 +348,11 @@ class Master:
             return
         slots = [self.stats.read(slot) for slot in range(self.settings.workers)]
         log.info("stopped: accepted per worker %s, bytes up %d, down %d; per worker CPU s %s, "
-                 "peak RSS MiB %s, peak open fds %s",
+                 "peak RSS MiB %s, peak open fds %s, peak splice pipes %s",
                  [s.accepted for s in slots], sum(s.bytes_up for s in slots),
                  sum(s.bytes_down for s in slots), [round(u.cpu_s, 2) for u in self.usage],
-                 [round(u.peak_rss_bytes / MIB, 1) for u in self.usage], [u.peak_fds for u in self.usage])
+                 [round(u.peak_rss_bytes / MIB, 1) for u in self.usage], [u.peak_fds for u in self.usage],
+                 [u.peak_pipes for u in self.usage])
 
 
 def lift_fd_limit() -> None:

@@ -26,6 +26,7 @@ class SlotStats:
     sessions: int
     errors: int
     auth_failures: int = 0
+    splice_pipes: int = 0  # open now, pooled ones included (a gauge, not a total)
 
 
 HEARTBEAT = [f.name for f in fields(SlotStats)].index("heartbeat_s")

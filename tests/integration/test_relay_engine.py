@@ -150,6 +150,73 @@ def test_streaming_switches_cython_engine_to_splice():
     engine.close()
 
 
+def stream_through(engine, streams: int, size: int = 4 << 20) -> None:
+    """``streams`` sessions at once, each streaming ``size`` bytes up, then ended."""
+    relays = [Relay(engine, tag=i) for i in range(streams)]
+    payload = os.urandom(size)
+    received = [bytearray() for _ in relays]
+
+    def drain(relay, into):
+        while chunk := relay.app_upstream.recv(1 << 16):
+            into.extend(chunk)
+
+    readers = [threading.Thread(target=drain, args=(r, into)) for r, into in zip(relays, received)]
+    writers = [threading.Thread(target=lambda r=r: (r.app_client.sendall(payload),
+                                                    r.app_client.shutdown(socket.SHUT_WR))) for r in relays]
+    for t in readers + writers:
+        t.start()
+    relays[0].pump(lambda: all(len(into) == size for into in received))
+    for r in relays:
+        r.close_apps()
+    ended = []
+    relays[0].pump(lambda: (ended.extend(engine.run()), len(ended) + sum(map(len, (r.ended for r in relays))) >= streams)[1])
+    for t in readers + writers:
+        t.join(5)
+
+
+def test_idle_pooled_pipes_are_closed_down_to_the_reserve():
+    """A burst of streams leaves its pipes in the pool; the ones no session takes for
+    pipe_idle_s are closed by expire_idle(), but pipe_reserve of them."""
+    start = fd_count()
+    engine = _relay.RelayEngine(buffer_size=16384, pipe_reserve=1, pipe_idle_s=0.05, idle_timeout_s=0)
+    before = fd_count()
+    stream_through(engine, streams=4)
+    pooled = engine.counters()[4]
+    assert pooled >= 2, "the streams should have left pipes in the pool"
+    assert fd_count() - before == 2 * pooled
+    deadline = time.monotonic() + 5
+    while engine.counters()[4] > 1 and time.monotonic() < deadline:
+        time.sleep(0.06)
+        engine.expire_idle()
+    assert engine.counters()[4] == 1          # the reserve
+    assert fd_count() - before == 2           # its two ends, nothing else
+    stream_through(engine, streams=1)         # and the pool still serves
+    assert engine.counters()[3] >= 5
+    engine.close()
+    assert fd_count() == start
+
+
+def test_a_pipe_in_use_is_never_trimmed():
+    engine = _relay.RelayEngine(buffer_size=16384, pipe_reserve=0, pipe_idle_s=0.0, idle_timeout_s=0)
+    relay = Relay(engine)
+    payload = os.urandom(4 << 20)
+    received = bytearray()
+    reader = threading.Thread(target=lambda: [received.extend(c) for c in iter(lambda: relay.app_upstream.recv(1 << 16), b"")])
+    reader.start()
+    writer = threading.Thread(target=relay.app_client.sendall, args=(payload,))
+    writer.start()
+    relay.pump(lambda: (engine.expire_idle(), len(received) == len(payload))[1])  # trimming all along
+    assert bytes(received) == payload and engine.counters()[3] >= 1
+    relay.app_client.shutdown(socket.SHUT_WR)
+    relay.close_apps()
+    relay.pump(lambda: relay.ended)
+    engine.expire_idle()                      # back in the pool: idle from now on
+    assert engine.counters()[4] == 1
+    engine.expire_idle()                      # idle for a whole interval: reserve 0, closed
+    assert engine.counters()[4] == 0
+    engine.close()
+
+
 def test_pipelined_initial_data_goes_first(engine_cls):
     engine = engine_cls()
     relay = Relay(engine, initial=b"GET / HTTP/1.0\r\n")
