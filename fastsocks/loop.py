@@ -1,7 +1,8 @@
 """The worker's control loop: a selector plus a heap of timers, nothing more.
 
 Callbacks registered for an fd are called with no argument when it is ready; timers are
-cancelled lazily (a cancelled entry stays in the heap and is skipped when due).
+cancelled lazily (a cancelled entry stays in the heap and is skipped when due; it drops its
+callback at once, and the heap is rebuilt without such entries once they are most of it).
 """
 
 from __future__ import annotations
@@ -17,22 +18,31 @@ log = logging.getLogger(__name__)
 
 
 class Timer:
-    __slots__ = ("when_s", "callback", "cancelled")
+    __slots__ = ("when_s", "callback", "cancelled", "loop")
 
-    def __init__(self, when_s: float, callback: Callable[[], None]) -> None:
+    def __init__(self, when_s: float, callback: Callable[[], None], loop: Loop) -> None:
         self.when_s = when_s
         self.callback = callback
         self.cancelled = False
+        self.loop = loop
 
     def cancel(self) -> None:
-        self.cancelled = True
+        """Idempotent. The callback (and the session it holds) is let go at once; the heap
+        entry goes when due, or when cancelled ones make up most of the heap."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.callback = None
+            self.loop._timer_cancelled()
 
 
 class Loop:
+    COMPACT_AT = 256  # cancelled timers in the heap before it may be rebuilt without them
+
     def __init__(self) -> None:
         self.selector = selectors.DefaultSelector()
         self._timers: list[tuple[float, int, Timer]] = []
         self._seq = itertools.count()
+        self._cancelled = 0  # cancelled timers still in the heap
 
     def add_reader(self, fileobj, callback: Callable[[], None]) -> None:
         self.selector.register(fileobj, selectors.EVENT_READ, callback)
@@ -47,7 +57,7 @@ class Loop:
             pass  # not registered, or already closed: removal is idempotent
 
     def call_later(self, delay_s: float, callback: Callable[[], None]) -> Timer:
-        timer = Timer(time.monotonic() + delay_s, callback)
+        timer = Timer(time.monotonic() + delay_s, callback, self)
         heapq.heappush(self._timers, (timer.when_s, next(self._seq), timer))
         return timer
 
@@ -64,8 +74,19 @@ class Loop:
         now = time.monotonic()
         while self._timers and self._timers[0][0] <= now:
             _, _, timer = heapq.heappop(self._timers)
-            if not timer.cancelled:
+            if timer.cancelled:
+                self._cancelled -= 1
+            else:
                 self._call(timer.callback)
+
+    def _timer_cancelled(self) -> None:
+        """A handshake timer is cancelled as soon as the request arrives: without this the
+        heap of a busy worker would hold every one until its deadline (asyncio does the same)."""
+        self._cancelled += 1
+        if self._cancelled >= self.COMPACT_AT and self._cancelled * 2 > len(self._timers):
+            self._timers = [entry for entry in self._timers if not entry[2].cancelled]
+            heapq.heapify(self._timers)
+            self._cancelled = 0
 
     @staticmethod
     def _call(callback: Callable[[], None]) -> None:
@@ -78,3 +99,4 @@ class Loop:
     def close(self) -> None:
         self.selector.close()
         self._timers.clear()
+        self._cancelled = 0
