@@ -68,6 +68,7 @@ class Authenticator:
         self._cache_ttl_s = cache_ttl_s
         self._clock = clock
         self._pending: dict[bytes, _Pending] = {}
+        self.checks = 0  # hashes computed (a count that only grows)
 
     @property
     def users(self) -> UserDB:
@@ -138,6 +139,7 @@ class Authenticator:
     # --- the pool -------------------------------------------------------------
 
     def _submit(self, key: bytes, pending: _Pending) -> None:
+        self.checks += 1
         self._pool.submit(self._check, key, self._generation, self._users, pending.username, pending.password)
 
     def _check(self, key: bytes, generation: int, users: UserDB, username: bytes, password: bytes) -> None:

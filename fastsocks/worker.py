@@ -36,6 +36,7 @@ from fastsocks import access, config
 from fastsocks.admission import Admission
 from fastsocks.auth import Authenticator
 from fastsocks.errors import BootError, ConfigError
+from fastsocks.heap import Heap, TrimPolicy
 from fastsocks.host import Environment, Failed, Outcome, Relay, StartUdp
 from fastsocks.loop import Loop
 from fastsocks.policy import own_addresses, reaches_listener, unmapped
@@ -91,6 +92,10 @@ class Worker:
         self.udp_relay: UdpRelay | None = None  # their shared datagram relay, made on first use
         self.next_sid = 0
         self.accepted = 0
+        self.accepted_at_tick = 0
+        self.closed = 0          # sessions that ended, however
+        self.heap = Heap()
+        self.trim_policy = TrimPolicy(time.monotonic())
         self.start_failures = 0  # sessions answered SUCCEEDED whose relay or association could not start
         self.draining = False
         self.drain_deadline_s = 0.0
@@ -132,6 +137,7 @@ class Worker:
         return self.exit_code
 
     def boot(self) -> None:
+        self.heap.one_arena()  # before any thread allocates: see heap.py
         self.engine = load_relay_engine(self.settings)
         self.resolver = Resolver(self.settings.resolver_threads, self.settings.dns_cache_ttl_s,
                                  self.settings.dns_cache_size)
@@ -325,6 +331,7 @@ class Worker:
         self.admission.udp_started(session.sid, start.client_ip)
 
     def udp_ended(self, association: UdpAssociation, how: str) -> None:
+        self.closed += 1
         self.udp_associations.pop(association.sid, None)
         self.admission.closed(association.sid)
         self.udp_bytes[0] += association.bytes_up
@@ -332,12 +339,14 @@ class Worker:
         access.udp_ended(association, how)
 
     def session_failed(self, session: Session, failed: Failed) -> None:
+        self.closed += 1
         if failed.failed_login is not None:  # counted against the client before it is uncounted
             self.admission.login_failed(session.sid, session.peer, session.client_ip, failed.failed_login)
         self.admission.closed(session.sid)
         access.session_failed(session.describe(), failed.reply, session.started_s, failed.why)
 
     def session_ended(self, ended: Ended) -> None:
+        self.closed += 1
         self.admission.closed(ended.tag)
         described, started_s = self.relayed.pop(ended.tag, ("client=? cmd=connect dest=?", time.monotonic()))
         end = f"error:{errno.errorcode.get(ended.errno, ended.errno)}" if ended.reason == "error" else ended.reason
@@ -356,16 +365,31 @@ class Worker:
             log.warning("worker %d: master %d is gone, exiting", self.slot, self.master_pid)
             self.exit_code = EXIT_OK
             return
+        pipes = self.engine.counters()[4]
         for ended in self.engine.expire_idle():
             self.session_ended(ended)
+        if (left := self.engine.counters()[4]) < pipes:
+            log.debug("worker %d: closed %d idle splice pipes, %d open", self.slot, pipes - left, left)
+        self.trim_heap()
         if self.draining and time.monotonic() >= self.drain_deadline_s:
             log.warning("worker %d: graceful timeout, closing %d sessions", self.slot,
                         self.engine.active + len(self.handshaking))
             self.exit_code = EXIT_OK
         self.write_stats()
 
+    def trim_heap(self) -> None:
+        """What a burst took goes back to the kernel once it is over (heap.py)."""
+        now = time.monotonic()
+        activity = self.accepted + self.closed + (self.auth.checks if self.auth is not None else 0)
+        accepts, self.accepted_at_tick = self.accepted - self.accepted_at_tick, self.accepted
+        if not self.trim_policy.due(now, activity, accepts):
+            return
+        self.heap.trim()
+        self.trim_policy.trimmed(now, activity)
+        log.debug("worker %d: heap trimmed in %.1f ms", self.slot, (time.monotonic() - now) * 1000)
+
     def write_stats(self) -> None:
-        up, down, sessions, _switches, _pipes = self.engine.counters()
+        up, down, sessions, _switches, pipes = self.engine.counters()
         up += self.udp_bytes[0] + sum(a.bytes_up for a in self.udp_associations.values())
         down += self.udp_bytes[1] + sum(a.bytes_down for a in self.udp_associations.values())
         base = self.base
@@ -374,7 +398,7 @@ class Worker:
             active=self.engine.active + len(self.handshaking) + len(self.udp_associations), bytes_up=base.bytes_up + up,
             bytes_down=base.bytes_down + down, sessions=base.sessions + sessions,
             errors=base.errors + self.start_failures,
-            auth_failures=base.auth_failures + self.admission.failures))
+            auth_failures=base.auth_failures + self.admission.failures, splice_pipes=pipes))
 
 
 class ListenerWatch:
