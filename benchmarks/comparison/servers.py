@@ -111,6 +111,60 @@ def _dante_argv(port: int, workdir: Path) -> list[str]:
     return ["danted", "-f", str(conf), "-N", "1"]
 
 
+def hev_config(port: int) -> str:
+    """hev-socks5-server: one worker thread (a proxy pinned to one CPU, as fastsocks 1w),
+    no authentication, loopback only, quiet."""
+    return (
+        "# written by benchmarks/compare.py: loopback only\n"
+        f"main:\n  workers: 1\n  port: {port}\n  listen-address: '{LOOPBACK}'\n  bind-address: ''\n"
+        "misc:\n  log-file: null\n  log-level: warn\n  limit-nofile: 65535\n"
+    )
+
+
+def _hev_argv(port: int, workdir: Path) -> list[str]:
+    conf = workdir / f"hev-{port}.yml"
+    conf.write_text(hev_config(port))
+    return [_peer_binary("hev-socks5-server"), str(conf)]
+
+
+def three_proxy_config(port: int) -> str:
+    """3proxy: SOCKS on loopback, connecting out from loopback, no auth, no log, splice on
+    (-s: a build with -DWITHSPLICE; 3proxy 1.0.0 leaves it out by default), 4096 connections."""
+    return (
+        "# written by benchmarks/compare.py: loopback only\n"
+        "maxconn 4096\nlog /dev/null\n"
+        f"internal {LOOPBACK}\nexternal {LOOPBACK}\nauth none\n"
+        f"socks -s -i{LOOPBACK} -e{LOOPBACK} -p{port}\n"
+    )
+
+
+def _three_proxy_argv(port: int, workdir: Path) -> list[str]:
+    conf = workdir / f"3proxy-{port}.cfg"
+    conf.write_text(three_proxy_config(port))
+    return [_peer_binary("3proxy"), str(conf)]
+
+
+PEERS_BIN = "FASTSOCKS_PEERS_BIN"  # a directory with peers built from source (hev, 3proxy)
+
+
+def _peer_binary(name: str) -> str:
+    """A peer Debian does not package: on PATH, or in $FASTSOCKS_PEERS_BIN."""
+    folder = os.environ.get(PEERS_BIN)
+    if folder and (Path(folder) / name).is_file():
+        return str(Path(folder) / name)
+    return shutil.which(name) or name
+
+
+def _peer_installed(name: str) -> Callable[[], str | None]:
+    return lambda: None if shutil.which(_peer_binary(name)) else f"`{name}` not on PATH nor in ${PEERS_BIN}"
+
+
+def _hev_version() -> str:
+    # With no argument it prints its usage and "Version: 2.13.1 <commit>".
+    match = re.search(r"Version: (\S+)", _run_text([_peer_binary("hev-socks5-server")]))
+    return match.group(1) if match else ""
+
+
 def _fastsocks_argv(workers: int) -> Callable[[int, Path], list[str]]:
     return lambda port, workdir: [
         sys.executable, "-m", "fastsocks", "--listen", f"{LOOPBACK}:{port}", "--workers", str(workers),
@@ -128,6 +182,12 @@ def default_servers() -> list[ServerSpec]:
                    "pip install .  (from the fastsocks checkout; builds the Cython engine)", fastsocks_version),
         ServerSpec("dante", "Dante", "peer", _dante_argv, _which("danted"),
                    "apt-get install dante-server", _dante_version),
+        ServerSpec("hev", "hev-socks5-server", "peer", _hev_argv, _peer_installed("hev-socks5-server"),
+                   "not packaged by Debian: build it from its public repository (with its git submodules) "
+                   f"and put hev-socks5-server on PATH or in ${PEERS_BIN}", _hev_version),
+        ServerSpec("3proxy", "3proxy", "peer", _three_proxy_argv, _peer_installed("3proxy"),
+                   "not packaged by Debian: build it from its public repository with -DWITHSPLICE "
+                   f"and put 3proxy on PATH or in ${PEERS_BIN}", lambda: ""),
         ServerSpec("microsocks", "microsocks", "peer",
                    lambda port, workdir: ["microsocks", "-i", LOOPBACK, "-p", str(port)],
                    _which("microsocks"), "apt-get install microsocks", _dpkg_version("microsocks")),

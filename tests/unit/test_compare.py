@@ -17,7 +17,16 @@ import pytest
 from comparison.document import build_document, machine_info, output_stem, write_outputs
 from comparison.matrix import pin_prefixes, schedule
 from comparison.render import fmt_num, fmt_ratio, render_chart, render_table
-from comparison.servers import ServerSpec, _dante_argv, _which, check_servers, dante_config, default_servers
+from comparison.servers import (
+    ServerSpec,
+    _dante_argv,
+    _which,
+    check_servers,
+    dante_config,
+    default_servers,
+    hev_config,
+    three_proxy_config,
+)
 from comparison.summary import aggregate, compute_ratios, saturated_loadgen, summarize
 from comparison.workloads import FULL, QUICK, WORKLOADS, extract, unsupported_cells
 
@@ -142,8 +151,19 @@ def test_every_peer_says_how_to_install_it():
     assert hints["microsocks"] == "apt-get install microsocks"
     assert hints["pproxy"] == "pip install pproxy"
     assert "pip install ." in hints["fastsocks-1w"]
+    assert "FASTSOCKS_PEERS_BIN" in hints["hev"] and "-DWITHSPLICE" in hints["3proxy"]
     names = [s.name for s in default_servers()]
-    assert names == ["direct", "fastsocks-1w", "fastsocks-2w", "dante", "microsocks", "pproxy"]
+    assert names == ["direct", "fastsocks-1w", "fastsocks-2w", "dante", "hev", "3proxy", "microsocks", "pproxy"]
+
+
+def test_hev_and_3proxy_configs_are_loopback_only_on_the_given_port():
+    hev = hev_config(10801)
+    assert "port: 10801" in hev and "listen-address: '127.0.0.1'" in hev and "workers: 1" in hev
+    assert "auth" not in hev  # no authentication section: none
+    proxy = three_proxy_config(10802).splitlines()
+    assert "internal 127.0.0.1" in proxy and "external 127.0.0.1" in proxy and "auth none" in proxy
+    assert "socks -s -i127.0.0.1 -e127.0.0.1 -p10802" in proxy  # -s: splice
+    assert not any(line.startswith("daemon") for line in proxy)  # stays in the foreground, stopped by pid
 
 
 def test_dante_config_is_loopback_only():
