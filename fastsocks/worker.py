@@ -304,6 +304,7 @@ class Worker:
             self.engine.add(relay.client_fd, relay.upstream_fd, session.sid, relay.initial)
         except OSError as exc:
             # The engine closed both fds: the session ends here.
+            self.closed += 1
             self.relayed.pop(session.sid, None)
             self.admission.closed(session.sid)
             self.start_failures += 1
@@ -323,9 +324,11 @@ class Worker:
         try:
             association.start()
         except OSError as exc:
+            self.closed += 1
             self.admission.closed(session.sid)
             self.start_failures += 1
             log.error("%s UDP association could not start: %s", association.described, exc)
+            access.udp_ended(association, f"error:{errno.errorcode.get(exc.errno, exc.errno)}")  # its one line
             return
         self.udp_associations[session.sid] = association
         self.admission.udp_started(session.sid, start.client_ip)
