@@ -8,7 +8,7 @@ Document::
      "results" (per mode, below), "cpu", "ok", "problems", "warnings", "notes", "wall_s"}
 
     bulk   {"bytes", "gbit_s", "streams", ...}     bytes moved, both directions counted
-    cps    {"connections", "errors", "conn_per_s", "latency_us": {p50, p90, p99, max}, ...}
+    cps    {"connections", "errors", "conn_per_s", "latency_us": {p50, p90, p99, p99.9, max}, ...}
     rr     {"transactions", "txn_per_s", "latency_us": {p50, p90, p99, max}, ...}
     idle   {"connections", "answered", "rss_per_conn_kb", "pss_per_conn_kb", ...}
     cpu    {"loadgen_s", "proxy_s", ... and per unit: proxy_s_per_gb (bulk),
@@ -30,7 +30,7 @@ from fastsocks.bench.runner import Outcome
 from fastsocks.bench.stats import latency_summary_us, spread
 
 TOOL = "fastsocks bench"
-CPS_KEYS = ("p50", "p90", "p99", "max")
+CPS_KEYS = ("p50", "p90", "p99", "p99.9", "max")
 RR_KEYS = ("p50", "p90", "p99", "max")
 UDP_KEYS = ("p50", "p99", "max")
 UDP_LOSS_WARN_PCT = 1.0

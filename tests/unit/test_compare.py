@@ -68,10 +68,10 @@ def test_summarize_ignores_failed_runs_and_missing_metrics():
 def test_extract_reads_the_bench_json_format():
     bench = {"tool": "fastsocks bench", "mode": "cps",
              "results": {"connections": 900, "errors": 2, "conn_per_s": 4500.0,
-                         "latency_us": {"p50": 300, "p90": 500, "p99": 900, "max": 2000}},
+                         "latency_us": {"p50": 300, "p90": 500, "p99": 900, "p99.9": 1500, "max": 2000}},
              "cpu": {"loadgen_s": 1.0, "proxy_s": 0.2, "proxy_ms_per_1000_conn": 222.2}}
     got = extract(W["cps"], bench)
-    assert got == {"conn_per_s": 4500.0, "p50_us": 300.0, "p99_us": 900.0,
+    assert got == {"conn_per_s": 4500.0, "p50_us": 300.0, "p99_us": 900.0, "p999_us": 1500.0, "max_us": 2000.0,
                    "proxy_ms_per_1000_conn": 222.2, "errors": 2.0}
     idle = extract(W["idle"], {"results": {"connections": 300, "answered": 299,
                                            "rss_per_conn_kb": 9.5, "pss_per_conn_kb": 4.0}})
