@@ -11,17 +11,26 @@ table and a chart.
     python benchmarks/compare.py --render benchmarks/results/2026-11-28-vm.json
                                                       # rebuild table and chart from raw runs
 
-Servers: fastsocks with 1 and 2 workers, Dante (`danted`, Debian package dante-server,
-run with a loopback-only config written here), microsocks (Debian package microsocks),
-pproxy (PyPI), and `direct` (the same work without a proxy: the physical reference). A
-server that is not installed is skipped with one line saying how to install it.
+Servers: fastsocks with 1 and 2 workers (at the default log level: one access line per
+session, into the run's log file), Dante (`danted`, Debian package dante-server, run with
+a loopback-only config written here), hev-socks5-server and 3proxy with splice (built
+from source: on PATH or in $FASTSOCKS_PEERS_BIN), microsocks (Debian package
+microsocks), pproxy (PyPI), and `direct` (the same work without a proxy: the physical
+reference). A server that is not installed is skipped with one line saying how to
+install it. Any other server joins from a command template:
+    --server 'NAME=my-proxy --port {port}'                       # a peer
+    --server 'before:fastsocks=/old/venv/bin/fastsocks --listen {host}:{port}'
+                                  # another fastsocks build, shown beside it, no "peer"
 
 Load: `fastsocks bench` in a subprocess (`python -m fastsocks bench`, else
 `python -m fastsocks.bench`; `--bench CMD` for another), one run per cell:
     bulk1   1 stream download               Gbit/s,  proxy CPU s/GB
     bulk16  16 parallel streams download    Gbit/s,  proxy CPU s/GB
-    cps     16 clients: connect, SOCKS5, 64 B echo, close; conn/s, latency, CPU ms/1000 conn
+    cps     16 clients: connect, SOCKS5, 64 B echo, close; conn/s, latency p50/p99/p99.9,
+            the worst connection, CPU ms/1000 conn
+    cps1    the same with one client: latency of one connection at a time
     rr      32 connections, 64 B request/response; txn/s, p99, CPU us/txn
+    rr1     one connection, 64 B request/response; txn/s, p50
     idle    N connections held open; the proxy's PSS/RSS growth per connection
 
 Fairness. Every measurement gets a freshly started server on a fresh loopback port, and
@@ -68,7 +77,7 @@ from fastsocks import rlimit
 from comparison.document import SCHEMA, build_document, machine_info, output_stem, write_outputs
 from comparison.matrix import derive, load_cpus, pin_prefixes, resolve_bench_command, run_one, schedule
 from comparison.render import fmt_primary
-from comparison.servers import ServerSpec, check_servers, default_servers
+from comparison.servers import ServerSpec, check_servers, default_servers, template_server
 from comparison.supervise import Supervisor, signals_interrupt
 from comparison.workloads import FULL, QUICK, WORKLOADS, Params, Workload, unsupported_cells
 
@@ -144,6 +153,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     names = [s.name for s in default_servers()]
     parser.add_argument("--servers", default=",".join(names),
                         help=f"comma-separated, in this order (default: all: {','.join(names)})")
+    parser.add_argument("--server", action="append", default=[], metavar="NAME[:KIND]=COMMAND",
+                        help="one more server, from a command template with {host}, {port} and {workdir} "
+                             "(KIND peer, the default, or fastsocks: another build shown beside it); "
+                             "repeatable, run after those of --servers")
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
                         help=f"comma-separated (default: {','.join(WORKLOADS)})")
     parser.add_argument("--repeats", type=int, help="runs per cell (default 3; --quick: 1)")
@@ -187,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     servers_all = {s.name: s for s in default_servers()}
     servers = select(args.servers, servers_all, "server")
+    for text in args.server:
+        try:
+            extra = template_server(text)
+        except ValueError as error:
+            raise SystemExit(f"--server {error}") from None
+        if extra.name in servers_all or extra.name in {s.name for s in servers}:
+            raise SystemExit(f"--server {extra.name}: that name is taken")
+        servers.append(extra)
     workloads = select(args.workloads, WORKLOADS, "workload")
     ready, skipped = check_servers(servers)
     if args.check:

@@ -8,6 +8,7 @@ import importlib.metadata
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -166,10 +167,43 @@ def _hev_version() -> str:
 
 
 def _fastsocks_argv(workers: int) -> Callable[[int, Path], list[str]]:
+    # The default log level: one access line per session, as users run it (into the run's log file).
     return lambda port, workdir: [
         sys.executable, "-m", "fastsocks", "--listen", f"{LOOPBACK}:{port}", "--workers", str(workers),
-        "--log-level", "warning", "--graceful-timeout", "2",
+        "--graceful-timeout", "2",
     ]
+
+
+KINDS = ("peer", "fastsocks")
+
+
+def template_server(text: str) -> ServerSpec:
+    """A server from the command line: ``NAME[:KIND]=COMMAND``, the command split like a
+    shell's, with ``{host}``, ``{port}`` and ``{workdir}`` filled in per run. KIND is
+    "peer" (the default: it competes for "best peer") or "fastsocks" (another build of
+    fastsocks, e.g. the code before a change, shown beside the others). ValueError says
+    what is wrong."""
+    head, sep, command = text.partition("=")
+    name, _, kind = head.partition(":")
+    name, kind = name.strip(), (kind.strip() or "peer")
+    if not sep or not name or not command.strip():
+        raise ValueError(f"{text!r}: expected NAME[:KIND]=COMMAND")
+    if kind not in KINDS:
+        raise ValueError(f"{text!r}: KIND must be one of {', '.join(KINDS)}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"{text!r}: NAME may hold letters, digits, '.', '_' and '-' only")
+    words = shlex.split(command)
+    try:
+        [word.format(host=LOOPBACK, port=1, workdir="w") for word in words]
+    except (KeyError, IndexError, ValueError) as error:
+        raise ValueError(f"{text!r}: unknown placeholder {error} (use {{host}}, {{port}}, {{workdir}})") from None
+    if not any("{port}" in word for word in words):
+        raise ValueError(f"{text!r}: the command must take the port: put {{port}} in it")
+
+    def argv(port: int, workdir: Path) -> list[str]:
+        return [word.format(host=LOOPBACK, port=port, workdir=workdir) for word in words]
+
+    return ServerSpec(name, name, kind, argv, _which(words[0]), f"the command {words[0]!r} of --server {name}")
 
 
 def default_servers() -> list[ServerSpec]:

@@ -199,3 +199,18 @@ def test_bench_problems_fail_the_run_and_warnings_are_kept(standins, tmp_path, m
     markdown = stem.with_suffix(".md").read_text()
     assert "- bench warning, cps / tiny-b run 0: 3 connections failed: reset 3" in markdown
     assert "- failed: rr / tiny-b run 0: bench: nothing completed: refused 16" in markdown
+
+
+def test_a_server_from_a_command_template_runs_like_the_built_in_ones(standins, tmp_path):
+    _, bench = standins
+    server = tmp_path / "tiny_socks.py"  # written by the standins fixture
+    spec = compare.template_server(f"tiny-t={sys.executable} {server} {{port}}")
+    assert (spec.kind, spec.missing()) == ("peer", None)
+    doc, _, table = compare.run_matrix(
+        workloads=[W["bulk1"]], servers=[ServerSpec("direct", "direct", "direct"), spec], params=QUICK,
+        repeats=1, bench_cmd=bench, pin=None, out_dir=tmp_path / "results", quick=True, run_timeout_s=30,
+        command="test", settle_s=0, log=lambda line: None, supervisor=Supervisor())
+    run = next(r for r in doc["runs"] if r["server"] == "tiny-t")
+    assert run["ok"] and str(server) in run["server_argv"]
+    assert _pid_gone(run["server_pid"])
+    assert "tiny-t" in table

@@ -8,6 +8,7 @@ format: tests/integration/test_compare_runs.py). No assertion on speed anywhere.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from comparison.servers import (
     dante_config,
     default_servers,
     hev_config,
+    template_server,
     three_proxy_config,
 )
 from comparison.summary import aggregate, compute_ratios, saturated_loadgen, summarize
@@ -302,3 +304,16 @@ def test_udp_workload_skips_servers_without_udp():
     assert QUICK.udp_duration_s < FULL.udp_duration_s
     args = udp.args(QUICK)
     assert args[args.index("--duration") + 1] == "1"
+
+
+def test_a_command_template_names_a_server_and_fills_in_its_port(tmp_path):
+    spec = template_server("before:fastsocks=/old/bin/fastsocks --listen {host}:{port} --log {workdir}/x.log")
+    assert (spec.name, spec.kind) == ("before", "fastsocks")
+    assert spec.argv(1234, tmp_path) == ["/old/bin/fastsocks", "--listen", "127.0.0.1:1234", "--log", f"{tmp_path}/x.log"]
+    assert "not found on PATH" in spec.missing()
+    assert template_server("mine=ls -p {port}").kind == "peer"
+    for bad, why in [("mine", "NAME[:KIND]=COMMAND"), ("=ls {port}", "NAME[:KIND]=COMMAND"),
+                     ("mine:best=ls {port}", "KIND must be"), ("mine=ls", "put {port} in it"),
+                     ("mine=ls {prt}", "unknown placeholder"), ("my proxy=ls {port}", "NAME may hold")]:
+        with pytest.raises(ValueError, match=re.escape(why)):
+            template_server(bad)
