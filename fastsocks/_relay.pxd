@@ -31,7 +31,30 @@ cdef enum:
     END_ERROR = 1
     END_IDLE = 2
     END_SHUTDOWN = 3
+    END_FAILED = 4        # an accepted client that never relayed (see _front.pxi)
 
+# Where a session slot is (Session.phase): relaying, or still at the engine's front door.
+cdef enum:
+    PHASE_RELAY = 0
+    PHASE_HANDSHAKE = 1   # reading the greeting and the request
+    PHASE_CONNECTING = 2  # the upstream connect is under way
+    PHASE_HANDOFF = 3     # queued for the gate's hand_off at the end of run()
+
+# front_parse_c() verdicts, and why a front-door session failed (Session.fail).
+cdef enum:
+    FRONT_MORE = 0
+    FRONT_CONNECT = 1
+    FRONT_PYTHON = 2
+    FRONT_BUF = 512       # bytes a client may send before its request is complete
+    REPLY_NONE = -1       # _relay_types.NO_REPLY: nothing could be answered
+    FAIL_CONNECT = 1
+    FAIL_HANDSHAKE_TIMEOUT = 2
+    FAIL_REFUSED = 3      # the gate refused it (its words are in RelayEngine.whys)
+    FAIL_CLIENT = 4       # the client was gone before its reply
+    FAIL_SHUTDOWN = 5
+    MAX_LISTENERS = 16
+    ACCEPT_BATCH = 64     # accepts per listener wake-up: a flood cannot starve the relays
+    REARM_EVERY = 16      # EPOLLEXCLUSIVE: re-register after this many accepts (see listen())
 
 ctypedef struct Direction:
     char *pending          # bytes read but not yet written (copy mode), malloc'd lazily
@@ -43,6 +66,23 @@ ctypedef struct Direction:
     int streak             # consecutive full reads (copy) or short reads (splice)
     int flags
     uint64_t nbytes        # bytes delivered to the destination
+
+
+ctypedef struct FrontRequest:   # what front_parse_c() read
+    int proto              # 5 or 4 once the first byte says so, else 0
+    int family             # AF_INET or AF_INET6 ("connect" only)
+    unsigned char ip[16]
+    int port
+    int consumed           # bytes of greeting and request; the rest is payload
+    int sent               # bytes of the method selection (05 00) the server has sent by now
+
+
+ctypedef struct Front:          # a session at the front door; freed once it relays
+    unsigned char buf[FRONT_BUF]  # everything the client sent, from its first byte
+    int len
+    int sent               # bytes of 05 00 actually sent
+    double deadline_s      # handshake, then connect, timeout
+    FrontRequest req
 
 
 ctypedef struct Session:
@@ -57,6 +97,18 @@ ctypedef struct Session:
     int64_t tag
     double last_active_s
     Direction dir[2]       # 0: client -> upstream, 1: upstream -> client
+    # The front door's (all 0 for a session add()ed by Python):
+    int phase              # PHASE_*
+    Front *front           # while not PHASE_RELAY
+    int proto              # 0: nothing parsed (or add()ed), 4, 5
+    int reply              # END_FAILED: the SOCKS5 reply code sent, or -1
+    int fail               # END_FAILED: FAIL_*
+    bint has_dest
+    double started_s
+    sockaddr_in6 peer      # the client, as accept() gave it (a sockaddr_in for IPv4)
+    int dest_family
+    unsigned char dest_ip[16]
+    int dest_port
 
 
 cdef class RelayEngine:
@@ -91,6 +143,29 @@ cdef class RelayEngine:
     cdef uint64_t total_down
     cdef uint64_t total_sessions
     cdef uint64_t splice_switches
+    # The front door (_front.pxi).
+    cdef object gate
+    cdef dict whys                # slot -> the gate's words for a refusal, until collected
+    cdef object hook_error        # the first exception a gate raised in run()
+    cdef unsigned char methods[8]
+    cdef int nmethods
+    cdef bint socks4
+    cdef bint judge_accept
+    cdef bint judge_request
+    cdef int own_ports[MAX_LISTENERS]
+    cdef int n_own_ports
+    cdef double handshake_timeout_s
+    cdef double connect_timeout_s
+    cdef int listen_fd[MAX_LISTENERS]
+    cdef bint listen_excl[MAX_LISTENERS]
+    cdef int listen_since[MAX_LISTENERS]
+    cdef int n_listen
+    cdef int accept_errno
+    cdef int64_t next_tag
+    cdef uint64_t n_accepted
+    cdef int n_handshaking
+    cdef int *handoffq            # slots in PHASE_HANDOFF, served at the end of run()
+    cdef int handoffq_len
 
     cdef int _grow(self) except -1
     cdef int _process(self) noexcept nogil
@@ -106,6 +181,25 @@ cdef class RelayEngine:
     cdef void _count(self, Session *s, int d, ssize_t n) noexcept nogil
     cdef void _finish(self, int idx, int reason, int err) noexcept nogil
     cdef list _collect(self)
+    cdef void _release(self, int idx) noexcept nogil
+    cdef void _end(self, int idx, int reason, int err) noexcept nogil
+    cdef void _accept(self, int li) noexcept nogil
+    cdef void _front_open(self, int fd, const sockaddr_in6 *peer) noexcept nogil
+    cdef void _front_read(self, int idx) noexcept nogil
+    cdef void _front_request(self, int idx) noexcept nogil
+    cdef void _front_connected(self, int idx) noexcept nogil
+    cdef void _front_fail(self, int idx, int reply, int kind, int err) noexcept nogil
+    cdef void _hand_off(self, int idx) noexcept nogil
+    cdef void _serve_handoffs(self)
+    cdef void _unlisten(self) noexcept nogil
+    cdef int _gate_accepted(self, int idx) noexcept nogil
+    cdef int _gate_request(self, int idx) noexcept nogil
+    cdef str _described(self, Session *s)
+    cdef str _why(self, int idx, Session *s)
+
+
+cdef int front_parse_c(const unsigned char *p, int n, const unsigned char *methods, int nmethods,
+                       bint socks4, FrontRequest *out) noexcept nogil
 
 
 # ---------------------------------------------------------------------- SOCKS5 UDP header

@@ -15,7 +15,45 @@ from typing import Protocol, type_check_only
 
 from typing_extensions import disjoint_base
 
-from fastsocks._relay_types import REASONS as REASONS, Ended as Ended
+from fastsocks._relay_types import NO_REPLY as NO_REPLY, REASONS as REASONS, Ended as Ended
+
+# ---------------------------------------------------------------------- the front door
+# The engine's own handshake for the common case (RelayEngine.front, _front.pxi): accept,
+# a SOCKS5 greeting answered "no authentication", a CONNECT to an IPv4/IPv6 address (or a
+# SOCKS4 CONNECT without USERID), the connect, the reply, then the relay; everything else
+# is handed to the Python session (session.py), which replays what was read.
+
+@type_check_only
+class FrontGate(Protocol):
+    """What the engine's handshake calls back (the worker's front.py), inside run(); a gate
+    must not call the engine. An exception refuses that session (general failure) and is
+    raised by run() once the batch is done; the sessions that ended in that batch come with
+    the next run()."""
+    def accepted(self, tag: int, host: str, port: int) -> bool:
+        """Only with judge_accept: let this client in? False closes it unanswered."""
+    def request(self, tag: int, proto: int, client: str, host: str, port: int) -> tuple[int, str] | None:
+        """Only with judge_request: a CONNECT the engine would run (proto 4 or 5; ``client``
+        the client's IP, ``host`` the destination's, as inet_ntop writes them): None to go on,
+        or (SOCKS5 reply code, why) to refuse."""
+    def hand_off(self, fd: int, tag: int, peer: tuple[str, int], data: bytes, sent: bytes, started_s: float) -> None:
+        """A client the engine does not serve itself: ``fd`` (non-blocking, out of the
+        engine's epoll set) is the gate's now; ``data`` is everything the client sent,
+        ``sent`` what the engine answered already (a prefix of what the session will send;
+        nothing when the client's first read already showed it is not the engine's),
+        ``started_s`` when it was accepted (time.monotonic())."""
+    def accept_failed(self, errno: int) -> None:
+        """accept() failed (not EAGAIN, EINTR or ECONNABORTED). For want of fds or memory
+        (EMFILE, ENFILE, ENOBUFS, ENOMEM) the engine stopped listening: call listen() again
+        later; otherwise it goes on."""
+
+def front_parse(data: Buffer, methods: bytes, socks4: bool) -> tuple[str, int, int, str, int, int, bytes]:
+    """How the engine reads what a client sent so far, from its first byte:
+    (verdict, proto, family, host, port, consumed, sent). verdict "more": not enough yet;
+    "connect": a CONNECT the engine runs (proto 4/5, family AF_INET/AF_INET6, host as
+    inet_ntop writes it, consumed: the bytes of greeting and request, the rest is payload);
+    "python": the session's reference code takes it. ``sent``: what the server has answered
+    by then (the method selection). ``methods``: the server's methods in its order of
+    preference (0x00 none, 0x02 username/password); ``socks4``: SOCKS4 is allowed."""
 
 @disjoint_base
 class RelayEngine:
@@ -34,7 +72,36 @@ class RelayEngine:
     ) -> None: ...
     def fileno(self) -> int: ...
     @property
-    def active(self) -> int: ...
+    def active(self) -> int:
+        """Sessions being relayed."""
+    @property
+    def handshaking(self) -> int:
+        """Clients in the engine's own handshake (accepted, not yet relayed or handed off)."""
+    @property
+    def accepted(self) -> int:
+        """Connections accepted from the listening sockets, in all."""
+    def front(
+        self,
+        gate: FrontGate,
+        *,
+        methods: bytes = b"\x00",
+        socks4: bool = True,
+        judge_accept: bool = False,
+        judge_request: bool = False,
+        own_ports: frozenset[int] = ...,
+        handshake_timeout_s: float = 10.0,
+        connect_timeout_s: float = 10.0,
+    ) -> None:
+        """Set (again, on reload) how the engine's handshake answers: every client from its
+        next step on (its next read, request or connect; a client keeps the handshake deadline
+        it was accepted with), so a reload that asks for passwords also catches the clients
+        that have not greeted yet. ``own_ports``: destinations on these ports go to the gate's hand_off (the
+        session checks for a loop through the proxy). Timeouts are checked by expire_idle()."""
+    def listen(self, fd: int, exclusive: bool = False) -> None:
+        """Accept from this listening socket in run() (after front()); the engine does not own
+        it. ``exclusive``: one waiter woken per connection among processes (EPOLLEXCLUSIVE)."""
+    def unlisten(self) -> None:
+        """Stop accepting from every listening socket."""
     @property
     def pending(self) -> bool: ...
     def counters(self) -> tuple[int, int, int, int, int]:
@@ -43,7 +110,8 @@ class RelayEngine:
         """Relay a session; the engine owns both (non-blocking) fds from now on, also on failure."""
     def run(self) -> list[Ended]: ...
     def expire_idle(self) -> list[Ended]:
-        """End the sessions idle for idle_timeout_s; and close the pooled splice pipes that no
+        """End the sessions idle for idle_timeout_s and the handshakes and connects past their
+        timeout; and close the pooled splice pipes that no
         session took for pipe_idle_s, but pipe_reserve of them (at most every pipe_idle_s)."""
     def close_all(self) -> list[Ended]: ...
     def close(self) -> list[Ended]: ...

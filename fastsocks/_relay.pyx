@@ -61,7 +61,9 @@ cdef enum:
 
 cdef uint32_t EV_FLAGS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 
-from fastsocks._relay_types import REASONS, Ended
+from fastsocks._relay_types import NO_REPLY, REASONS, Ended  # REPLY_NONE is REPLY_NONE
+
+cdef uint64_t LISTENER_BIT = (<uint64_t>1) << 63  # epoll data of a listening socket: the bit | its index
 
 # Bits that record "the peer has shut down its write side" per fd: after that the
 # short-read shortcut is off and we read until EOF.
@@ -99,6 +101,8 @@ cdef class RelayEngine:
         self.events = NULL
         self.runq = NULL
         self.runq_work = NULL
+        self.handoffq = NULL
+        self.n_listen = 0
 
     def __init__(self, *, int buffer_size=65536, bint splice=True, int pipe_size=1 << 20,
                  int max_pipes=1024, int pipe_pool=64, int pipe_reserve=2, double pipe_idle_s=2.0,
@@ -126,13 +130,20 @@ cdef class RelayEngine:
         self.free_head = -1
         self.finished_head = -1
         self.now_s = self.pool_checked_s = _monotonic()
+        self.whys = {}
+        self.methods[0] = 0
+        self.nmethods = 1
+        self.socks4 = True
+        self.handshake_timeout_s = self.connect_timeout_s = 10.0
 
     def __dealloc__(self):
         cdef int i
         if self.slots != NULL:
             for i in range(self.capacity):
                 if self.slots[i].state == SLOT_ACTIVE:
-                    self._finish(i, END_SHUTDOWN, 0)
+                    self._end(i, END_SHUTDOWN, 0)
+                if self.slots[i].front != NULL:
+                    free(self.slots[i].front)
             free(self.slots)
         for i in range(self.pool_len * 2):
             close(self.pipe_pool[i])
@@ -143,6 +154,7 @@ cdef class RelayEngine:
         free(self.pipe_pool)
         free(self.runq)
         free(self.runq_work)
+        free(self.handoffq)
 
     # ------------------------------------------------------------------ Python API
 
@@ -154,6 +166,63 @@ cdef class RelayEngine:
     def active(self):
         """Sessions currently relayed."""
         return self.n_active
+
+    @property
+    def handshaking(self):
+        """Clients in the engine's own handshake."""
+        return self.n_handshaking
+
+    @property
+    def accepted(self):
+        """Connections accepted from the listening sockets."""
+        return self.n_accepted
+
+    def front(self, gate, *, bytes methods=b"\x00", bint socks4=True, bint judge_accept=False,
+              bint judge_request=False, own_ports=frozenset(), double handshake_timeout_s=10.0,
+              double connect_timeout_s=10.0):
+        """How the front door answers the clients accepted from now on (_relay.pyi)."""
+        cdef int i
+        ports = sorted(own_ports)
+        if len(methods) > 8 or len(ports) > MAX_LISTENERS:
+            raise ValueError(f"at most 8 methods and {MAX_LISTENERS} own ports")
+        self.gate = gate
+        self.nmethods = len(methods)
+        for i in range(self.nmethods):
+            self.methods[i] = methods[i]
+        self.socks4 = socks4
+        self.judge_accept = judge_accept
+        self.judge_request = judge_request
+        self.n_own_ports = len(ports)
+        for i, port in enumerate(ports):
+            self.own_ports[i] = port
+        self.handshake_timeout_s = handshake_timeout_s
+        self.connect_timeout_s = connect_timeout_s
+
+    def listen(self, int fd, bint exclusive=False):
+        """Accept from this listening socket in run() (_relay.pyi).
+
+        Level-triggered, so a backlog longer than one batch wakes the engine again. With
+        ``exclusive`` (workers sharing one socket) EPOLLEXCLUSIVE wakes one waiter per
+        connection, and the registration is renewed every REARM_EVERY accepts, which puts
+        this engine at the back of the socket's wait queue: without it, wake-ups are LIFO
+        and one worker takes nearly everything (nginx re-arms the same way)."""
+        cdef epoll_event ev
+        if self.gate is None:
+            raise ValueError("front() first: the engine needs a gate to hand clients to")
+        if self.n_listen >= MAX_LISTENERS:
+            raise ValueError(f"at most {MAX_LISTENERS} listening sockets")
+        ev.events = EPOLLIN | (EPOLLEXCLUSIVE if exclusive else 0)
+        ev.data.u64 = LISTENER_BIT | <uint64_t>self.n_listen
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl(ADD) of a listening socket failed")
+        self.listen_fd[self.n_listen] = fd
+        self.listen_excl[self.n_listen] = exclusive
+        self.listen_since[self.n_listen] = 0
+        self.n_listen += 1
+
+    def unlisten(self):
+        """Stop accepting from every listening socket."""
+        self._unlisten()
 
     @property
     def pending(self):
@@ -186,7 +255,7 @@ cdef class RelayEngine:
         s = &self.slots[idx]
         self.free_head = s.next
         gen = s.gen
-        memset(s, 0, sizeof(Session))
+        memset(s, 0, sizeof(Session))  # phase PHASE_RELAY, no front, proto 0
         s.gen = gen
         s.fd[0] = client_fd
         s.fd[1] = upstream_fd
@@ -221,10 +290,24 @@ cdef class RelayEngine:
         Each ended session is an ``Ended(tag, bytes_up, bytes_down, reason, errno)``
         with reason one of "eof", "error", "idle", "shutdown".
         """
+        cdef int err
         if self.epfd < 0:
             return []
         with nogil:
             self._process()
+        if self.handoffq_len:
+            self._serve_handoffs()
+        if self.accept_errno:
+            err, self.accept_errno = self.accept_errno, 0
+            try:
+                self.gate.accept_failed(err)
+            except BaseException as exc:
+                if self.hook_error is None:
+                    self.hook_error = exc
+        if self.hook_error is not None:
+            # The sessions that ended meanwhile stay listed: the next run() returns them.
+            error, self.hook_error = self.hook_error, None
+            raise error
         if self.finished_head < 0:
             return []
         return self._collect()
@@ -233,13 +316,21 @@ cdef class RelayEngine:
         """End sessions idle for longer than idle_timeout_s; return them like run(). Also
         close the pooled pipes left unused for pipe_idle_s, but pipe_reserve of them."""
         cdef int i
-        cdef double limit = _monotonic() - self.idle_timeout_s
+        cdef Session *s
+        cdef double now = _monotonic()
+        cdef double limit = now - self.idle_timeout_s
         self._trim_pool()
-        if self.idle_timeout_s <= 0:
-            return []
         for i in range(self.capacity):
-            if self.slots[i].state == SLOT_ACTIVE and self.slots[i].last_active_s < limit:
-                self._finish(i, END_IDLE, 0)
+            s = &self.slots[i]
+            if s.state != SLOT_ACTIVE:
+                continue
+            if s.phase == PHASE_RELAY:
+                if self.idle_timeout_s > 0 and s.last_active_s < limit:
+                    self._finish(i, END_IDLE, 0)
+            elif s.phase == PHASE_HANDSHAKE and s.front.deadline_s <= now:
+                self._front_fail(i, REPLY_NONE, FAIL_HANDSHAKE_TIMEOUT, 0)
+            elif s.phase == PHASE_CONNECTING and s.front.deadline_s <= now:
+                self._front_fail(i, 6, FAIL_CONNECT, ETIMEDOUT)  # TTL expired, as session.py answers
         return self._collect()
 
     def close_all(self):
@@ -247,7 +338,7 @@ cdef class RelayEngine:
         cdef int i
         for i in range(self.capacity):
             if self.slots[i].state == SLOT_ACTIVE:
-                self._finish(i, END_SHUTDOWN, 0)
+                self._end(i, END_SHUTDOWN, 0)
         return self._collect()
 
     def close(self):
@@ -258,6 +349,7 @@ cdef class RelayEngine:
             close(self.pipe_pool[i])
         self.pipes_open -= self.pool_len
         self.pool_len = 0
+        self.n_listen = 0
         if self.epfd >= 0:
             close(self.epfd)
             self.epfd = -1
@@ -281,6 +373,10 @@ cdef class RelayEngine:
         if q == NULL:
             raise MemoryError()
         self.runq_work = q
+        cdef int *h = <int *>realloc(self.handoffq, sizeof(int) * new)
+        if h == NULL:
+            raise MemoryError()
+        self.handoffq = h
         for i in range(new - 1, old - 1, -1):
             memset(&self.slots[i], 0, sizeof(Session))
             self.slots[i].state = SLOT_FREE
@@ -310,6 +406,9 @@ cdef class RelayEngine:
                     self._pump(idx)
         n = epoll_wait(self.epfd, self.events, self.max_events, 0)
         for i in range(n):
+            if self.events[i].data.u64 & LISTENER_BIT:
+                self._accept(<int>(self.events[i].data.u64 & 0xFF))
+                continue
             idx = <int>(self.events[i].data.u64 >> 1)
             side = <int>(self.events[i].data.u64 & 1)
             s = &self.slots[idx]
@@ -322,7 +421,15 @@ cdef class RelayEngine:
                 s.ready |= _hbit(side)
             if evs & (EPOLLOUT | EPOLLHUP | EPOLLERR):
                 s.ready |= _wbit(side)
-            self._pump(idx)
+            if s.phase == PHASE_RELAY:
+                self._pump(idx)
+            elif s.phase == PHASE_HANDSHAKE:
+                if side == 0 and s.ready & READABLE0:
+                    self._front_read(idx)
+            elif s.phase == PHASE_CONNECTING:
+                if side == 1 and s.ready & WRITABLE1:
+                    self._front_connected(idx)
+            # PHASE_HANDOFF: the gate gets it at the end of run(), events and all.
         return n
 
     cdef void _pump(self, int idx) noexcept nogil:
@@ -566,15 +673,388 @@ cdef class RelayEngine:
         cdef Session *s
         while idx >= 0:
             s = &self.slots[idx]
-            ended.append(Ended(s.tag, s.dir[0].nbytes, s.dir[1].nbytes,
-                               REASONS[s.end_reason], s.end_errno))
+            if s.proto == 0 and s.started_s == 0:  # add()ed: its worker knows who it was
+                ended.append(Ended(s.tag, s.dir[0].nbytes, s.dir[1].nbytes,
+                                   REASONS[s.end_reason], s.end_errno))
+            else:
+                ended.append(Ended(s.tag, s.dir[0].nbytes, s.dir[1].nbytes, REASONS[s.end_reason],
+                                   s.end_errno, self._described(s), s.started_s,
+                                   s.reply if s.end_reason == END_FAILED else 0, self._why(idx, s)))
             self.finished_head = s.next
-            s.state = SLOT_FREE
-            s.gen += 1
-            s.next = self.free_head
-            self.free_head = idx
+            self._release(idx)
             idx = self.finished_head
         return ended
+
+    cdef void _release(self, int idx) noexcept nogil:
+        """Back to the free list; stale run-queue entries and events see a new generation."""
+        cdef Session *s = &self.slots[idx]
+        s.state = SLOT_FREE
+        s.gen += 1
+        s.next = self.free_head
+        self.free_head = idx
+
+    cdef void _end(self, int idx, int reason, int err) noexcept nogil:
+        """End a session wherever it is: a relay with ``reason``, a front-door one as shut down."""
+        if self.slots[idx].phase == PHASE_RELAY:
+            self._finish(idx, reason, err)
+        else:
+            self._front_fail(idx, REPLY_NONE, FAIL_SHUTDOWN, 0)
+
+    # ------------------------------------------------------------------ front door: accept
+
+    cdef void _unlisten(self) noexcept nogil:
+        cdef int i
+        for i in range(self.n_listen):
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.listen_fd[i], NULL)
+        self.n_listen = 0
+
+    cdef void _accept(self, int li) noexcept nogil:
+        cdef int i, fd
+        cdef sockaddr_in6 peer
+        cdef socklen_t length
+        cdef epoll_event ev
+        if li >= self.n_listen:
+            return  # unlistened earlier in this batch
+        for i in range(ACCEPT_BATCH):
+            length = sizeof(peer)
+            fd = accept4(self.listen_fd[li], <sockaddr *>&peer, &length, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                if errno == EINTR or errno == ECONNABORTED:
+                    continue
+                if errno != EAGAIN:
+                    self.accept_errno = errno  # the gate hears of it at the end of run()
+                    if errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM:
+                        self._unlisten()
+                return
+            self.n_accepted += 1
+            if self.listen_excl[li]:
+                self.listen_since[li] += 1
+                if self.listen_since[li] >= REARM_EVERY:
+                    self.listen_since[li] = 0
+                    ev.events = EPOLLIN | EPOLLEXCLUSIVE
+                    ev.data.u64 = LISTENER_BIT | <uint64_t>li
+                    epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.listen_fd[li], NULL)
+                    epoll_ctl(self.epfd, EPOLL_CTL_ADD, self.listen_fd[li], &ev)
+            self._front_open(fd, &peer)
+            if self.n_listen == 0:
+                return
+
+    cdef void _front_open(self, int fd, const sockaddr_in6 *peer) noexcept nogil:
+        cdef int idx
+        cdef uint32_t gen
+        cdef Session *s
+        cdef Front *f
+        cdef epoll_event ev
+        cdef ssize_t n
+        if self.free_head < 0:
+            with gil:
+                try:
+                    self._grow()
+                except MemoryError:
+                    close(fd)
+                    return
+        f = <Front *>malloc(sizeof(Front))
+        if f == NULL:
+            close(fd)
+            return
+        idx = self.free_head
+        s = &self.slots[idx]
+        self.free_head = s.next
+        gen = s.gen
+        memset(s, 0, sizeof(Session))
+        s.gen = gen
+        s.fd[0] = fd
+        s.fd[1] = -1
+        self.next_tag += 1
+        s.tag = self.next_tag
+        s.next = -1
+        s.dir[0].pipe_r = s.dir[0].pipe_w = -1
+        s.dir[1].pipe_r = s.dir[1].pipe_w = -1
+        s.state = SLOT_ACTIVE
+        s.phase = PHASE_HANDSHAKE
+        s.front = f
+        s.reply = REPLY_NONE
+        s.started_s = s.last_active_s = _monotonic()
+        memcpy(&s.peer, peer, sizeof(sockaddr_in6))
+        f.len = 0
+        f.sent = 0
+        f.deadline_s = s.started_s + self.handshake_timeout_s
+        self.n_handshaking += 1
+        if self.judge_accept and not self._gate_accepted(idx):
+            close(fd)
+            free(f)
+            s.front = NULL
+            self.n_handshaking -= 1
+            self._release(idx)
+            return
+        # TCP_DEFER_ACCEPT: the greeting is usually here already. Read it before the epoll
+        # registration, whose first event then reports only that the socket is writable.
+        s.ready = READABLE0
+        self._front_read(idx)
+        if s.state != SLOT_ACTIVE or s.gen != gen or s.phase == PHASE_HANDOFF:
+            return  # failed or queued for the gate: not watched
+        ev.events = EV_FLAGS
+        ev.data.u64 = (<uint64_t>idx << 1)
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            self._front_fail(idx, REPLY_NONE, FAIL_CLIENT, errno)
+
+    # ------------------------------------------------------------------ front door: handshake
+
+    cdef void _front_read(self, int idx) noexcept nogil:
+        cdef Session *s = &self.slots[idx]
+        cdef Front *f = s.front
+        cdef int space = FRONT_BUF - f.len
+        cdef int r
+        cdef ssize_t n = recv(s.fd[0], f.buf + f.len, space, 0)
+        if n < 0 and errno == EINTR:
+            n = recv(s.fd[0], f.buf + f.len, space, 0)
+        if n < 0 and errno == EAGAIN:
+            s.ready &= ~READABLE0
+            return
+        if n <= 0:
+            self._hand_off(idx)  # EOF or an error: the session says so, in its words
+            return
+        if n < space and not (s.ready & HUP0):
+            s.ready &= ~READABLE0
+        f.len += <int>n
+        r = front_parse_c(f.buf, f.len, self.methods, self.nmethods, self.socks4, &f.req)
+        s.proto = f.req.proto
+        if r == FRONT_PYTHON or (r == FRONT_MORE and f.len == FRONT_BUF):
+            self._hand_off(idx)
+            return
+        if f.req.sent > f.sent:
+            n = send(s.fd[0], (<const char *>b"\x05\x00") + f.sent, f.req.sent - f.sent, MSG_NOSIGNAL)
+            if n > 0:
+                f.sent += <int>n
+            if f.sent < f.req.sent:
+                self._hand_off(idx)  # the session sends it again, and finds the client gone
+                return
+        if r == FRONT_CONNECT:
+            self._front_request(idx)
+
+    cdef void _front_request(self, int idx) noexcept nogil:
+        cdef Session *s = &self.slots[idx]
+        cdef Front *f = s.front
+        cdef FrontRequest *req = &f.req
+        cdef int i, fd, err, one = 1
+        cdef sockaddr_in6 sa
+        cdef sockaddr_in *v4 = <sockaddr_in *>&sa
+        cdef socklen_t length
+        cdef epoll_event ev
+        s.has_dest = True
+        s.dest_family = req.family
+        memcpy(s.dest_ip, req.ip, 16 if req.family == AF_INET6 else 4)
+        s.dest_port = req.port
+        # What needs the session's full checks (policy.forbidden_destination, a loop through
+        # this proxy) or its text for an address (::a.b.c.d): hand it over.
+        if req.family == AF_INET and req.ip[0] == 0:
+            self._hand_off(idx)
+            return
+        if req.family == AF_INET6:
+            for i in range(10):
+                if req.ip[i] != 0:
+                    break
+            else:
+                self._hand_off(idx)
+                return
+        for i in range(self.n_own_ports):
+            if self.own_ports[i] == req.port:
+                self._hand_off(idx)
+                return
+        if self.judge_request and not self._gate_request(idx):
+            return  # refused: answered and ended
+        fd = socket(req.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+        if fd < 0:
+            err = errno
+            self._front_fail(idx, front_reply_for_errno(err), FAIL_CONNECT, err)
+            return
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+        memset(&sa, 0, sizeof(sa))
+        if req.family == AF_INET:
+            v4.sin_family = AF_INET
+            v4.sin_port = htons(<uint16_t>req.port)
+            memcpy(&v4.sin_addr, req.ip, 4)
+            length = sizeof(sockaddr_in)
+        else:
+            sa.sin6_family = AF_INET6
+            sa.sin6_port = htons(<uint16_t>req.port)
+            memcpy(&sa.sin6_addr, req.ip, 16)
+            length = sizeof(sockaddr_in6)
+        # No bind() first: the kernel picks a port unique per destination (session.py).
+        if connect(fd, <sockaddr *>&sa, length) < 0 and errno != EINPROGRESS:
+            err = errno
+            close(fd)
+            self._front_fail(idx, front_reply_for_errno(err), FAIL_CONNECT, err)
+            return
+        s.fd[1] = fd
+        ev.events = EV_FLAGS
+        ev.data.u64 = (<uint64_t>idx << 1) | 1
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            err = errno
+            self._front_fail(idx, 1, FAIL_CONNECT, err)
+            return
+        s.phase = PHASE_CONNECTING
+        f.deadline_s = _monotonic() + self.connect_timeout_s
+
+    cdef void _front_connected(self, int idx) noexcept nogil:
+        cdef Session *s = &self.slots[idx]
+        cdef Front *f = s.front
+        cdef int err = 0, extra
+        cdef socklen_t length = sizeof(err)
+        cdef sockaddr_in6 bound
+        cdef unsigned char reply[22]
+        cdef int n
+        # EPOLLOUT alone means connected; a failure comes with EPOLLERR/EPOLLHUP (HUP1).
+        if s.ready & HUP1 and getsockopt(s.fd[1], SOL_SOCKET, SO_ERROR, &err, &length) < 0:
+            err = errno
+        if err:
+            self._front_fail(idx, front_reply_for_errno(err), FAIL_CONNECT, err)
+            return
+        length = sizeof(bound)
+        memset(&bound, 0, sizeof(bound))
+        if getsockname(s.fd[1], <sockaddr *>&bound, &length) < 0:
+            bound.sin6_family = AF_INET  # 0.0.0.0:0: the client learns nothing, loses nothing
+        n = front_reply(reply, s.proto, 0, &bound)
+        if send(s.fd[0], reply, n, MSG_NOSIGNAL) != n:
+            self._front_fail(idx, REPLY_NONE, FAIL_CLIENT, errno if errno else EPIPE)
+            return
+        extra = f.len - f.req.consumed
+        if extra > 0:  # pipelined behind the request: it goes upstream first
+            s.dir[0].pending = <char *>malloc(extra)
+            if s.dir[0].pending == NULL:
+                self._front_fail(idx, REPLY_NONE, FAIL_CLIENT, ENOMEM)
+                return
+            memcpy(s.dir[0].pending, f.buf + f.req.consumed, extra)
+            s.dir[0].pending_len = extra
+        free(f)
+        s.front = NULL
+        s.phase = PHASE_RELAY
+        self.n_handshaking -= 1
+        self.n_active += 1
+        self.total_sessions += 1
+        s.last_active_s = self.now_s
+        self._pump(idx)
+
+    cdef void _front_fail(self, int idx, int reply, int kind, int err) noexcept nogil:
+        """Answer ``reply`` (a SOCKS5 code, sent as SOCKS4's 91 to a SOCKS4 client; REPLY_NONE:
+        nothing), close without losing it (session.close_gently) and end as END_FAILED."""
+        cdef Session *s = &self.slots[idx]
+        cdef unsigned char out[22]
+        cdef int i, n
+        if reply != REPLY_NONE and s.proto:
+            n = front_reply(out, s.proto, reply, NULL)
+            send(s.fd[0], out, n, MSG_NOSIGNAL)
+        # FIN first, then read what is queued: closing over unread bytes sends RST, and the
+        # client could lose the reply.
+        shutdown(s.fd[0], SHUT_WR)
+        for i in range(4):
+            if recv(s.fd[0], self.buf, self.buf_size, 0) <= 0:
+                break
+        close(s.fd[0])
+        if s.fd[1] >= 0:
+            close(s.fd[1])
+        free(s.front)
+        s.front = NULL
+        self.n_handshaking -= 1
+        s.state = SLOT_FINISHED
+        s.end_reason = END_FAILED
+        s.end_errno = err
+        s.reply = reply
+        s.fail = kind
+        s.next = self.finished_head
+        self.finished_head = idx
+
+    cdef void _hand_off(self, int idx) noexcept nogil:
+        self.slots[idx].phase = PHASE_HANDOFF
+        self.handoffq[self.handoffq_len] = idx
+        self.handoffq_len += 1
+
+    cdef void _serve_handoffs(self):
+        """Give the gate what the engine does not finish: the client's fd, out of the
+        epoll set, everything it sent and what was answered."""
+        cdef int i, idx, fd
+        cdef Session *s
+        cdef Front *f
+        i = 0
+        while i < self.handoffq_len:
+            idx = self.handoffq[i]
+            i += 1
+            s = &self.slots[idx]
+            f = s.front
+            fd = s.fd[0]
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)  # ENOENT when it never was in it
+            if s.fd[1] >= 0:
+                close(s.fd[1])
+            data = (<char *>f.buf)[:f.len]
+            sent = b"\x05\x00"[:f.sent]
+            peer = (_sa_host(&s.peer), _sa_port(&s.peer))
+            tag = s.tag
+            started_s = s.started_s
+            free(f)
+            s.front = NULL
+            self.n_handshaking -= 1
+            self._release(idx)
+            try:
+                self.gate.hand_off(fd, tag, peer, data, sent, started_s)
+            except BaseException as exc:
+                if self.hook_error is None:
+                    self.hook_error = exc
+        self.handoffq_len = 0
+
+    cdef int _gate_accepted(self, int idx) noexcept nogil:
+        with gil:
+            s = &self.slots[idx]
+            try:
+                return 1 if self.gate.accepted(s.tag, _sa_host(&s.peer), _sa_port(&s.peer)) else 0
+            except BaseException as exc:
+                if self.hook_error is None:
+                    self.hook_error = exc
+                return 0
+
+    cdef int _gate_request(self, int idx) noexcept nogil:
+        """1: go on; 0: refused, answered and ended."""
+        cdef int code = 1
+        with gil:
+            s = &self.slots[idx]
+            try:
+                refusal = self.gate.request(s.tag, s.proto, _sa_host(&s.peer),
+                                            _front_host(s.dest_family, s.dest_ip), s.dest_port)
+                if refusal is None:
+                    return 1
+                code, why = refusal
+                if not (isinstance(code, int) and 1 <= code <= 255):
+                    raise ValueError(f"a refusal's reply code is 1-255, not {code!r}")
+            except BaseException as exc:
+                if self.hook_error is None:
+                    self.hook_error = exc
+                code, why = 1, "internal error in the gate"
+            self.whys[idx] = why
+        self._front_fail(idx, code, FAIL_REFUSED, 0)
+        return 0
+
+    cdef str _described(self, Session *s):
+        """access.describe() for a front-door session."""
+        peer = _front_peer(&s.peer)
+        proto = "socks5" if s.proto == 5 else "socks4" if s.proto == 4 else "-"
+        if not s.has_dest:
+            return f"client={peer} proto={proto} cmd=- dest=-"
+        host = _front_host(s.dest_family, s.dest_ip)
+        if s.dest_family == AF_INET6:
+            host = f"[{host}]"
+        return f"client={peer} proto={proto} cmd=connect dest={host}:{s.dest_port}"
+
+    cdef str _why(self, int idx, Session *s):
+        if s.end_reason != END_FAILED:
+            return ""
+        if s.fail == FAIL_CONNECT:
+            return f"connect failed: {os.strerror(s.end_errno)}"
+        if s.fail == FAIL_HANDSHAKE_TIMEOUT:
+            return "handshake timed out"
+        if s.fail == FAIL_REFUSED:
+            return self.whys.pop(idx, "refused")
+        if s.fail == FAIL_SHUTDOWN:
+            return "worker shutting down"
+        return f"client error: {os.strerror(s.end_errno)}"
 
 
 # ====================================================================== SOCKS5 UDP header
@@ -699,3 +1179,9 @@ def udp_pack(str host not None, port):
 # UdpRelay and UdpFlow: the datagram loop of UDP ASSOCIATE, with its theory of operation.
 
 include "_udp_relay.pxi"
+
+
+# ====================================================================== front door
+# front_parse_c() and the replies: the pure parts of RelayEngine's own handshake.
+
+include "_front.pxi"

@@ -1,20 +1,163 @@
 """The relay engine in plain Python: the reference for fastsocks._relay.
 
 Same API and the same observable behaviour (bytes delivered, half-close, backpressure,
-end reasons, counters), written for clarity rather than speed: level-triggered epoll with
-the interest of each fd recomputed after every event, copy mode only, and Python bytes
-objects for whatever the destination would not take.
+end reasons, counters, the front door's answers and callbacks), written for clarity rather
+than speed: level-triggered epoll with the interest of each fd recomputed after every
+event, copy mode only, and Python bytes objects for whatever the destination would not take.
+
+Theory of operation
+-------------------
+A relayed session is two sockets and two directions (client -> upstream, upstream ->
+client). Each direction reads only while nothing it read is pending, so at most one buffer
+per direction is in flight (backpressure); EOF on a source becomes ``shutdown(SHUT_WR)``
+on the destination once everything read is written (half-close). A session ends when both
+directions have forwarded EOF (eof), on the first error (error), after ``idle_timeout_s``
+without an event (idle, by expire_idle) or at close_all (shutdown).
+
+The front door (``front()``, ``listen()``) adds the steps before that, for the common case
+only::
+
+    accept ──judge_accept: gate.accepted() False──> closed, nothing said, no Ended
+      │
+    HANDSHAKE: read (512 bytes at most), front_parse() all of it, send the method
+      │        selection's unsent part; each read again
+      │──"python", EOF, a read error, 512 bytes still "more", a method selection the
+      │   client did not take whole──> gate.hand_off() (at the end of run())
+      │──"connect" to 0.x.x.x, ::/80, or a port in own_ports──> gate.hand_off()
+      │──judge_request: gate.request() refuses──> failure reply, Ended "failed"
+      │──past handshake_timeout_s (expire_idle)──> closed unanswered, Ended "failed", reply -1
+    CONNECTING: a non-blocking connect; the client is not watched meanwhile
+      │──fails, or past connect_timeout_s──> failure reply, Ended "failed"
+    RELAY: the success reply, then the session above, the payload read with the request
+           going upstream first; it ends like any other, its Ended described.
+
+``front_parse()`` is the one place that reads the client's bytes. Each check is made as
+soon as the byte it needs has arrived, in wire order, so a verdict never changes once
+given. What the engine runs is read by the sans-I/O reference parsers (protocol/socks5.py,
+protocol/socks4.py), which the session uses for everything else. Hand-offs and
+``accept_failed()`` are called at the end of ``run()``, with the batch's other work done;
+a gate's exception refuses that session (general failure) and is raised by ``run()`` then,
+the batch's Ended values kept for the next call that returns some. Every client that never
+relays is closed gently (FIN, then what it queued is read), so that a reply is not lost
+under a reset.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import ipaddress
+import os
 import select
 import socket
 import time
 
-from fastsocks._relay_types import REASONS, Ended
+from fastsocks import access, errors
+from fastsocks._relay_types import NO_REPLY, REASONS, Ended
+from fastsocks.protocol import socks4 as socks4_wire
+from fastsocks.protocol import socks5
 
-_EOF, _ERROR, _IDLE, _SHUTDOWN = REASONS
+# Only modules and the stub's names are imported: the twin's public names are the stub's.
+
+_EOF, _ERROR, _IDLE, _SHUTDOWN, _FAILED = REASONS
+
+# ====================================================================== front_parse
+# What the engine makes of a client's first bytes: "more", "connect" or "python".
+
+_MORE, _CONNECT, _PYTHON = "more", "connect", "python"
+
+_FRONT_MAX_BYTES = 512  # what a client may send before its request is complete (> 257 + 22)
+_MAX_METHODS = 8        # the server's methods the engine takes (there are two)
+_MAX_OWN_PORTS = 16
+_MAX_LISTENERS = 16
+_ACCEPT_BATCH = 64      # accepts per listener per run(): a flood cannot starve the relays
+_DRAIN_READS = 4        # reads after a failure reply, before close (see _close_gently)
+
+# Each rule: (bytes needed, the test they must pass to stay on the engine's path). A byte
+# is judged as soon as it arrives, in wire order; a request that passes every rule is one
+# the reference parser reads without error.
+_SOCKS5_REQUEST_RULES = (  # RFC 1928 §4: VER CMD RSV ATYP DST.ADDR DST.PORT
+    (1, lambda r: r[0] == socks5.SOCKS_VERSION),
+    (2, lambda r: r[1] == socks5.Command.CONNECT),
+    (3, lambda r: r[2] == 0x00),
+    (4, lambda r: r[3] in (socks5.AddressType.IPV4, socks5.AddressType.IPV6)),  # a name is the session's
+)
+_SOCKS4_REQUEST_RULES = (  # SOCKS4: VN CD DSTPORT DSTIP USERID NUL
+    (2, lambda r: r[1] == socks5.Command.CONNECT),
+    (8, lambda r: not (r[4:7] == b"\0\0\0" and r[7] != 0)),  # 0.0.0.x, x != 0: SOCKS4a
+    (9, lambda r: r[8] == 0x00),                             # an empty USERID
+)
+
+
+def front_parse(data, methods: bytes, socks4: bool) -> tuple[str, int, int, str, int, int, bytes]:
+    """(verdict, proto, family, host, port, consumed, sent) of what a client sent so far,
+    from its first byte; see _relay.pyi. For "more" and "python" only ``proto`` and
+    ``sent`` mean something (family, port and consumed are 0, host "")."""
+    data = bytes(memoryview(data))
+    if not data:
+        return _undecided(_MORE, 0)
+    if data[0] == socks5.SOCKS_VERSION:
+        return _parse_socks5(data, bytes(methods))
+    if data[0] == socks4_wire.SOCKS4_VERSION:
+        return _parse_socks4(data) if socks4 else _undecided(_PYTHON, socks4_wire.SOCKS4_VERSION)
+    return _undecided(_PYTHON, 0)
+
+
+def _undecided(verdict: str, proto: int, sent: bytes = b""):
+    return (verdict, proto, 0, "", 0, 0, sent)
+
+
+def _judge(data: bytes, rules) -> str | None:
+    """MORE or PYTHON as soon as the rules say so; None once every rule has passed."""
+    for needed, passes in rules:
+        if len(data) < needed:
+            return _MORE
+        if not passes(data):
+            return _PYTHON
+    return None
+
+
+def _parse_socks5(data: bytes, methods: bytes):
+    conn = socks5.ServerConnection()
+    conn.receive_data(data)
+    try:
+        greeting = conn.next_event()
+    except errors.ProtocolError:  # NMETHODS 0: the session answers it
+        return _undecided(_PYTHON, socks5.SOCKS_VERSION)
+    if greeting is socks5.NEED_DATA:
+        return _undecided(_MORE, socks5.SOCKS_VERSION)
+    # §3: the server picks; its first method the client offers, as the session does.
+    chosen = next((m for m in methods if m in greeting.methods), None)
+    if chosen != socks5.Method.NO_AUTH:
+        return _undecided(_PYTHON, socks5.SOCKS_VERSION)
+    sent = conn.send(socks5.MethodSelection(socks5.Method.NO_AUTH))
+    verdict = _judge(conn.trailing_data[0], _SOCKS5_REQUEST_RULES)
+    if verdict is not None:
+        return _undecided(verdict, socks5.SOCKS_VERSION, sent)
+    request = conn.next_event()  # cannot raise: every byte it checks has passed the rules
+    if request is socks5.NEED_DATA:
+        return _undecided(_MORE, socks5.SOCKS_VERSION, sent)
+    return _connect(socks5.SOCKS_VERSION, request, data, conn.trailing_data[0], sent)
+
+
+def _parse_socks4(data: bytes):
+    verdict = _judge(data, _SOCKS4_REQUEST_RULES)
+    if verdict is not None:
+        return _undecided(verdict, socks4_wire.SOCKS4_VERSION)
+    conn = socks4_wire.ServerConnection()
+    conn.receive_data(data)
+    request = conn.next_event()  # the USERID's NUL is here: a whole IPv4 CONNECT
+    return _connect(socks4_wire.SOCKS4_VERSION, request, data, conn.trailing_data[0], b"")
+
+
+def _connect(proto: int, request, data: bytes, trailing: bytes, sent: bytes):
+    family = socket.AF_INET if request.address_type == socks5.AddressType.IPV4 else socket.AF_INET6
+    # As inet_ntop writes it, like the C engine (ipaddress writes ::ffff:1.2.3.4 otherwise).
+    host = socket.inet_ntop(family, ipaddress.ip_address(request.host).packed)
+    return (_CONNECT, proto, int(family), host, request.port, len(data) - len(trailing), sent)
+
+
+# ====================================================================== the relay
 
 
 class _Direction:
@@ -28,14 +171,79 @@ class _Direction:
 
 
 class _Session:
-    __slots__ = ("tag", "socks", "dirs", "last_active_s", "registered")
+    __slots__ = ("tag", "socks", "dirs", "last_active_s", "registered", "described", "started_s")
 
-    def __init__(self, tag: int, client: socket.socket, upstream: socket.socket, initial: bytes) -> None:
+    def __init__(self, tag: int, client: socket.socket, upstream: socket.socket, initial: bytes,
+                 described: str = "", started_s: float = 0.0) -> None:
         self.tag = tag
         self.socks = (client, upstream)
         self.dirs = (_Direction(client, upstream, initial), _Direction(upstream, client, b""))
         self.last_active_s = time.monotonic()
         self.registered = {client.fileno(): 0, upstream.fileno(): 0}
+        self.described, self.started_s = described, started_s
+
+
+@dataclasses.dataclass(frozen=True)
+class _FrontRules:
+    """What front() set: how every client is answered from its next step on (a client
+    keeps only the handshake deadline it was accepted with)."""
+
+    gate: object
+    methods: bytes
+    socks4: bool
+    judge_accept: bool
+    judge_request: bool
+    own_ports: frozenset
+    handshake_timeout_s: float
+    connect_timeout_s: float
+
+
+class _Front:
+    """A client at the front door, from accept until it relays, fails or is handed off."""
+
+    __slots__ = ("tag", "client", "peer", "rules", "started_s", "deadline_s", "data", "answered",
+                 "proto", "dest", "consumed", "upstream")
+
+    def __init__(self, tag: int, client: socket.socket, peer: tuple[str, int], rules: _FrontRules) -> None:
+        self.tag, self.client, self.peer, self.rules = tag, client, peer, rules
+        self.started_s = time.monotonic()
+        self.deadline_s = self.started_s + rules.handshake_timeout_s
+        self.data = b""       # everything read from the client
+        self.answered = b""   # what was sent to it (a prefix of the method selection)
+        self.proto = 0        # 4 or 5 once the first byte says so
+        self.dest: tuple[int, str, int] | None = None  # (family, host, port) of its CONNECT
+        self.consumed = 0     # bytes of greeting and request; the rest is payload
+        self.upstream: socket.socket | None = None     # while connecting
+
+    @property
+    def described(self) -> str:
+        """The access line's opening, as access.describe writes it."""
+        proto = {5: "socks5", 4: "socks4"}.get(self.proto, "-")
+        who = f"client={access.format_peer(self.peer)} proto={proto}"
+        if self.dest is None:
+            return f"{who} cmd=- dest=-"
+        _family, host, port = self.dest
+        return f"{who} cmd=connect dest={access.format_host(host)}:{port}"
+
+    def ended(self, reply: int, err: int, why: str) -> Ended:
+        return Ended(self.tag, 0, 0, _FAILED, err, self.described, self.started_s, reply, why)
+
+
+class _Batch:
+    """What one run() owes the gate once its work is done, and what it returns."""
+
+    def __init__(self, ended: list) -> None:
+        self.ended = ended
+        self.handoffs: list[tuple[_FrontRules, tuple]] = []
+        self.accept_errno = 0
+        self.error: BaseException | None = None
+
+    def gate_failed(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+
+
+_ACCEPT_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class RelayEngine:
@@ -52,6 +260,13 @@ class RelayEngine:
         self._by_fd: dict[int, _Session] = {}
         self._sessions: set[_Session] = set()
         self._total = [0, 0, 0]
+        # The front door.
+        self._rules: _FrontRules | None = None
+        self._listen_fds: list[int] = []
+        self._fronts: set[_Front] = set()
+        self._front_by_fd: dict[int, _Front] = {}
+        self._n_accepted = 0
+        self._unreported: list = []  # Ended values of a run() that raised a gate's exception
 
     def fileno(self) -> int:
         return self._epoll.fileno() if self._epoll else -1
@@ -61,11 +276,46 @@ class RelayEngine:
         return len(self._sessions)
 
     @property
+    def handshaking(self) -> int:
+        return len(self._fronts)
+
+    @property
+    def accepted(self) -> int:
+        return self._n_accepted
+
+    @property
     def pending(self) -> bool:
         return False  # level-triggered: the kernel reports what is still ready
 
     def counters(self) -> tuple[int, int, int, int, int]:
         return (self._total[0], self._total[1], self._total[2], 0, 0)
+
+    def front(self, gate, *, methods: bytes = b"\x00", socks4: bool = True, judge_accept: bool = False,
+              judge_request: bool = False, own_ports: frozenset = frozenset(), handshake_timeout_s: float = 10.0,
+              connect_timeout_s: float = 10.0) -> None:
+        methods, own_ports = bytes(methods), frozenset(own_ports)
+        if len(methods) > _MAX_METHODS:
+            raise ValueError(f"at most {_MAX_METHODS} methods, got {len(methods)}")
+        if len(own_ports) > _MAX_OWN_PORTS or not all(0 <= port <= 0xFFFF for port in own_ports):
+            raise ValueError(f"own_ports: at most {_MAX_OWN_PORTS} ports, each 0-65535")
+        self._rules = _FrontRules(gate, methods, bool(socks4), bool(judge_accept), bool(judge_request),
+                                  own_ports, float(handshake_timeout_s), float(connect_timeout_s))
+
+    def listen(self, fd: int, exclusive: bool = False) -> None:
+        if self._epoll is None:
+            raise ValueError("engine is closed")
+        if self._rules is None:
+            raise ValueError("front() first: the engine needs a gate to hand clients to")
+        if len(self._listen_fds) >= _MAX_LISTENERS:
+            raise ValueError(f"at most {_MAX_LISTENERS} listening sockets")
+        self._epoll.register(fd, select.EPOLLIN | (select.EPOLLEXCLUSIVE if exclusive else 0))
+        self._listen_fds.append(fd)
+
+    def unlisten(self) -> None:
+        if self._epoll is not None:
+            for fd in self._listen_fds:
+                self._epoll.unregister(fd)
+        self._listen_fds = []
 
     def add(self, client_fd: int, upstream_fd: int, tag: int, initial_up=None) -> None:
         client = socket.socket(fileno=client_fd)
@@ -74,50 +324,66 @@ class RelayEngine:
             client.close()
             upstream.close()
             raise ValueError("engine is closed")
-        session = _Session(tag, client, upstream, bytes(initial_up or b""))
-        self._sessions.add(session)
-        self._total[2] += 1
-        for sock in session.socks:
-            self._by_fd[sock.fileno()] = session
-            self._epoll.register(sock.fileno(), 0)
-        self._update_interest(session)
+        self._relay(_Session(tag, client, upstream, bytes(initial_up or b"")))
 
     def run(self) -> list:
         if self._epoll is None:
-            return []
-        ended = []
+            return self._report([])
+        batch = _Batch(self._report([]))
         touched = {}
         for fd, _events in self._epoll.poll(0, self._max_events):
-            session = self._by_fd.get(fd)
-            if session is not None:
+            if fd in self._listen_fds:
+                self._accept_from(fd, batch)
+            elif (front := self._front_by_fd.get(fd)) is not None:
+                self._front_ready(front, fd, batch)
+            elif (session := self._by_fd.get(fd)) is not None:
                 touched[id(session)] = session
         now = time.monotonic()
         for session in touched.values():
             session.last_active_s = now
             reason, err = self._pump(session)
             if reason is not None:
-                ended.append(self._finish(session, reason, err))
+                batch.ended.append(self._finish(session, reason, err))
             else:
                 self._update_interest(session)
-        return ended
+        self._serve_gate(batch)
+        return self._report_batch(batch)
 
     def expire_idle(self) -> list:
-        if self._idle_timeout_s <= 0:
-            return []
-        limit = time.monotonic() - self._idle_timeout_s
-        return [self._finish(s, _IDLE, 0) for s in list(self._sessions) if s.last_active_s < limit]
+        now = time.monotonic()
+        ended = self._report([])
+        for front in [f for f in self._fronts if f.deadline_s <= now]:
+            if front.upstream is None:
+                ended.append(self._front_end(front, NO_REPLY, 0, "handshake timed out"))
+            else:
+                ended.append(self._connect_failed(front, errno.ETIMEDOUT))
+        if self._idle_timeout_s > 0:
+            limit = now - self._idle_timeout_s
+            ended += [self._finish(s, _IDLE, 0) for s in list(self._sessions) if s.last_active_s < limit]
+        return ended
 
     def close_all(self) -> list:
-        return [self._finish(s, _SHUTDOWN, 0) for s in list(self._sessions)]
+        ended = self._report([self._finish(s, _SHUTDOWN, 0) for s in list(self._sessions)])
+        ended += [self._front_end(f, NO_REPLY, 0, "worker shutting down") for f in list(self._fronts)]
+        return ended
 
     def close(self) -> list:
         ended = self.close_all()
+        self.unlisten()
         if self._epoll is not None:
             self._epoll.close()
             self._epoll = None
         return ended
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ the relay
+
+    def _relay(self, session: _Session) -> None:
+        self._sessions.add(session)
+        self._total[2] += 1
+        for sock in session.socks:
+            self._by_fd[sock.fileno()] = session
+            self._epoll.register(sock.fileno(), 0)
+        self._update_interest(session)
 
     def _pump(self, session: _Session):
         """Move what can be moved without blocking; (reason, errno) once the session ends."""
@@ -178,10 +444,257 @@ class RelayEngine:
             self._by_fd.pop(sock.fileno(), None)
             sock.close()  # closing removes it from the epoll set
         up, down = (direction.nbytes for direction in session.dirs)
-        return Ended(session.tag, up, down, reason, err)
+        return Ended(session.tag, up, down, reason, err, session.described, session.started_s)
+
+    # ------------------------------------------------------------------ the front door
+
+    def _accept_from(self, listen_fd: int, batch: _Batch) -> None:
+        listener = socket.socket(fileno=listen_fd)  # a view: the engine does not own it
+        try:
+            for _ in range(_ACCEPT_BATCH):
+                try:
+                    client, address = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except ConnectionAbortedError:
+                    continue
+                except OSError as exc:
+                    if exc.errno in _ACCEPT_EXHAUSTED:
+                        self.unlisten()
+                    batch.accept_errno = exc.errno or errno.EIO
+                    return
+                self._n_accepted += 1
+                self._front_open(client, address, batch)
+        finally:
+            listener.detach()
+
+    def _front_open(self, client: socket.socket, address: tuple, batch: _Batch) -> None:
+        client.setblocking(False)
+        rules, tag = self._rules, self._n_accepted
+        peer = (address[0].partition("%")[0], address[1])  # inet_ntop's text: no scope id
+        if rules.judge_accept and not self._ask_gate(batch, False, rules.gate.accepted, tag, *peer):
+            client.close()  # SOCKS has no reply before the client's first message
+            return
+        front = _Front(tag, client, peer, rules)
+        self._fronts.add(front)
+        self._watch(front, client, select.EPOLLIN | select.EPOLLRDHUP)
+        self._front_read(front, batch)  # the greeting is often here already
+
+    def _front_ready(self, front: _Front, fd: int, batch: _Batch) -> None:
+        if front.upstream is not None and fd == front.upstream.fileno():
+            err = front.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                batch.ended.append(self._connect_failed(front, err))
+            else:
+                self._front_connected(front, batch)
+        elif front.upstream is None:
+            self._front_read(front, batch)
+
+    def _front_read(self, front: _Front, batch: _Batch) -> None:
+        """Read and answer the handshake until it is decided or the client has no more."""
+        while True:
+            room = _FRONT_MAX_BYTES - len(front.data)
+            if room == 0:
+                self._hand_off(front, batch)  # more than any greeting and request we run
+                return
+            try:
+                chunk = front.client.recv(room)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                chunk = b""
+            if not chunk:
+                self._hand_off(front, batch)  # the session reads the EOF or error again
+                return
+            front.data += chunk
+            verdict, front.proto, family, host, port, consumed, sent = front_parse(
+                front.data, self._rules.methods, self._rules.socks4)
+            if verdict == _PYTHON or (verdict != _CONNECT and len(front.data) == _FRONT_MAX_BYTES):
+                self._hand_off(front, batch)  # the session answers it all
+                return
+            self._answer(front, sent)
+            if front.answered != sent:
+                self._hand_off(front, batch)  # the session sends the rest, or finds the client gone
+                return
+            if verdict == _CONNECT:
+                front.dest, front.consumed = (family, host, port), consumed
+                self._front_request(front, batch)
+                return
+
+    def _answer(self, front: _Front, sent: bytes) -> None:
+        """Send the part of the method selection not sent yet; the client may take less."""
+        rest = sent[len(front.answered):]
+        if not rest:
+            return
+        try:
+            n = front.client.send(rest, socket.MSG_NOSIGNAL)
+        except OSError:
+            return  # gone or full: the next read says which, and the session goes on from here
+        front.answered += rest[:n]
+
+    def _front_request(self, front: _Front, batch: _Batch) -> None:
+        family, host, port = front.dest
+        rules = self._rules  # front() again applies from a client's next step
+        ip = socket.inet_pton(family, host)
+        unusual = ip[0] == 0 if family == socket.AF_INET else ip[:10] == bytes(10)
+        # The session judges these: 0.x.x.x, ::, ::1, ::a.b.c.d and ::ffff:a.b.c.d (what
+        # they reach depends on the host, policy.forbidden_destination) and a destination
+        # that may be this proxy (a loop).
+        if unusual or port in rules.own_ports:
+            self._hand_off(front, batch)
+            return
+        if rules.judge_request:
+            refusal = self._ask_gate(batch, (socks5.Reply.GENERAL_FAILURE, "internal error in the gate"),
+                                     _refusal, rules.gate, front.tag, front.proto, front.peer[0], host, port)
+            if refusal is not None:
+                code, why = refusal
+                batch.ended.append(self._front_end(front, code, 0, why))
+                return
+        self._front_connect(front, batch)
+
+    def _front_connect(self, front: _Front, batch: _Batch) -> None:
+        family, host, port = front.dest
+        try:
+            upstream = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError as exc:
+            batch.ended.append(self._connect_failed(front, exc.errno or errno.EIO))
+            return
+        upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        front.upstream = upstream
+        self._unwatch(front, front.client)  # its payload waits in the kernel until we relay
+        err = upstream.connect_ex((host, port) if family == socket.AF_INET else (host, port, 0, 0))
+        if err == 0:
+            self._front_connected(front, batch)
+        elif err == errno.EINPROGRESS:
+            front.deadline_s = time.monotonic() + self._rules.connect_timeout_s
+            self._watch(front, upstream, select.EPOLLOUT)
+        else:
+            batch.ended.append(self._connect_failed(front, err))
+
+    def _front_connected(self, front: _Front, batch: _Batch) -> None:
+        reply = _success_reply(front.proto, front.upstream.getsockname())
+        try:
+            n = front.client.send(reply, socket.MSG_NOSIGNAL)
+        except OSError as exc:
+            n, err = 0, exc.errno or errno.EIO
+        else:
+            err = 0 if n == len(reply) else errno.EPIPE  # a fresh socket takes a whole reply
+        if err:
+            batch.ended.append(self._front_end(front, NO_REPLY, err, f"client error: {os.strerror(err)}"))
+            return
+        client, upstream = front.client, front.upstream
+        self._forget(front)
+        self._relay(_Session(front.tag, client, upstream, front.data[front.consumed:],
+                             front.described, front.started_s))
+
+    def _connect_failed(self, front: _Front, err: int) -> Ended:
+        return self._front_end(front, socks5.Reply.for_errno(err), err, f"connect failed: {os.strerror(err)}")
+
+    def _front_end(self, front: _Front, reply: int, err: int, why: str) -> Ended:
+        """End a client that never relayed: the failure reply (none for NO_REPLY), close."""
+        client, upstream = front.client, front.upstream
+        self._forget(front)
+        if upstream is not None:
+            upstream.close()
+        if reply != NO_REPLY:
+            try:
+                client.send(_failure_reply(front.proto, reply), socket.MSG_NOSIGNAL)
+            except OSError:
+                pass  # the client is gone: nothing to tell
+        _close_gently(client)
+        return front.ended(int(reply), err, why)
+
+    def _hand_off(self, front: _Front, batch: _Batch) -> None:
+        self._forget(front)
+        call = (front.client.detach(), front.tag, front.peer, front.data, front.answered, front.started_s)
+        batch.handoffs.append((self._rules, call))
+
+    def _watch(self, front: _Front, sock: socket.socket, mask: int) -> None:
+        self._epoll.register(sock.fileno(), mask)
+        self._front_by_fd[sock.fileno()] = front
+
+    def _unwatch(self, front: _Front, sock: socket.socket) -> None:
+        if self._front_by_fd.pop(sock.fileno(), None) is not None:
+            self._epoll.unregister(sock.fileno())
+
+    def _forget(self, front: _Front) -> None:
+        """Out of the front door's sets and the epoll set; its sockets are the caller's."""
+        self._fronts.discard(front)
+        for sock in (front.client, front.upstream):
+            if sock is not None and sock.fileno() >= 0:
+                self._unwatch(front, sock)
+
+    def _ask_gate(self, batch: _Batch, on_error, call, *args):
+        """call(*args), a gate's hook; ``on_error``, and the exception kept, if it raises."""
+        try:
+            return call(*args)
+        except Exception as exc:  # noqa: BLE001 (a bug in the gate): raised at the end of run()
+            batch.gate_failed(exc)
+            return on_error
+
+    def _serve_gate(self, batch: _Batch) -> None:
+        for rules, call in batch.handoffs:
+            self._ask_gate(batch, None, rules.gate.hand_off, *call)
+        if batch.accept_errno:
+            self._ask_gate(batch, None, self._rules.gate.accept_failed, batch.accept_errno)
+
+    def _report(self, ended: list) -> list:
+        """``ended``, after what a run() that raised could not return."""
+        unreported, self._unreported = self._unreported, []
+        return unreported + ended
+
+    def _report_batch(self, batch: _Batch) -> list:
+        if batch.error is None:
+            return batch.ended
+        self._unreported = batch.ended
+        raise batch.error
 
 
-__all__ = ["RelayEngine", "REASONS", "Ended"]
+def _refusal(gate, tag: int, proto: int, client: str, host: str, port: int) -> tuple[int, str] | None:
+    """gate.request(), checked: None, or (a SOCKS5 reply code, why)."""
+    refusal = gate.request(tag, proto, client, host, port)
+    if refusal is None:
+        return None
+    code, why = refusal
+    if not (isinstance(code, int) and 0 < code <= 0xFF) or not isinstance(why, str):
+        raise TypeError(f"gate.request() must return None or (reply code 1-255, why), got {refusal!r}")
+    return code, why
+
+
+def _success_reply(proto: int, bound: tuple) -> bytes:
+    """RFC 1928 §6 (or SOCKS4's 90): where the proxy connects from."""
+    host, port = bound[0].partition("%")[0], bound[1]
+    if proto == socks4_wire.SOCKS4_VERSION:
+        ip = socket.inet_pton(socket.AF_INET, host) if ":" not in host else bytes(4)
+        return bytes([socks4_wire.REPLY_VERSION, socks4_wire.Reply.GRANTED]) + port.to_bytes(2, "big") + ip
+    if ":" in host:
+        atyp, ip = socks5.AddressType.IPV6, socket.inet_pton(socket.AF_INET6, host)
+    else:
+        atyp, ip = socks5.AddressType.IPV4, socket.inet_pton(socket.AF_INET, host)
+    return bytes([socks5.SOCKS_VERSION, socks5.Reply.SUCCEEDED, 0x00, atyp]) + ip + port.to_bytes(2, "big")
+
+
+def _failure_reply(proto: int, code: int) -> bytes:
+    """A refusal with no address (SOCKS4 has one code for every failure: 91)."""
+    if proto == socks4_wire.SOCKS4_VERSION:
+        return bytes([socks4_wire.REPLY_VERSION, socks4_wire.Reply.REJECTED]) + bytes(6)
+    return bytes([socks5.SOCKS_VERSION, code, 0x00, socks5.AddressType.IPV4]) + bytes(6)
+
+
+def _close_gently(sock: socket.socket) -> None:
+    """FIN, then drain what the client queued: closing with unread bytes would make the
+    kernel send RST, and the client could lose the reply (as session.close_gently)."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        for _ in range(_DRAIN_READS):
+            if not sock.recv(65536):
+                break
+    except OSError:
+        pass
+    sock.close()
+
+
+__all__ = ["NO_REPLY", "REASONS", "Ended", "RelayEngine", "front_parse"]
 
 
 # ====================================================================== SOCKS5 UDP header

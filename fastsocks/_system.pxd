@@ -29,6 +29,7 @@ cdef extern from "<sys/epoll.h>" nogil:
         EPOLL_CTL_ADD
         EPOLL_CTL_DEL
         EPOLL_CLOEXEC
+        EPOLLEXCLUSIVE
 
 
 cdef extern from "<sys/socket.h>" nogil:
@@ -50,6 +51,7 @@ cdef extern from "<sys/socket.h>" nogil:
     ssize_t recv(int fd, void *buf, size_t length, int flags)
     ssize_t send(int fd, const void *buf, size_t length, int flags)
     int shutdown(int fd, int how)
+    int getsockname(int fd, sockaddr *addr, socklen_t *addrlen)
 
     enum:
         AF_INET
@@ -88,6 +90,7 @@ cdef extern from "<netinet/in.h>" nogil:
         IPPROTO_TCP
         IPPROTO_IP
         IP_BIND_ADDRESS_NO_PORT
+        INADDR_ANY
 
 
 cdef extern from "<netinet/tcp.h>" nogil:
@@ -143,6 +146,19 @@ cdef extern from "<errno.h>" nogil:
         ENFILE
         ECONNRESET
         EPIPE
+        ECONNABORTED
+        ENOBUFS
+        ENOMEM
+        ETIMEDOUT
+        ECONNREFUSED
+        ENETUNREACH
+        ENETDOWN
+        EAFNOSUPPORT
+        EADDRNOTAVAIL
+        EHOSTUNREACH
+        EHOSTDOWN
+        EACCES
+        EPERM
 
 
 # ---------------------------------------------------------------------- SOCKS5 UDP header

@@ -16,6 +16,7 @@ it knows no socket.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import time
@@ -43,6 +44,8 @@ class Admission:
         self.counted: dict[int, Counted] = {}   # sid -> its buckets, while it lives
         self.udp_clients: dict[int, str] = {}   # sid -> client IP of each live UDP association
         self.failures = 0                       # failed logins in this worker
+        # A client's buckets (a keyed BLAKE2b each): the same few clients come back and back.
+        self._buckets = functools.lru_cache(maxsize=4096)(limits.buckets) if limits is not None else None
 
     @property
     def caps_on(self) -> bool:
@@ -50,22 +53,33 @@ class Admission:
         return bool(s.max_sessions or s.max_sessions_per_worker or s.max_sessions_per_client
                     or s.max_sessions_per_user)
 
-    def at_accept(self, sid: int, peer: str, peer_ip: str) -> tuple[bool, IPAddress | None]:
-        """(let in, the client's address where it had to be parsed). Closed at accept: a
-        client every rule path denies, and one blocked for failed logins."""
+    @property
+    def judges_at_accept(self) -> bool:
+        """Whether at_accept() can refuse or must count: rules, a default deny, caps, or
+        the failed-login block. When not, it lets everyone in and need not be asked."""
         settings = self.settings
         counting = self.limits is not None and (self.caps_on or "userpass" in settings.methods)
-        if not settings.policy.rules and settings.policy.default_allow and not counting:
+        return bool(settings.policy.rules) or not settings.policy.default_allow or counting
+
+    def at_accept(self, sid: int, peer: str, peer_ip: str, ip: IPAddress | None = None) -> tuple[bool, IPAddress | None]:
+        """(let in, the client's address where it had to be parsed: ``ip`` if the caller
+        has it already, unmapped). Closed at accept: a client every rule path denies, and
+        one blocked for failed logins."""
+        settings = self.settings
+        counting = self.limits is not None and (self.caps_on or "userpass" in settings.methods)
+        if not self.judges_at_accept:
             return True, None  # nothing to judge or count: the address is parsed if needed later
-        ip = unmapped(ipaddress.ip_address(peer_ip.partition("%")[0]))
+        if ip is None:
+            ip = unmapped(ipaddress.ip_address(peer_ip.partition("%")[0]))
         verdict = settings.policy.at_accept(ip)
         if verdict is not None and not verdict.allowed:
             access.closed_at_accept(peer, verdict)
             return False, ip
         if not counting:
             return True, ip
-        buckets = self.limits.buckets(ip.packed)
-        blocked_ms = self.limits.blocked_until(buckets)
+        buckets = self._buckets(ip.packed)
+        # Only failed logins block, and there are none without passwords.
+        blocked_ms = self.limits.blocked_until(buckets) if "userpass" in settings.methods else 0
         if blocked_ms and blocked_ms > _now_ms():
             log.debug("client=%s closed at accept: blocked for %.0f s more after failed logins",
                       peer, (blocked_ms - _now_ms()) / 1000)

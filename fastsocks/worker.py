@@ -3,17 +3,23 @@ path on a selectors loop and hands established sessions to the relay engine.
 
 Theory of operation
 -------------------
-Everything happens on one thread but DNS (resolver.py) and password checks (auth.py). The loop watches: the listening
-sockets of this worker's slot, the client and upstream sockets of sessions still in the
-handshake or connect phase, the relay engine's epoll fd, the resolver's eventfd and a
-socketpair that signal handlers write to. Once a second a tick writes the heartbeat and
-counters into the shared stats slot, expires idle relays, and checks that the master is
-still alive.
+Everything happens on one thread but DNS (resolver.py) and password checks (auth.py). The
+relay engine accepts: its epoll set holds the listening sockets of this worker's slot, and
+its front door (_front.pxi) runs the common case, a SOCKS5 "no authentication" or SOCKS4
+CONNECT to an IP address, from accept() to the relay in C. The worker is the engine's
+gate (``accepted``, ``request``, ``hand_off``, ``accept_failed``): it judges those sessions
+when rules or caps need it, and takes every other client as a Python ``Session``, which
+replays what the engine read. The loop watches: the engine's epoll fd, the client and
+upstream sockets of Python sessions still in the handshake or connect phase, the
+resolver's eventfd and a socketpair that signal handlers write to. Once a second a tick
+writes the heartbeat and counters into the shared stats slot, expires idle relays and
+late handshakes, and checks that the master is still alive.
 
 Who gets in is Admission's (admission.py). A session sees the worker only as its
 ``SessionHost`` (host.py): the loop, the resolver, the authenticator, ``admit`` and, once,
 ``session_over`` with what became of it; the worker then starts the relay or the UDP
-association, or writes the failure's access line.
+association, or writes the failure's access line. The engine's own sessions end in an
+``Ended`` that says who they were; the worker writes their access line from it.
 
 SIGTERM/SIGINT start a drain: stop accepting, let every live session finish until the
 graceful timeout, then exit 0. A second SIGINT, or SIGQUIT, exits at once.
@@ -22,10 +28,10 @@ graceful timeout, then exit 0. A second SIGINT, or SIGQUIT, exits at once.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import logging
 import os
-import select
 import signal
 import socket
 import time
@@ -39,9 +45,10 @@ from fastsocks.errors import BootError, ConfigError
 from fastsocks.heap import Heap, TrimPolicy
 from fastsocks.host import Environment, Failed, Outcome, Relay, StartUdp
 from fastsocks.loop import Loop
-from fastsocks.policy import own_addresses, reaches_listener, unmapped
+from fastsocks.policy import Query, own_addresses, reaches_listener, unmapped
+from fastsocks.protocol.socks5 import Reply
 from fastsocks.resolver import Resolver
-from fastsocks.session import Session
+from fastsocks.session import METHODS, Session
 from fastsocks.settings import Settings
 from fastsocks.stats import SharedStats, SlotStats
 from fastsocks.users import UserDB, load_users
@@ -56,7 +63,6 @@ log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_BOOT_ERROR = 3   # the master stops instead of respawning (gunicorn's habit)
-ACCEPT_BATCH = 64     # accepts per wake-up, so a flood cannot starve established relays
 ACCEPT_PAUSE_S = 0.5  # back-off when out of file descriptors
 TICK_S = 1.0
 FD_EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -90,8 +96,6 @@ class Worker:
         self.relayed: dict[int, tuple[str, float]] = {}
         self.udp_associations: dict[int, UdpAssociation] = {}  # UDP ASSOCIATE sessions, by sid
         self.udp_relay: UdpRelay | None = None  # their shared datagram relay, made on first use
-        self.next_sid = 0
-        self.accepted = 0
         self.accepted_at_tick = 0
         self.closed = 0          # sessions that ended, however
         self.heap = Heap()
@@ -107,8 +111,10 @@ class Worker:
         self.auth: Authenticator | None = None
         self.udp_bytes = [0, 0]  # payload bytes up, down of the UDP associations that ended
         self.signal_rsock = self.signal_wsock = None
-        self.watches: list[ListenerWatch] = []
         self.base = stats.read(slot)
+        # The engine's gate sees the same few client (and often destination) addresses again
+        # and again: each is parsed once (bounded; per worker, not per module).
+        self.parse_ip = functools.lru_cache(maxsize=4096)(_parse_ip)
         # What every session is accepted under; a reload makes a new one for the next sessions.
         self.env = Environment(settings, own_addresses(sock.getsockname()[:2] for sock in listeners),
                                self.is_own_listener)
@@ -131,7 +137,8 @@ class Worker:
                 # Sessions that used up their budget wait on the engine's run queue, not
                 # on a new epoll event: serve them now, or they would stall for good.
                 self.on_engine_ready()
-            if self.draining and not self.handshaking and not self.engine.active and not self.udp_associations:
+            if (self.draining and not self.handshaking and not self.engine.active and not self.engine.handshaking
+                    and not self.udp_associations):
                 self.exit_code = EXIT_OK
         self.shutdown()
         return self.exit_code
@@ -154,8 +161,7 @@ class Worker:
         if self.users is not None:
             self.auth = Authenticator(self.users)
             self.loop.add_reader(self.auth, self.auth.dispatch)
-        shared = self.settings.accept_mode == "shared"
-        self.watches = [ListenerWatch(sock, exclusive=shared) for sock in self.listeners]
+        self.configure_front()
         self.resume_accepting()
         self.loop.call_later(0, self.tick)
 
@@ -175,8 +181,6 @@ class Worker:
             self.auth.close()
         signal.set_wakeup_fd(-1)
         self.loop.close()
-        for watch in self.watches:
-            watch.close()
         for sock in (self.signal_rsock, self.signal_wsock, *self.listeners):
             sock.close()
 
@@ -214,6 +218,7 @@ class Worker:
             self.loop.add_reader(self.auth, self.auth.dispatch)
         for association in self.udp_associations.values():
             association.reload(settings)
+        self.configure_front()
         log.info("worker %d: reloaded (%d rules)", self.slot, len(settings.policy.rules))
 
     def begin_drain(self) -> None:
@@ -222,12 +227,10 @@ class Worker:
         self.draining = True
         self.drain_deadline_s = time.monotonic() + self.settings.graceful_timeout_s
         self.stop_accepting()
-        for watch in self.watches:
-            watch.close()
         for sock in self.listeners:
             sock.close()  # with the master's copy closed too, new connections are refused
         log.info("worker %d draining: %d sessions relayed, %d in handshake", self.slot,
-                 self.engine.active, len(self.handshaking))
+                 self.engine.active, len(self.handshaking) + self.engine.handshaking)
 
     # ------------------------------------------------------------------ accept
 
@@ -235,40 +238,79 @@ class Worker:
         self.paused_accept = False
         if self.draining:
             return
-        for watch in self.watches:
-            self.loop.add_reader(watch, lambda watch=watch: self.accept_from(watch))
+        exclusive = self.settings.accept_mode == "shared"  # see RelayEngine.listen
+        for sock in self.listeners:
+            self.engine.listen(sock.fileno(), exclusive)
 
     def stop_accepting(self) -> None:
-        for watch in self.watches:
-            self.loop.remove(watch)
+        self.engine.unlisten()
 
-    def accept_from(self, watch: ListenerWatch) -> None:
-        listener = watch.sock
-        for _ in range(ACCEPT_BATCH):
-            try:
-                client, address = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:
-                continue
-            except OSError as exc:
-                if exc.errno in FD_EXHAUSTION:
-                    self.pause_accepting(exc)
-                else:
-                    log.error("accept on %s failed: %s", listener.getsockname(), exc)
-                return
-            self.accepted += 1
-            watch.accepted()
-            client.setblocking(False)
-            self.next_sid += 1
-            sid, peer = self.next_sid, access.format_peer(address)
-            admitted, client_ip = self.admission.at_accept(sid, peer, address[0])
-            if not admitted:
-                client.close()  # nothing read, nothing to answer: SOCKS has no reply yet
-                continue
-            session = Session(self, self.env, sid, client, peer, client_ip)
-            self.handshaking[sid] = session
-            session.start()
+    # ------------------------------------------------------------------ the engine's gate
+
+    def configure_front(self) -> None:
+        """Tell the engine's front door what this configuration answers itself."""
+        settings = self.settings
+        self.front_verdict = functools.lru_cache(maxsize=4096)(self.judge_connect)  # new rules: new cache
+        methods = bytes(METHODS[name] for name in settings.methods if name != "userpass" or self.auth is not None)
+        ports = frozenset(self.env.own_addresses)
+        self.engine.front(self, methods=methods, socks4="none" in settings.methods,
+                          judge_accept=self.admission.judges_at_accept,
+                          judge_request=self.admission.judges_at_accept or bool(settings.policy.rules),
+                          own_ports=ports if len(ports) <= 16 else frozenset(range(65536)),
+                          handshake_timeout_s=settings.handshake_timeout_s,
+                          connect_timeout_s=settings.connect_timeout_s)
+
+    def accepted(self, tag: int, host: str, port: int) -> bool:
+        try:
+            return self.admission.at_accept(tag, access.format_peer((host, port)), host, self.parse_ip(host))[0]
+        except Exception:
+            log.exception("client=%s: internal error at accept", access.format_peer((host, port)))
+            return False
+
+    def request(self, tag: int, proto: int, client: str, host: str, port: int) -> tuple[int, str] | None:
+        """A CONNECT the engine would run: the caps, then the rules, as Session does them
+        (the engine has screened out what needs forbidden_destination or is_own_listener)."""
+        try:
+            refusal = self.admission.admit(tag, b"", "connect", "")
+            if refusal is not None:
+                return Reply.GENERAL_FAILURE, refusal
+            return self.front_verdict(client, host, port)
+        except Exception:
+            log.exception("client=%s: internal error judging a request", client)
+            return Reply.GENERAL_FAILURE, "internal error judging the request"
+
+    def judge_connect(self, client: str, host: str, port: int) -> tuple[int, str] | None:
+        """The rules' answer to a CONNECT of the engine's: it has no user and no name, so it
+        depends on these three alone, and front_verdict caches it until the next reload."""
+        policy = self.env.settings.policy
+        if not policy.rules and policy.default_allow:
+            return None
+        verdict = policy.decide(Query(self.parse_ip(client), "connect", port, b"", None), self.parse_ip(host))
+        return None if verdict.allowed else (Reply.CONNECTION_NOT_ALLOWED, str(verdict))
+
+    def hand_off(self, fd: int, tag: int, peer: tuple[str, int], data: bytes, sent: bytes, started_s: float) -> None:
+        """A client the engine does not serve itself becomes a Python session, which replays
+        what the engine read."""
+        try:
+            client = socket.socket(fileno=fd)
+        except OSError as exc:
+            os.close(fd)
+            log.error("client=%s: cannot take over the connection: %s", access.format_peer(peer), exc)
+            self.closed += 1
+            self.admission.closed(tag)
+            return
+        client_ip = unmapped(ipaddress.ip_address(peer[0].partition("%")[0]))
+        session = Session(self, self.env, tag, client, access.format_peer(peer), client_ip,
+                          replay=(data, sent), started_s=started_s)
+        self.handshaking[tag] = session
+        session.start()
+
+    def accept_failed(self, err: int) -> None:
+        exc = OSError(err, os.strerror(err))
+        if err in FD_EXHAUSTION:
+            self.pause_accepting(exc)
+        else:
+            log.error("worker %d: accept failed: %s", self.slot, exc.strerror)
 
     def is_own_listener(self, ip, port: int) -> bool:
         return reaches_listener(self.env.own_addresses, ip, port, _is_local)
@@ -280,7 +322,8 @@ class Worker:
         if self.paused_accept:
             return
         log.warning("worker %d: %s: not accepting for %.1f s (open fds: %d sessions relayed, %d in handshake)",
-                    self.slot, exc.strerror, ACCEPT_PAUSE_S, self.engine.active, len(self.handshaking))
+                    self.slot, exc.strerror, ACCEPT_PAUSE_S, self.engine.active,
+                    len(self.handshaking) + self.engine.handshaking)
         self.paused_accept = True
         self.stop_accepting()
         self.loop.call_later(ACCEPT_PAUSE_S, self.resume_accepting)
@@ -351,7 +394,13 @@ class Worker:
     def session_ended(self, ended: Ended) -> None:
         self.closed += 1
         self.admission.closed(ended.tag)
-        described, started_s = self.relayed.pop(ended.tag, ("client=? cmd=connect dest=?", time.monotonic()))
+        if ended.described:  # one of the engine's own: it says who it was
+            described, started_s = ended.described, ended.started_s
+        else:
+            described, started_s = self.relayed.pop(ended.tag, ("client=? cmd=connect dest=?", time.monotonic()))
+        if ended.reason == "failed":
+            access.session_failed(described, None if ended.reply < 0 else Reply(ended.reply), started_s, ended.why)
+            return
         end = f"error:{errno.errorcode.get(ended.errno, ended.errno)}" if ended.reason == "error" else ended.reason
         access.relay_ended(described, started_s, ended.bytes_up, ended.bytes_down, end)
 
@@ -376,15 +425,16 @@ class Worker:
         self.trim_heap()
         if self.draining and time.monotonic() >= self.drain_deadline_s:
             log.warning("worker %d: graceful timeout, closing %d sessions", self.slot,
-                        self.engine.active + len(self.handshaking))
+                        self.engine.active + self.engine.handshaking + len(self.handshaking))
             self.exit_code = EXIT_OK
         self.write_stats()
 
     def trim_heap(self) -> None:
         """What a burst took goes back to the kernel once it is over (heap.py)."""
         now = time.monotonic()
-        activity = self.accepted + self.closed + (self.auth.checks if self.auth is not None else 0)
-        accepts, self.accepted_at_tick = self.accepted - self.accepted_at_tick, self.accepted
+        accepted = self.engine.accepted
+        activity = accepted + self.closed + (self.auth.checks if self.auth is not None else 0)
+        accepts, self.accepted_at_tick = accepted - self.accepted_at_tick, accepted
         if not self.trim_policy.due(now, activity, accepts):
             return
         self.heap.trim()
@@ -397,48 +447,12 @@ class Worker:
         down += self.udp_bytes[1] + sum(a.bytes_down for a in self.udp_associations.values())
         base = self.base
         self.stats.write(self.slot, SlotStats(
-            pid=os.getpid(), heartbeat_s=time.monotonic(), accepted=base.accepted + self.accepted,
-            active=self.engine.active + len(self.handshaking) + len(self.udp_associations), bytes_up=base.bytes_up + up,
+            pid=os.getpid(), heartbeat_s=time.monotonic(), accepted=base.accepted + self.engine.accepted,
+            active=self.engine.active + self.engine.handshaking + len(self.handshaking) + len(self.udp_associations),
+            bytes_up=base.bytes_up + up,
             bytes_down=base.bytes_down + down, sessions=base.sessions + sessions,
             errors=base.errors + self.start_failures,
             auth_failures=base.auth_failures + self.admission.failures, splice_pipes=pipes))
-
-
-class ListenerWatch:
-    """What the loop watches for a listening socket.
-
-    In ``reuseport`` mode the socket itself. In ``shared`` mode every worker waits on the
-    same socket, and plain epoll would wake them all for each connection; so each worker
-    watches it through a small epoll set of its own with EPOLLEXCLUSIVE (one waiter woken),
-    and re-arms that registration every REARM_EVERY accepts, which moves it to the back of
-    the socket's wait queue: without it, wake-ups are LIFO and one worker takes nearly
-    everything (nginx re-arms the same way).
-    """
-
-    REARM_EVERY = 16
-
-    def __init__(self, sock: socket.socket, exclusive: bool) -> None:
-        self.sock = sock
-        self._epoll = select.epoll() if exclusive else None
-        self._since_rearm = 0
-        if self._epoll is not None:
-            self._epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
-
-    def fileno(self) -> int:
-        return self._epoll.fileno() if self._epoll is not None else self.sock.fileno()
-
-    def accepted(self) -> None:
-        if self._epoll is None:
-            return
-        self._since_rearm += 1
-        if self._since_rearm >= self.REARM_EVERY:
-            self._since_rearm = 0
-            self._epoll.unregister(self.sock.fileno())
-            self._epoll.register(self.sock.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
-
-    def close(self) -> None:
-        if self._epoll is not None:
-            self._epoll.close()
 
 
 def _is_local(ip) -> bool:
@@ -450,6 +464,11 @@ def _is_local(ip) -> bool:
             return unmapped(ipaddress.ip_address(probe.getsockname()[0].partition("%")[0])) == ip
     except OSError:
         return False
+
+
+def _parse_ip(text: str):
+    """An address as inet_ntop writes it, as the rules compare it (unmapped)."""
+    return unmapped(ipaddress.ip_address(text))
 
 
 def _wake_only(signum, frame) -> None:

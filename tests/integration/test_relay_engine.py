@@ -16,6 +16,7 @@ import time
 import pytest
 
 from fastsocks import _relay, _relay_py
+from fastsocks._relay_types import Ended
 
 ENGINES = {"cython": _relay.RelayEngine, "python": _relay_py.RelayEngine}
 
@@ -86,7 +87,7 @@ def test_bytes_flow_both_ways_and_counters_add_up(engine_cls):
     relay.app_client.shutdown(socket.SHUT_WR)
     relay.app_upstream.shutdown(socket.SHUT_WR)
     relay.pump(lambda: relay.ended)
-    assert relay.ended == [(7, 14, 12, "eof", 0)]
+    assert relay.ended == [Ended(7, 14, 12, "eof", 0)]
     assert engine.active == 0
     up, down, sessions, _, _ = engine.counters()
     assert (up, down, sessions) == (14, 12, 1)
@@ -123,7 +124,7 @@ def test_large_transfer_each_way_is_intact(engine_cls):
         t.join(10)
     assert digests["up"] == (hashlib.sha256(payload_up).hexdigest(), len(payload_up))
     assert digests["down"] == (hashlib.sha256(payload_down).hexdigest(), len(payload_down))
-    assert relay.ended == [(7, len(payload_up), len(payload_down), "eof", 0)]
+    assert relay.ended == [Ended(7, len(payload_up), len(payload_down), "eof", 0)]
     relay.close_apps()
     engine.close()
 
@@ -261,7 +262,7 @@ def test_half_close_keeps_the_other_direction(engine_cls):
     assert seen_eof == [b"request"]
     assert relay.app_client.recv(100) == b"response after EOF"
     assert relay.app_client.recv(100) == b""
-    assert relay.ended == [(7, 7, 18, "eof", 0)]
+    assert relay.ended == [Ended(7, 7, 18, "eof", 0)]
     relay.close_apps()
     engine.close()
 

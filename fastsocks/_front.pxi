@@ -1,0 +1,182 @@
+# The front door's pure parts (included by _relay.pyx; the RelayEngine methods that use
+# them are in its "front door" sections).
+#
+# Theory of operation
+# -------------------
+# Most sessions a proxy sees are the same few bytes: a SOCKS5 greeting that the server
+# answers "no authentication", a CONNECT to an IP address, or a SOCKS4 CONNECT without a
+# USERID. RelayEngine.front() lets the engine serve those itself, from accept() to the
+# relay, with no Python object per session; everything else (a name to resolve, a
+# password, BIND, UDP ASSOCIATE, a malformed message, SOCKS4a) is handed to the Python
+# session (session.py), which replays what the client sent through the sans-I/O reference
+# parsers and skips what the engine already answered.
+#
+# front_parse_c() is stateless: it reads everything the client sent so far, from its first
+# byte, and says "more", "connect" or "python" (hand it off), and how much of the method
+# selection the server has sent by then. The engine calls it again on each read, so a
+# message split anywhere gives the same answer as a whole one. It is stricter than the
+# reference parsers, never looser: whatever it is not sure of, Python decides
+# (tests/unit/test_front_parse.py checks it against both the twin and the reference).
+
+cdef int front_parse_c(const unsigned char *p, int n, const unsigned char *methods, int nmethods,
+                       bint socks4, FrontRequest *out) noexcept nogil:
+    cdef int nm, off, i, j, chosen = -1, alen
+    out.sent = 0
+    out.proto = 0
+    out.family = 0
+    out.port = 0
+    out.consumed = 0
+    if n < 1:
+        return FRONT_MORE
+    if p[0] == 4:
+        out.proto = 4
+        if not socks4:
+            return FRONT_PYTHON
+        if n < 2:
+            return FRONT_MORE
+        if p[1] != 1:
+            return FRONT_PYTHON  # BIND, or no command: the reference answers
+        if n < 8:
+            return FRONT_MORE
+        if p[4] == 0 and p[5] == 0 and p[6] == 0 and p[7] != 0:
+            return FRONT_PYTHON  # SOCKS4a: a name follows
+        if n < 9:
+            return FRONT_MORE
+        if p[8] != 0:
+            return FRONT_PYTHON  # a USERID: the rules and the access line see it
+        out.family = AF_INET
+        memcpy(out.ip, p + 4, 4)
+        out.port = (p[2] << 8) | p[3]
+        out.consumed = 9
+        return FRONT_CONNECT
+    if p[0] != 5:
+        return FRONT_PYTHON
+    out.proto = 5
+    if n < 2:
+        return FRONT_MORE
+    nm = p[1]
+    if nm == 0:
+        return FRONT_PYTHON
+    if n < 2 + nm:
+        return FRONT_MORE
+    # RFC 1928 §3: the server picks; ours is its first method the client offers.
+    for i in range(nmethods):
+        for j in range(nm):
+            if p[2 + j] == methods[i]:
+                chosen = methods[i]
+                break
+        if chosen >= 0:
+            break
+    if chosen != 0:
+        return FRONT_PYTHON  # a password to check, or nothing acceptable
+    out.sent = 2
+    off = 2 + nm
+    if n < off + 1:
+        return FRONT_MORE
+    if p[off] != 5:
+        return FRONT_PYTHON
+    if n < off + 2:
+        return FRONT_MORE
+    if p[off + 1] != 1:
+        return FRONT_PYTHON  # BIND, UDP ASSOCIATE or unknown
+    if n < off + 3:
+        return FRONT_MORE
+    if p[off + 2] != 0:
+        return FRONT_PYTHON
+    if n < off + 4:
+        return FRONT_MORE
+    if p[off + 3] == 1:
+        alen = 4
+        out.family = AF_INET
+    elif p[off + 3] == 4:
+        alen = 16
+        out.family = AF_INET6
+    else:
+        out.family = 0
+        return FRONT_PYTHON  # a name to resolve, or an unknown type
+    if n < off + 6 + alen:
+        out.family = 0
+        return FRONT_MORE
+    memcpy(out.ip, p + off + 4, alen)
+    out.port = (p[off + 4 + alen] << 8) | p[off + 5 + alen]
+    out.consumed = off + 6 + alen
+    return FRONT_CONNECT
+
+
+cdef int front_reply_for_errno(int err) noexcept nogil:
+    """protocol.socks5.Reply.for_errno, for a failed connect()."""
+    if err == ECONNREFUSED:
+        return 5
+    if err == ENETUNREACH or err == ENETDOWN or err == EAFNOSUPPORT or err == EADDRNOTAVAIL:
+        return 3
+    if err == EHOSTUNREACH or err == EHOSTDOWN:
+        return 4
+    if err == ETIMEDOUT:
+        return 6
+    if err == EACCES or err == EPERM:
+        return 2
+    return 1
+
+
+cdef int front_reply(unsigned char *out, int proto, int reply, const sockaddr_in6 *bound) noexcept nogil:
+    """The reply to a CONNECT in the client's protocol, into ``out`` (22 bytes); its length.
+    ``bound``: the upstream socket's address for a success (NULL for a failure)."""
+    cdef const sockaddr_in *v4 = <const sockaddr_in *>bound
+    if proto == 4:
+        out[0] = 0
+        out[1] = 90 if reply == 0 else 91
+        memset(out + 2, 0, 6)
+        if bound != NULL and bound.sin6_family == AF_INET:
+            memcpy(out + 2, &v4.sin_port, 2)
+            memcpy(out + 4, &v4.sin_addr, 4)
+        return 8
+    out[0] = 5
+    out[1] = reply
+    out[2] = 0
+    if bound != NULL and bound.sin6_family == AF_INET6:
+        out[3] = 4
+        memcpy(out + 4, &bound.sin6_addr, 16)
+        memcpy(out + 20, &bound.sin6_port, 2)
+        return 22
+    out[3] = 1
+    memset(out + 4, 0, 6)
+    if bound != NULL:
+        memcpy(out + 4, &v4.sin_addr, 4)
+        memcpy(out + 8, &v4.sin_port, 2)
+    return 10
+
+
+cdef str _front_host(int family, const unsigned char *ip):
+    cdef char text[INET6_ADDRSTRLEN]
+    inet_ntop(family, ip, text, sizeof(text))
+    return text.decode("ascii")
+
+
+cdef str _sa_host(const sockaddr_in6 *sa):
+    """The IP of a socket address (an AF_INET one in the same storage), as inet_ntop writes it."""
+    if sa.sin6_family == AF_INET6:
+        return _front_host(AF_INET6, <const unsigned char *>&sa.sin6_addr)
+    return _front_host(AF_INET, <const unsigned char *>&(<const sockaddr_in *>sa).sin_addr)
+
+
+cdef inline int _sa_port(const sockaddr_in6 *sa) noexcept nogil:
+    return ntohs(sa.sin6_port)  # sin_port sits where sin6_port does
+
+
+cdef str _front_peer(const sockaddr_in6 *sa):
+    """host:port of a socket address, IPv6 in brackets (access.format_peer)."""
+    cdef const sockaddr_in *v4 = <const sockaddr_in *>sa
+    if sa.sin6_family == AF_INET6:
+        return f"[{_front_host(AF_INET6, <const unsigned char *>&sa.sin6_addr)}]:{ntohs(sa.sin6_port)}"
+    return f"{_front_host(AF_INET, <const unsigned char *>&v4.sin_addr)}:{ntohs(v4.sin_port)}"
+
+
+def front_parse(const unsigned char[::1] data not None, bytes methods not None, bint socks4):
+    """(verdict, proto, family, host, port, consumed, sent): see _relay.pyi."""
+    cdef FrontRequest req
+    cdef int n = <int>min(data.shape[0], FRONT_BUF * 4)
+    cdef int r = front_parse_c(&data[0] if data.shape[0] else NULL, n, methods, <int>min(len(methods), 8), socks4, &req)
+    sent = b"\x05\x00"[:req.sent]
+    if r == FRONT_CONNECT:
+        return ("connect", req.proto, req.family, _front_host(req.family, req.ip), req.port, req.consumed, sent)
+    return ("more" if r == FRONT_MORE else "python", req.proto, 0, "", 0, 0, sent)

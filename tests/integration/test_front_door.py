@@ -1,0 +1,642 @@
+"""The engine's front door (RelayEngine.front/listen) on real loopback sockets, in both engines.
+
+The engine accepts from a listening socket itself, answers the common SOCKS5 and SOCKS4
+CONNECT handshakes, connects and relays; everything else goes to the gate's hand_off()
+with what the client sent and what the engine answered; failures are answered as the
+session would answer them and come back as Ended(reason="failed") with the reply and why.
+The engine runs on the test's thread (run() until the outcome is there); the clients are
+plain sockets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import resource
+import select
+import selectors
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+import pytest
+from support import echo_handler, require_ipv6, socks5_request_bytes
+
+from fastsocks import _relay, _relay_py
+from fastsocks._relay_types import Ended
+
+ENGINES = {"cython": _relay, "python": _relay_py}
+
+GREETING = b"\x05\x01\x00"
+SELECTED = b"\x05\x00"
+
+
+def request4(ip: str, port: int, userid: bytes = b"") -> bytes:
+    return b"\x04\x01" + struct.pack("!H", port) + socket.inet_aton(ip) + userid + b"\0"
+
+
+def failure5(code: int) -> bytes:
+    return bytes([5, code, 0, 1]) + bytes(6)
+
+
+FAILURE4 = b"\x00\x5b" + bytes(6)
+
+
+@dataclass
+class HandOff:
+    sock: socket.socket   # the client, the gate's now
+    tag: int
+    peer: tuple
+    data: bytes
+    sent: bytes
+    started_s: float
+    blocking: bool
+
+
+class Gate:
+    """A FrontGate that lets everyone in (or as told) and records every call."""
+
+    def __init__(self, admit: bool = True, refusal: tuple[int, str] | None = None, fail: Exception | None = None):
+        self.admit, self.refusal, self.fail = admit, refusal, fail
+        self.accepted_calls: list[tuple] = []
+        self.requests: list[tuple] = []
+        self.handoffs: list[HandOff] = []
+        self.accept_failures: list[int] = []
+
+    def accepted(self, tag, host, port):
+        self.accepted_calls.append((tag, host, port))
+        return self.admit
+
+    def request(self, tag, proto, client, host, port):
+        self.requests.append((tag, proto, client, host, port))
+        if self.fail is not None:
+            raise self.fail
+        return self.refusal
+
+    def hand_off(self, fd, tag, peer, data, sent, started_s):
+        self.handoffs.append(HandOff(socket.socket(fileno=fd), tag, peer, data, sent, started_s, os.get_blocking(fd)))
+
+    def accept_failed(self, err):
+        self.accept_failures.append(err)
+
+
+def readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+class FrontDoor:
+    """A listener whose connections the engine accepts, and the loop that runs the engine."""
+
+    def __init__(self, module, gate: Gate, host: str, front: dict) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.listener = socket.create_server((host, 0), family=family)
+        self.listener.setblocking(False)
+        self.gate = gate
+        self.engine = module.RelayEngine()
+        self.engine.front(gate, **front)
+        self.engine.listen(self.listener.fileno())
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.engine.fileno(), selectors.EVENT_READ)
+        self.ended: list[Ended] = []
+        self.clients: list[socket.socket] = []
+
+    @property
+    def address(self) -> tuple:
+        return self.listener.getsockname()[:2]
+
+    def connect(self) -> socket.socket:
+        client = socket.create_connection(self.address, timeout=5)
+        self.clients.append(client)
+        return client
+
+    def run_once(self) -> None:
+        if not self.engine.pending:
+            self.selector.select(0.02)
+        self.ended.extend(self.engine.run())
+
+    def run_until(self, predicate, what: str = "the outcome", timeout_s: float = 10.0):
+        deadline = time.monotonic() + timeout_s
+        while not (result := predicate()):
+            assert time.monotonic() < deadline, f"the engine did not bring {what} in time"
+            self.run_once()
+        return result
+
+    def run_rounds(self, rounds: int = 10) -> None:
+        for _ in range(rounds):
+            self.run_once()
+
+    def expire(self) -> None:
+        self.ended.extend(self.engine.expire_idle())
+
+    def recv_exact(self, sock: socket.socket, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            self.run_until(lambda: readable(sock), f"{n} bytes to the client")
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError(f"closed after {len(data)} of {n} bytes: {data!r}")
+            data += chunk
+        return data
+
+    def recv_to_eof(self, sock: socket.socket) -> bytes:
+        data = b""
+        while True:
+            self.run_until(lambda: readable(sock), "the client's EOF")
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+
+    def ended_one(self) -> Ended:
+        self.run_until(lambda: self.ended, "an Ended")
+        assert len(self.ended) == 1, self.ended
+        return self.ended[0]
+
+    def close(self) -> None:
+        """Idempotent."""
+        self.ended.extend(self.engine.close())
+        self.selector.close()
+        self.listener.close()
+        for sock in self.clients + [h.sock for h in self.gate.handoffs]:
+            sock.close()
+
+
+@pytest.fixture(params=sorted(ENGINES))
+def door(request):
+    """``door(gate=None, host="127.0.0.1", **front)``: a FrontDoor of the engine under test."""
+    made: list[FrontDoor] = []
+
+    def make(gate: Gate | None = None, host: str = "127.0.0.1", **front) -> FrontDoor:
+        made.append(FrontDoor(ENGINES[request.param], gate or Gate(), host, front))
+        return made[-1]
+
+    yield make
+    for front_door in made:
+        front_door.close()
+
+
+def described(client: socket.socket, proto: str, dest: str | None) -> str:
+    host, port = client.getsockname()[:2]
+    peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"client={peer} proto={proto} " + (f"cmd=connect dest={dest}" if dest else "cmd=- dest=-")
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def bound_of(reply: bytes) -> tuple[str, int]:
+    """BND.ADDR and BND.PORT of a SOCKS5 IPv4 reply."""
+    assert reply[:4] == b"\x05\x00\x00\x01", reply
+    return socket.inet_ntoa(reply[4:8]), struct.unpack("!H", reply[8:10])[0]
+
+
+# --------------------------------------------------------------------- what the engine serves
+
+
+
+def greeted(d):
+    """A client accepted and answered 05 00, and the monotonic times around its accept."""
+    before_s = time.monotonic()
+    client = d.connect()
+    client.sendall(GREETING)
+    assert d.recv_exact(client, 2) == SELECTED
+    return client, before_s, time.monotonic()
+
+def test_socks5_connect_relays_both_ways_and_ends_described(door, tcp_target):
+    peers = []
+
+    def record_and_echo(conn):
+        peers.append(conn.getpeername())
+        echo_handler(conn)
+
+    target = tcp_target(record_and_echo)
+    d = door()
+    client, before_s, after_s = greeted(d)
+    client.sendall(socks5_request_bytes("127.0.0.1", target.port))
+    bound = bound_of(d.recv_exact(client, 10))
+    client.sendall(b"ping")
+    assert d.recv_exact(client, 4) == b"ping"
+    assert peers == [bound]  # the reply says where the proxy connects from
+    client.shutdown(socket.SHUT_WR)
+    assert d.recv_to_eof(client) == b""
+    ended = d.ended_one()
+    assert before_s <= ended.started_s <= after_s
+    assert ended._replace(started_s=0.0) == Ended(
+        1, 4, 4, "eof", 0, described(client, "socks5", f"127.0.0.1:{target.port}"), 0.0, 0, "")
+    assert (d.engine.accepted, d.engine.handshaking, d.engine.active) == (1, 0, 0)
+    assert d.engine.counters()[:3] == (4, 4, 1)
+    assert d.gate.handoffs == [] and d.gate.requests == [] and d.gate.accepted_calls == []
+
+
+def test_pipelined_greeting_request_and_payload_all_reach_the_target(door, echo_target):
+    d = door()
+    client = d.connect()
+    payload = os.urandom(3000)  # more than the engine reads before the request is done
+    client.sendall(GREETING + socks5_request_bytes("127.0.0.1", echo_target.port) + payload)
+    answer = d.recv_exact(client, 2 + 10 + len(payload))
+    assert answer[:2] == SELECTED
+    bound_of(answer[2:12])
+    assert answer[12:] == payload
+    client.shutdown(socket.SHUT_WR)
+    assert d.recv_to_eof(client) == b""
+    ended = d.ended_one()
+    assert (ended.bytes_up, ended.bytes_down, ended.reason, ended.reply) == (3000, 3000, "eof", 0)
+
+
+def test_socks4_connect_is_granted_and_relayed(door, echo_target):
+    gate = Gate()
+    d = door(gate, judge_request=True)
+    client = d.connect()
+    client.sendall(request4("127.0.0.1", echo_target.port) + b"hello")
+    reply = d.recv_exact(client, 8)
+    assert reply[:2] == b"\x00\x5a"
+    assert socket.inet_ntoa(reply[4:8]) == "127.0.0.1" and struct.unpack("!H", reply[2:4])[0] != 0
+    assert d.recv_exact(client, 5) == b"hello"
+    assert gate.requests == [(1, 4, "127.0.0.1", "127.0.0.1", echo_target.port)]
+    client.shutdown(socket.SHUT_WR)
+    assert d.recv_to_eof(client) == b""
+    ended = d.ended_one()
+    assert (ended.tag, ended.bytes_up, ended.bytes_down, ended.reason, ended.reply) == (1, 5, 5, "eof", 0)
+    assert ended.described == described(client, "socks4", f"127.0.0.1:{echo_target.port}")
+
+
+def test_a_client_over_ipv6_is_described_in_brackets(door, echo_target):
+    require_ipv6()
+    d = door(host="::1")
+    client = d.connect()
+    client.sendall(GREETING + socks5_request_bytes("127.0.0.1", echo_target.port) + b"x")
+    assert d.recv_exact(client, 13)[-1:] == b"x"
+    client.shutdown(socket.SHUT_WR)
+    d.recv_to_eof(client)
+    assert d.ended_one().described == f"client=[::1]:{client.getsockname()[1]} proto=socks5 " \
+                                      f"cmd=connect dest=127.0.0.1:{echo_target.port}"
+
+
+# --------------------------------------------------------------------- what goes to the gate
+
+
+def handed_off(d: FrontDoor) -> HandOff:
+    d.run_until(lambda: d.gate.handoffs, "a hand-off")
+    assert len(d.gate.handoffs) == 1 and d.ended == [] and d.engine.handshaking == 0
+    return d.gate.handoffs[0]
+
+
+def test_a_domain_request_is_handed_off_with_what_was_read_and_answered(door):
+    d = door()
+    client, before_s, after_s = greeted(d)
+    request = socks5_request_bytes("example.com", 80) + b"payload"
+    client.sendall(request)
+    handoff = handed_off(d)
+    assert (handoff.tag, handoff.peer, handoff.data, handoff.sent, handoff.blocking) == \
+        (1, client.getsockname(), GREETING + request, SELECTED, False)
+    assert before_s <= handoff.started_s <= after_s
+    # The client is the gate's now: the engine neither reads nor writes it any more.
+    handoff.sock.sendall(failure5(4))
+    assert client.recv(16) == failure5(4)
+    client.sendall(b"after")
+    d.run_rounds()
+    assert handoff.sock.recv(16) == b"after"
+
+
+def test_a_pipelined_domain_request_is_handed_off_unanswered(door):
+    """Greeting and name request in one read: the engine sees at once that it is not its
+    own and sends nothing; the session answers the greeting itself."""
+    d = door()
+    client = d.connect()
+    data = GREETING + socks5_request_bytes("example.com", 80)
+    client.sendall(data)
+    handoff = handed_off(d)
+    assert (handoff.data, handoff.sent) == (data, b"")
+    assert not readable(client)
+
+
+def test_a_domain_request_after_the_greeting_is_handed_off_answered(door):
+    """Greeting first, then a name request: the engine has answered the greeting, and
+    says so (the session skips those bytes)."""
+    d = door()
+    client = d.connect()
+    client.sendall(GREETING)
+    assert d.recv_exact(client, 2) == SELECTED
+    data = socks5_request_bytes("example.com", 80)
+    client.sendall(data)
+    handoff = handed_off(d)
+    assert (handoff.data, handoff.sent) == (GREETING + data, SELECTED)
+
+
+@pytest.mark.parametrize(("greeting", "methods"), [(b"\x05\x01\x02", b"\x00"), (b"\x05\x02\x00\x02", b"\x02\x00")],
+                         ids=["userpass offered, none configured", "userpass preferred"])
+def test_a_greeting_the_engine_does_not_take_is_handed_off_unanswered(door, greeting, methods):
+    d = door(methods=methods)
+    client = d.connect()
+    client.sendall(greeting)
+    handoff = handed_off(d)
+    assert (handoff.data, handoff.sent) == (greeting, b"")
+    assert not readable(client)
+
+
+@pytest.mark.parametrize(("sent", "eof", "front"), [
+    (b"GET / HTTP/1.0\r\n\r\n", False, {}),
+    (request4("127.0.0.1", 80), False, {"socks4": False}),
+    (request4("127.0.0.1", 80, b"bob"), False, {}),
+    (b"\x05\x01", True, {}),
+    (b"", True, {}),
+], ids=["not socks", "socks4 off", "socks4 userid", "eof in the greeting", "eof at once"])
+def test_what_the_engine_does_not_serve_is_handed_off(door, sent, eof, front):
+    d = door(**front)
+    client = d.connect()
+    client.sendall(sent)
+    if eof:
+        client.shutdown(socket.SHUT_WR)
+    handoff = handed_off(d)
+    assert (handoff.data, handoff.sent) == (sent, b"")
+
+
+@pytest.mark.parametrize("dest", ["0.0.0.0", "0.1.2.3", "::", "::127.0.0.1", "::ffff:127.0.0.1"])
+def test_a_connect_whose_target_depends_on_the_host_is_handed_off(door, dest):
+    d = door(judge_request=True)
+    client = d.connect()
+    data = GREETING + socks5_request_bytes(dest, closed_port())
+    client.sendall(data)
+    handoff = handed_off(d)
+    assert (handoff.data, handoff.sent) == (data, SELECTED)
+    assert d.gate.requests == []
+
+
+def test_a_connect_to_ipv6_loopback_is_handed_off(door, tcp_target):
+    require_ipv6()
+    target = tcp_target(echo_handler, "::1")
+    d = door(host="::1")
+    client = d.connect()
+    data = GREETING + socks5_request_bytes("::1", target.port)
+    client.sendall(data)
+    handoff = handed_off(d)
+    assert (handoff.peer, handoff.data, handoff.sent) == (("::1", client.getsockname()[1]), data, SELECTED)
+
+
+def test_a_connect_to_one_of_the_proxys_own_ports_is_handed_off(door, echo_target):
+    d = door(own_ports=frozenset({echo_target.port}))
+    client = d.connect()
+    data = GREETING + socks5_request_bytes("127.0.0.1", echo_target.port)
+    client.sendall(data)
+    handoff = handed_off(d)
+    assert (handoff.data, handoff.sent) == (data, SELECTED)
+
+
+# --------------------------------------------------------------------- failures
+
+
+@pytest.mark.parametrize(("proto", "request_bytes", "reply"), [
+    ("socks5", lambda port: GREETING + socks5_request_bytes("127.0.0.1", port), SELECTED + failure5(5)),
+    ("socks4", lambda port: request4("127.0.0.1", port), FAILURE4),
+], ids=["socks5", "socks4"])
+def test_a_refused_connect_is_answered_and_ends_failed(door, proto, request_bytes, reply):
+    d = door()
+    port = closed_port()
+    client = d.connect()
+    client.sendall(request_bytes(port))
+    assert d.recv_to_eof(client) == reply
+    ended = d.ended_one()
+    assert ended._replace(started_s=0.0) == Ended(
+        1, 0, 0, "failed", errno.ECONNREFUSED, described(client, proto, f"127.0.0.1:{port}"), 0.0, 5,
+        "connect failed: Connection refused")
+    assert (d.engine.handshaking, d.engine.active) == (0, 0)
+
+
+def test_a_failure_reply_survives_payload_the_engine_never_read(door):
+    """Closing with unread bytes would reset the connection under the reply."""
+    d = door()
+    client = d.connect()
+    client.sendall(GREETING + socks5_request_bytes("127.0.0.1", closed_port()) + os.urandom(60000))
+    assert d.recv_to_eof(client) == SELECTED + failure5(5)
+
+
+def test_the_gate_refuses_a_request_with_its_code_and_words(door):
+    target = socket.create_server(("127.0.0.1", 0))
+    target.setblocking(False)
+    gate = Gate(refusal=(2, "denied by rule #1"))
+    d = door(gate, judge_request=True)
+    client = d.connect()
+    port = target.getsockname()[1]
+    client.sendall(GREETING + socks5_request_bytes("127.0.0.1", port))
+    assert d.recv_to_eof(client) == SELECTED + failure5(2)
+    ended = d.ended_one()
+    assert (ended.reason, ended.reply, ended.errno, ended.why) == ("failed", 2, 0, "denied by rule #1")
+    assert ended.described == described(client, "socks5", f"127.0.0.1:{port}")
+    assert gate.requests == [(1, 5, "127.0.0.1", "127.0.0.1", port)]
+    with pytest.raises(BlockingIOError):
+        target.accept()  # the engine never connected
+    target.close()
+
+
+def test_a_gate_that_raises_refuses_that_session_and_run_raises_it(door):
+    d = door(Gate(fail=RuntimeError("a bug in the rules")), judge_request=True)
+    client = d.connect()
+    client.sendall(GREETING + socks5_request_bytes("127.0.0.1", closed_port()))
+    with pytest.raises(RuntimeError, match="a bug in the rules"):
+        for _ in range(500):
+            d.run_once()
+    assert d.ended == []
+    assert d.recv_to_eof(client) == SELECTED + failure5(1)  # general failure
+    ended = d.ended_one()  # from the next run()
+    assert (ended.tag, ended.reason, ended.reply, ended.why) == (1, "failed", 1, "internal error in the gate")
+
+
+def test_judge_accept_false_closes_the_client_unanswered(door):
+    gate = Gate(admit=False)
+    d = door(gate, judge_accept=True)
+    client = d.connect()
+    assert d.recv_to_eof(client) == b""
+    assert gate.accepted_calls == [(1, "127.0.0.1", client.getsockname()[1])]
+    assert (d.engine.accepted, d.engine.handshaking) == (1, 0)
+    assert d.engine.close() == [] and d.ended == []
+
+
+def test_judge_accept_true_lets_the_handshake_go_on(door):
+    gate = Gate(admit=True)
+    d = door(gate, judge_accept=True)
+    client = d.connect()
+    client.sendall(GREETING)
+    assert d.recv_exact(client, 2) == SELECTED
+    assert gate.accepted_calls == [(1, "127.0.0.1", client.getsockname()[1])]
+
+
+@pytest.mark.parametrize(("sent", "answer", "proto"), [
+    (b"", b"", "-"), (GREETING, SELECTED, "socks5"), (b"\x04\x01\x00", b"", "socks4")],
+    ids=["nothing sent", "after the greeting", "in a socks4 request"])
+def test_a_handshake_past_its_timeout_is_closed_unanswered(door, sent, answer, proto):
+    d = door(handshake_timeout_s=0.2)
+    client = d.connect()
+    client.sendall(sent)
+    d.run_until(lambda: d.engine.accepted == 1 and d.engine.handshaking == 1)
+    if answer:
+        assert d.recv_exact(client, len(answer)) == answer
+    time.sleep(0.3)
+    d.expire()
+    ended = d.ended_one()
+    assert ended._replace(started_s=0.0) == Ended(
+        1, 0, 0, "failed", 0, described(client, proto, None), 0.0, -1, "handshake timed out")
+    assert d.recv_to_eof(client) == b""
+    assert d.engine.handshaking == 0
+
+
+def test_a_handshake_within_its_timeout_goes_on(door):
+    d = door()  # 10 s
+    client = d.connect()
+    d.run_until(lambda: d.engine.handshaking == 1)
+    d.expire()
+    assert d.ended == [] and d.engine.handshaking == 1
+    client.sendall(GREETING)
+    assert d.recv_exact(client, 2) == SELECTED
+
+
+@contextlib.contextmanager
+def unanswered_target():
+    """A listener whose accept queue is full: one more connect stays pending (SYN dropped)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    fillers = []
+    try:
+        for _ in range(8):
+            filler = socket.socket()
+            filler.setblocking(False)
+            fillers.append(filler)
+            filler.connect_ex(listener.getsockname())
+            if not select.select([], [filler], [], 0.2)[1]:
+                break  # this one is pending: the queue is full
+        else:
+            pytest.fail("the accept queue never filled")
+        yield listener.getsockname()
+    finally:
+        for sock in fillers + [listener]:
+            sock.close()
+
+
+def test_a_connect_past_its_timeout_is_answered_ttl_expired(door):
+    d = door(connect_timeout_s=0.2)
+    with unanswered_target() as (host, port):
+        client = d.connect()
+        client.sendall(GREETING + socks5_request_bytes(host, port))
+        assert d.recv_exact(client, 2) == SELECTED
+        d.run_rounds(3)
+        assert d.engine.handshaking == 1 and d.ended == []  # connecting
+        time.sleep(0.3)
+        d.expire()
+        assert d.recv_to_eof(client) == failure5(6)
+    ended = d.ended_one()
+    assert (ended.reason, ended.reply, ended.errno, ended.why) == \
+        ("failed", 6, errno.ETIMEDOUT, "connect failed: Connection timed out")
+    assert ended.described == described(client, "socks5", f"{host}:{port}")
+
+
+def test_close_ends_the_clients_still_in_the_handshake(door):
+    d = door()
+    greeted = d.connect()
+    greeted.sendall(GREETING)
+    assert d.recv_exact(greeted, 2) == SELECTED
+    silent = d.connect()
+    d.run_until(lambda: d.engine.handshaking == 2)
+    ended = sorted(d.engine.close())
+    assert [e._replace(started_s=0.0) for e in ended] == [
+        Ended(1, 0, 0, "failed", 0, described(greeted, "socks5", None), 0.0, -1, "worker shutting down"),
+        Ended(2, 0, 0, "failed", 0, described(silent, "-", None), 0.0, -1, "worker shutting down")]
+    assert greeted.recv(16) == b"" and silent.recv(16) == b""
+
+
+# --------------------------------------------------------------------- accepting
+
+
+def test_clients_are_counted_and_numbered_in_accept_order(door, echo_target):
+    d = door()
+    first, second = d.connect(), d.connect()
+    d.run_until(lambda: d.engine.handshaking == 2)
+    assert d.engine.accepted == 2
+    first.sendall(GREETING + socks5_request_bytes("127.0.0.1", echo_target.port))
+    d.recv_exact(first, 12)
+    assert (d.engine.handshaking, d.engine.active) == (1, 1)
+    second.close()
+    assert handed_off(d).tag == 2
+    first.shutdown(socket.SHUT_WR)
+    d.recv_to_eof(first)
+    assert d.ended_one().tag == 1
+    assert (d.engine.accepted, d.engine.handshaking, d.engine.active) == (2, 0, 0)
+
+
+def test_front_again_applies_to_every_client_from_its_next_step(door):
+    """A reload (front() again) that asks for passwords also catches the clients accepted
+    before it that have not greeted yet: none slips through without one."""
+    d = door()
+    greeted = d.connect()
+    greeted.sendall(GREETING)
+    assert d.recv_exact(greeted, 2) == SELECTED  # answered under the old methods
+    before = d.connect()
+    d.run_until(lambda: d.engine.handshaking == 2)
+    d.engine.front(d.gate, methods=b"\x02")  # username/password only from now on
+    after = d.connect()
+    d.run_until(lambda: d.engine.handshaking == 3)
+    before.sendall(GREETING)
+    after.sendall(GREETING)
+    d.run_until(lambda: len(d.gate.handoffs) == 2, "two hand-offs")
+    assert sorted((h.tag, h.data, h.sent) for h in d.gate.handoffs) == [(2, GREETING, b""), (3, GREETING, b"")]
+    assert not readable(before) and not readable(after)
+
+
+def test_unlisten_stops_accepting_and_listen_starts_again(door):
+    d = door()
+    d.engine.unlisten()
+    client = d.connect()  # established in the listener's queue
+    d.run_rounds()
+    assert d.engine.accepted == 0
+    d.engine.listen(d.listener.fileno())
+    client.sendall(GREETING)
+    assert d.recv_exact(client, 2) == SELECTED
+    assert d.engine.accepted == 1
+
+
+def test_out_of_fds_at_accept_stops_listening_and_tells_the_gate(door):
+    d = door()
+    client = d.connect()
+    lowest_free = os.dup(0)  # the number the next fd would get
+    os.close(lowest_free)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))  # no fd number left
+    try:
+        d.run_until(lambda: d.gate.accept_failures, "accept_failed()")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert d.gate.accept_failures == [errno.EMFILE]
+    d.run_rounds()
+    assert d.engine.accepted == 0  # it stopped listening
+    d.engine.listen(d.listener.fileno())
+    client.sendall(GREETING)
+    assert d.recv_exact(client, 2) == SELECTED
+
+
+def test_every_fd_the_engine_opened_is_closed(door):
+    before = set(os.listdir("/proc/self/fd"))
+    d = door(handshake_timeout_s=0.2)
+    upstream = socket.create_server(("127.0.0.1", 0))
+    relayed, refused, timed_out = d.connect(), d.connect(), d.connect()
+    relayed.sendall(GREETING + socks5_request_bytes(*upstream.getsockname()) + b"up")
+    refused.sendall(GREETING + socks5_request_bytes("127.0.0.1", closed_port()))
+    assert d.recv_exact(relayed, 12)[:2] == SELECTED
+    conn, _ = upstream.accept()
+    assert d.recv_exact(conn, 2) == b"up"
+    conn.close()
+    relayed.shutdown(socket.SHUT_WR)
+    assert d.recv_to_eof(relayed) == b""
+    assert d.recv_to_eof(refused) == SELECTED + failure5(5)
+    d.run_until(lambda: len(d.ended) == 2, "the relay's and the refusal's end")
+    time.sleep(0.3)
+    d.expire()
+    assert d.recv_to_eof(timed_out) == b""
+    assert sorted((e.reason, e.why) for e in d.ended) == [
+        ("eof", ""), ("failed", "connect failed: Connection refused"), ("failed", "handshake timed out")]
+    upstream.close()
+    d.close()
+    assert set(os.listdir("/proc/self/fd")) == before
