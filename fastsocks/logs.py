@@ -1,15 +1,27 @@
 """Logging set-up: one line per record on stderr, tagged with the process's role.
 
-Each record is written with a single write() call, so lines from several workers
-sharing one stderr do not interleave.
+Theory of operation
+-------------------
+Records go through the standard ``logging`` machinery (a user's handler or filter sees
+every one), made cheap for the access log, which writes a line per session: no caller
+lookup, thread or process fields (the format uses none of them), and the timestamp text
+made once a second.
+
+A worker batches its INFO and DEBUG lines: ``flush()``, which the worker calls at the end
+of every loop turn, writes them with one write() per 4 KiB at most, whole lines only, so
+that lines from several workers sharing one stderr pipe never interleave (a write of up
+to PIPE_BUF bytes to a pipe is atomic). A WARNING or worse is written at once, with what
+was batched before it. A worker killed with SIGKILL loses at most one loop turn of lines.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import time
 
 FORMAT = "%(asctime)s %(levelname)s [%(process_name)s] %(name)s: %(message)s"
+BATCH_BYTES = 4096  # PIPE_BUF: one write of whole lines is never interleaved with another's
 
 
 class _ProcessNameFilter(logging.Filter):
@@ -22,18 +34,88 @@ class _ProcessNameFilter(logging.Filter):
         return True
 
 
+class _Formatter(logging.Formatter):
+    """logging.Formatter's default asctime ("2026-12-07 14:26:13,387"), its seconds
+    formatted once per second."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt)
+        self._second = -1
+        self._second_text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._second_text = second, time.strftime(self.default_time_format,
+                                                                    self.converter(record.created))
+        return f"{self._second_text},{int(record.msecs):03d}"
+
+
+class _Handler(logging.StreamHandler):
+    """StreamHandler that, once ``batching`` is on, keeps INFO/DEBUG lines until flush()."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self.batching = False
+        self._lines: list[str] = []
+        self._size = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.batching:
+            super().emit(record)
+            return
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        if self._size + len(line) > BATCH_BYTES:
+            self._write()
+        self._lines.append(line)
+        self._size += len(line)
+        if record.levelno >= logging.WARNING:
+            self._write()
+
+    def flush(self) -> None:
+        if self._lines:
+            self._write()
+        else:
+            super().flush()
+
+    def _write(self) -> None:
+        text, self._lines, self._size = "".join(self._lines), [], 0
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except Exception:
+            pass  # stderr gone: nowhere left to say so (logging's own handleError prints there)
+
+
 def configure(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(FORMAT))
+    # What the format does not show is not computed per record (the logging HOWTO's
+    # "Optimization"): the caller's file and line, thread, process and multiprocessing names.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    handler = _Handler(sys.stderr)
+    handler.setFormatter(_Formatter(FORMAT))
     handler.addFilter(_ProcessNameFilter("master"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
 
 
-def set_process_name(name: str) -> None:
-    """Called in a freshly forked worker: its records say which worker wrote them."""
+def set_process_name(name: str, batching: bool = False) -> None:
+    """Called in a freshly forked worker: its records say which worker wrote them; with
+    ``batching``, its INFO lines wait for flush()."""
     for handler in logging.getLogger().handlers:
         for flt in handler.filters:
             if isinstance(flt, _ProcessNameFilter):
                 flt.process_name = name
+        if isinstance(handler, _Handler):
+            handler.batching = batching
+
+
+def flush() -> None:
+    """Write what the handlers batched (a worker calls it once per loop turn)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()

@@ -220,7 +220,7 @@ class Master:
             signal.set_wakeup_fd(-1)
             self.wakeup_r.close()
             self.wakeup_w.close()
-            logs.set_process_name(f"worker {slot}")
+            logs.set_process_name(f"worker {slot}", batching=True)  # the worker flushes
             listeners = self.listeners.for_slot(slot)
             keep = {sock.fileno() for sock in listeners}
             for sock in self.listeners.all():

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import gc
 import ipaddress
 import logging
 import os
@@ -38,7 +39,7 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from fastsocks import access, config
+from fastsocks import access, config, logs
 from fastsocks.admission import Admission
 from fastsocks.auth import Authenticator
 from fastsocks.errors import BootError, ConfigError
@@ -137,6 +138,7 @@ class Worker:
                 # Sessions that used up their budget wait on the engine's run queue, not
                 # on a new epoll event: serve them now, or they would stall for good.
                 self.on_engine_ready()
+            logs.flush()  # this turn's access lines, in one write (logs.py)
             if (self.draining and not self.handshaking and not self.engine.active and not self.engine.handshaking
                     and not self.udp_associations):
                 self.exit_code = EXIT_OK
@@ -164,6 +166,9 @@ class Worker:
         self.configure_front()
         self.resume_accepting()
         self.loop.call_later(0, self.tick)
+        # What the worker made to boot lives as long as it does: out of the cyclic collector's
+        # sight, a full collection walks only what came after (~3 ms less per collection).
+        gc.freeze()
 
     def shutdown(self) -> None:
         for session in list(self.handshaking.values()):
