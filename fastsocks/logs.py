@@ -79,8 +79,9 @@ class _Handler(logging.StreamHandler):
     def flush(self) -> None:
         if self._lines:
             self._write()
-        else:
+        elif not self.batching:
             super().flush()
+        # Batching and nothing batched: every record written so far was flushed with it.
 
     def _write(self) -> None:
         text, self._lines, self._size = "".join(self._lines), [], 0
