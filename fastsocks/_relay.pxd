@@ -166,9 +166,14 @@ cdef class RelayEngine:
     cdef int n_handshaking
     cdef int *handoffq            # slots in PHASE_HANDOFF, served at the end of run()
     cdef int handoffq_len
+    # wait(): the Python loop's epoll fd, and the UDP relay it runs itself.
+    cdef int wake_fd
+    cdef bint woke                # wake_fd was ready in the last wait()
+    cdef object udp               # a UdpRelay, or None
+    cdef bint udp_ready
 
     cdef int _grow(self) except -1
-    cdef int _process(self) noexcept nogil
+    cdef int _process(self, int timeout_ms) noexcept nogil
     cdef void _pump(self, int idx) noexcept nogil
     cdef int _pump_dir(self, Session *s, int d) noexcept nogil
     cdef int _flush(self, Session *s, int d) noexcept nogil
@@ -191,6 +196,7 @@ cdef class RelayEngine:
     cdef void _front_fail(self, int idx, int reply, int kind, int err) noexcept nogil
     cdef void _hand_off(self, int idx) noexcept nogil
     cdef void _serve_handoffs(self)
+    cdef int _serve_python(self) except -1
     cdef void _unlisten(self) noexcept nogil
     cdef int _gate_accepted(self, int idx) noexcept nogil
     cdef int _gate_request(self, int idx) noexcept nogil

@@ -103,6 +103,20 @@ class RelayEngine:
     def unlisten(self) -> None:
         """Stop accepting from every listening socket."""
     @property
+    def woke(self) -> bool:
+        """The fd watch() names was ready in the last wait(): the Python loop has work."""
+    def watch(self, fd: int) -> None:
+        """wait() returns as soon as this fd is readable (-1: none); the fd stays the caller's.
+        The worker names its selector's epoll fd: one epoll set holds everything."""
+    def run_udp(self, relay: UdpRelay | None) -> None:
+        """wait() runs this UDP relay (relay.run()) whenever its fd is ready (None: no more);
+        close the relay only after run_udp(None)."""
+    def wait(self, timeout_s: float) -> list[Ended]:
+        """Wait up to ``timeout_s`` and do what run() does, and the UDP relay's run(); the
+        compiled engine goes on in C until Python has work (``woke``, sessions ended, a signal,
+        the time is up), the twin returns after one pass. Exceptions as run()'s, and the UDP
+        relay's after its batch."""
+    @property
     def pending(self) -> bool: ...
     def counters(self) -> tuple[int, int, int, int, int]:
         """(bytes_up, bytes_down, sessions_total, splice_switches, pipes_open)"""

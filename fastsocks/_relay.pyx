@@ -64,6 +64,8 @@ cdef uint32_t EV_FLAGS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 from fastsocks._relay_types import NO_REPLY, REASONS, Ended  # REPLY_NONE is REPLY_NONE
 
 cdef uint64_t LISTENER_BIT = (<uint64_t>1) << 63  # epoll data of a listening socket: the bit | its index
+cdef uint64_t WAKE_TAG = (<uint64_t>1) << 62      # epoll data of the fd watch() names
+cdef uint64_t UDP_TAG = (<uint64_t>1) << 61       # ... and of the UDP relay run_udp() names
 
 # Bits that record "the peer has shut down its write side" per fd: after that the
 # short-read shortcut is off and we read until EOF.
@@ -103,6 +105,7 @@ cdef class RelayEngine:
         self.runq_work = NULL
         self.handoffq = NULL
         self.n_listen = 0
+        self.wake_fd = -1
 
     def __init__(self, *, int buffer_size=65536, bint splice=True, int pipe_size=1 << 20,
                  int max_pipes=1024, int pipe_pool=64, int pipe_reserve=2, double pipe_idle_s=2.0,
@@ -224,6 +227,70 @@ cdef class RelayEngine:
         """Stop accepting from every listening socket."""
         self._unlisten()
 
+    # ------------------------------------------------------------------ wait(): one epoll for all
+
+    @property
+    def woke(self):
+        """The fd that watch() named was ready in the last wait(): the Python loop has work."""
+        return self.woke
+
+    def watch(self, int fd):
+        """wait() returns as soon as this fd is readable (-1: none). The worker names its
+        selector's own epoll fd, so a ready Python socket, timer-less wake-up or signal
+        (set_wakeup_fd) brings it back to Python; the fd is the caller's."""
+        cdef epoll_event ev
+        if self.wake_fd >= 0:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, self.wake_fd, NULL)
+            self.wake_fd = -1
+        if fd < 0:
+            return
+        ev.events = EPOLLIN
+        ev.data.u64 = WAKE_TAG
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl(ADD) of the wake-up fd failed")
+        self.wake_fd = fd
+
+    def run_udp(self, UdpRelay relay):
+        """wait() runs this UDP relay itself (relay.run()) whenever its fd is ready, without
+        going back to Python in between (None: no more). Close the relay only after
+        run_udp(None)."""
+        cdef epoll_event ev
+        if self.udp is not None:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, (<UdpRelay>self.udp).epfd, NULL)
+            self.udp = None
+            self.udp_ready = False
+        if relay is None:
+            return
+        ev.events = EPOLLIN
+        ev.data.u64 = UDP_TAG
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, relay.epfd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl(ADD) of the UDP relay failed")
+        self.udp = relay
+
+    def wait(self, double timeout_s):
+        """Wait up to ``timeout_s`` for work and do it: what run() does, and the UDP relay's
+        run(), in a loop that goes back to Python only when Python has work: the watched fd is
+        ready (``woke``), sessions ended (returned, like run()), a signal arrived, or the time
+        is up. Relaying and datagrams alone never leave C. Exceptions as in run() (and the UDP
+        relay's, after its batch)."""
+        cdef double deadline_s = _monotonic() + (timeout_s if timeout_s > 0 else 0)
+        cdef double left_s
+        cdef int timeout_ms, n
+        self.woke = False
+        if self.epfd < 0:
+            return []
+        while True:
+            left_s = deadline_s - _monotonic()
+            timeout_ms = 0 if left_s <= 0 else <int>(left_s * 1000) + 1  # never wake early and spin
+            with nogil:
+                n = self._process(timeout_ms)
+            self._serve_python()
+            if self.woke or self.finished_head >= 0 or n < 0 or left_s <= 0:
+                break
+        if self.finished_head < 0:
+            return []
+        return self._collect()
+
     @property
     def pending(self):
         """True when some session still has work: call run() again without waiting."""
@@ -290,24 +357,11 @@ cdef class RelayEngine:
         Each ended session is an ``Ended(tag, bytes_up, bytes_down, reason, errno)``
         with reason one of "eof", "error", "idle", "shutdown".
         """
-        cdef int err
         if self.epfd < 0:
             return []
         with nogil:
-            self._process()
-        if self.handoffq_len:
-            self._serve_handoffs()
-        if self.accept_errno:
-            err, self.accept_errno = self.accept_errno, 0
-            try:
-                self.gate.accept_failed(err)
-            except BaseException as exc:
-                if self.hook_error is None:
-                    self.hook_error = exc
-        if self.hook_error is not None:
-            # The sessions that ended meanwhile stay listed: the next run() returns them.
-            error, self.hook_error = self.hook_error, None
-            raise error
+            self._process(0)
+        self._serve_python()
         if self.finished_head < 0:
             return []
         return self._collect()
@@ -385,7 +439,9 @@ cdef class RelayEngine:
         self.capacity = new
         return 0
 
-    cdef int _process(self) noexcept nogil:
+    cdef int _process(self, int timeout_ms) noexcept nogil:
+        """Serve the run queue, then wait up to timeout_ms (0 when the queue had work) and
+        serve the events; -1 when a signal interrupted the wait."""
         cdef int i, n, idx, side
         cdef uint32_t evs
         cdef Session *s
@@ -404,10 +460,18 @@ cdef class RelayEngine:
                 if s.state == SLOT_ACTIVE and s.gen == <uint32_t>(work[i] >> 32):
                     s.queued = 0
                     self._pump(idx)
-        n = epoll_wait(self.epfd, self.events, self.max_events, 0)
+        n = epoll_wait(self.epfd, self.events, self.max_events, 0 if nq or self.runq_len else timeout_ms)
+        if n < 0:
+            return -1  # EINTR: back to Python, which runs the signal's handler
         for i in range(n):
             if self.events[i].data.u64 & LISTENER_BIT:
                 self._accept(<int>(self.events[i].data.u64 & 0xFF))
+                continue
+            if self.events[i].data.u64 == WAKE_TAG:
+                self.woke = True
+                continue
+            if self.events[i].data.u64 == UDP_TAG:
+                self.udp_ready = True
                 continue
             idx = <int>(self.events[i].data.u64 >> 1)
             side = <int>(self.events[i].data.u64 & 1)
@@ -684,6 +748,32 @@ cdef class RelayEngine:
             self._release(idx)
             idx = self.finished_head
         return ended
+
+    cdef int _serve_python(self) except -1:
+        """What a batch left for Python: the hand-offs, an accept error, the UDP relay (when
+        run_udp() named one and its fd was ready); then the first exception a gate or the
+        relay raised. The sessions that ended meanwhile stay listed for the next call."""
+        cdef int err
+        if self.handoffq_len:
+            self._serve_handoffs()
+        if self.accept_errno:
+            err, self.accept_errno = self.accept_errno, 0
+            try:
+                self.gate.accept_failed(err)
+            except BaseException as exc:
+                if self.hook_error is None:
+                    self.hook_error = exc
+        if self.udp_ready:
+            self.udp_ready = False
+            try:
+                (<UdpRelay>self.udp).run()
+            except BaseException as exc:
+                if self.hook_error is None:
+                    self.hook_error = exc
+        if self.hook_error is not None:
+            error, self.hook_error = self.hook_error, None
+            raise error
+        return 0
 
     cdef void _release(self, int idx) noexcept nogil:
         """Back to the free list; stale run-queue entries and events see a new generation."""

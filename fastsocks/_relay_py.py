@@ -262,6 +262,10 @@ class RelayEngine:
         self._total = [0, 0, 0]
         # The front door.
         self._rules: _FrontRules | None = None
+        self._wake_fd = -1                  # wait(): the Python loop's epoll fd
+        self._woke = False
+        self._udp: UdpRelay | None = None   # the UDP relay wait() runs
+        self._udp_ready = False
         self._listen_fds: list[int] = []
         self._fronts: set[_Front] = set()
         self._front_by_fd: dict[int, _Front] = {}
@@ -327,12 +331,51 @@ class RelayEngine:
         self._relay(_Session(tag, client, upstream, bytes(initial_up or b"")))
 
     def run(self) -> list:
+        return self._run_once(0.0)
+
+    @property
+    def woke(self) -> bool:
+        return self._woke
+
+    def watch(self, fd: int) -> None:
+        if self._wake_fd >= 0:
+            self._epoll.unregister(self._wake_fd)
+            self._wake_fd = -1
+        if fd >= 0:
+            self._epoll.register(fd, select.EPOLLIN)
+            self._wake_fd = fd
+
+    def run_udp(self, relay) -> None:
+        if self._udp is not None:
+            self._epoll.unregister(self._udp.fileno())
+            self._udp = None
+        if relay is not None:
+            if not isinstance(relay, UdpRelay):
+                raise TypeError(f"expected a UdpRelay, got {relay!r}")
+            self._epoll.register(relay.fileno(), select.EPOLLIN)
+            self._udp = relay
+
+    def wait(self, timeout_s: float) -> list:
+        """run() with a timeout, and the UDP relay run when its fd is ready; one pass (the
+        compiled engine loops until Python has work: the same results, fewer returns)."""
+        self._woke = False
+        ended = self._run_once(max(timeout_s, 0.0))
+        if self._udp_ready:
+            self._udp_ready = False
+            self._udp.run()
+        return ended
+
+    def _run_once(self, timeout_s: float) -> list:
         if self._epoll is None:
             return self._report([])
         batch = _Batch(self._report([]))
         touched = {}
-        for fd, _events in self._epoll.poll(0, self._max_events):
-            if fd in self._listen_fds:
+        for fd, _events in self._epoll.poll(timeout_s, self._max_events):
+            if fd == self._wake_fd:
+                self._woke = True
+            elif self._udp is not None and fd == self._udp.fileno():
+                self._udp_ready = True
+            elif fd in self._listen_fds:
                 self._accept_from(fd, batch)
             elif (front := self._front_by_fd.get(fd)) is not None:
                 self._front_ready(front, fd, batch)

@@ -63,11 +63,23 @@ class Loop:
 
     def run_once(self, max_wait_s: float) -> None:
         """Wait at most max_wait_s (less if a timer is due), then run what is ready."""
-        timeout = max_wait_s
-        if self._timers:
-            timeout = min(timeout, max(0.0, self._timers[0][0] - time.monotonic()))
-        for key, _mask in self.selector.select(timeout):
+        for key, _mask in self.selector.select(self.timeout(max_wait_s)):
             self._call(key.data)
+        self._run_due_timers()
+
+    def timeout(self, max_wait_s: float) -> float:
+        """How long one may wait for fds: max_wait_s, or less if a timer is due sooner."""
+        if self._timers:
+            return min(max_wait_s, max(0.0, self._timers[0][0] - time.monotonic()))
+        return max_wait_s
+
+    def fileno(self) -> int:
+        """The selector's epoll fd: readable when a watched fd is (to nest this loop in
+        another wait, as the worker does in the relay engine's)."""
+        return self.selector.fileno()
+
+    def run_timers(self) -> None:
+        """Run the timers that are due (run_once without waiting for or serving fds)."""
         self._run_due_timers()
 
     def _run_due_timers(self) -> None:

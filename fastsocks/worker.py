@@ -9,9 +9,13 @@ its front door (_front.pxi) runs the common case, a SOCKS5 "no authentication" o
 CONNECT to an IP address, from accept() to the relay in C. The worker is the engine's
 gate (``accepted``, ``request``, ``hand_off``, ``accept_failed``): it judges those sessions
 when rules or caps need it, and takes every other client as a Python ``Session``, which
-replays what the engine read. The loop watches: the engine's epoll fd, the client and
-upstream sockets of Python sessions still in the handshake or connect phase, the
-resolver's eventfd and a socketpair that signal handlers write to. Once a second a tick
+replays what the engine read. One epoll set holds everything: the worker waits in the
+engine's ``wait()``, which relays, accepts, handshakes and runs the UDP relay in C and
+comes back to Python only when Python has work: sessions ended, a timer is due, or the
+selectors loop's own epoll fd (a member of the engine's set) is readable. That loop
+watches the client and upstream sockets of Python sessions still in the handshake or
+connect phase, the resolver's eventfd and a socketpair that signal handlers write to
+(set_wakeup_fd; a signal also interrupts the engine's wait). Once a second a tick
 writes the heartbeat and counters into the shared stats slot, expires idle relays and
 late handshakes, and checks that the master is still alive.
 
@@ -133,11 +137,14 @@ class Worker:
             return EXIT_BOOT_ERROR
         log.debug("worker %d (pid %d) ready", self.slot, os.getpid())
         while self.exit_code is None:
-            self.loop.run_once(0.0 if self.engine.pending else TICK_S)
-            if self.engine.pending:
-                # Sessions that used up their budget wait on the engine's run queue, not
-                # on a new epoll event: serve them now, or they would stall for good.
-                self.on_engine_ready()
+            # One epoll for everything: the engine waits (relaying, accepting, handshaking,
+            # running the UDP relay, all in C) until Python has work: its loop's fds (the
+            # loop's epoll fd is in the engine's set), a due timer, or sessions that ended.
+            self.on_engine_ready(self.loop.timeout(0.0 if self.engine.pending else TICK_S))
+            if self.engine.woke:
+                self.loop.run_once(0.0)
+            else:
+                self.loop.run_timers()
             logs.flush()  # this turn's access lines, in one write (logs.py)
             if (self.draining and not self.handshaking and not self.engine.active and not self.engine.handshaking
                     and not self.udp_associations):
@@ -158,7 +165,7 @@ class Worker:
             signal.signal(signum, _wake_only)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.loop.add_reader(self.signal_rsock, self.on_signal)
-        self.loop.add_reader(self.engine, self.on_engine_ready)
+        self.engine.watch(self.loop.fileno())
         self.loop.add_reader(self.resolver, self.resolver.dispatch)
         if self.users is not None:
             self.auth = Authenticator(self.users)
@@ -176,7 +183,7 @@ class Worker:
         for association in list(self.udp_associations.values()):
             association.end("shutdown")
         if self.udp_relay is not None:
-            self.loop.remove(self.udp_relay)
+            self.engine.run_udp(None)
             self.udp_relay.close()
         for ended in self.engine.close():
             self.session_ended(ended)
@@ -365,7 +372,7 @@ class Worker:
 
         if self.udp_relay is None:
             self.udp_relay = new_relay()
-            self.loop.add_reader(self.udp_relay, self.udp_relay.run)
+            self.engine.run_udp(self.udp_relay)  # the engine's wait() runs it
         association = UdpAssociation(start, sid=session.sid, described=session.describe(),
                                      started_s=session.started_s, loop=self.loop, resolver=self.resolver,
                                      relay=self.udp_relay, settings=self.settings, on_end=self.udp_ended)
@@ -409,9 +416,16 @@ class Worker:
         end = f"error:{errno.errorcode.get(ended.errno, ended.errno)}" if ended.reason == "error" else ended.reason
         access.relay_ended(described, started_s, ended.bytes_up, ended.bytes_down, end)
 
-    def on_engine_ready(self) -> None:
-        for ended in self.engine.run():
-            self.session_ended(ended)
+    def on_engine_ready(self, wait_s: float) -> None:
+        try:
+            ended = self.engine.wait(wait_s)
+        except Exception:
+            # A bug in a gate hook or a UDP hook: it cost what it was called for (logged
+            # once), never the worker; what ended meanwhile comes with the next wait().
+            log.exception("worker %d: unexpected error in the engine's callbacks", self.slot)
+            return
+        for ended_one in ended:
+            self.session_ended(ended_one)
 
     # ------------------------------------------------------------------ housekeeping
 

@@ -356,3 +356,48 @@ def _readable(sock: socket.socket) -> bool:
         return bool(sock.recv(1, socket.MSG_PEEK))
     except BlockingIOError:
         return False
+
+
+# --------------------------------------------------------------------- wait(): one epoll for all
+
+
+def test_wait_relays_and_returns_the_sessions_that_ended(engine_cls):
+    engine = engine_cls()
+    relay = Relay(engine)
+    relay.app_client.sendall(b"up")
+    relay.app_client.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + 20
+    upstream_got = b""
+    relay.app_upstream.setblocking(False)
+    while not relay.ended:
+        assert time.monotonic() < deadline, "wait() never returned the session"
+        relay.ended.extend(engine.wait(0.2))
+        try:
+            upstream_got += relay.app_upstream.recv(16)
+        except BlockingIOError:
+            pass
+        if upstream_got.endswith(b"up") and not relay.ended:
+            relay.app_upstream.shutdown(socket.SHUT_WR)
+    assert relay.ended == [Ended(7, 2, 0, "eof", 0)] and not engine.woke
+    relay.close_apps()
+    engine.close()
+
+
+def test_wait_comes_back_for_the_watched_fd_and_not_without_it(engine_cls):
+    engine = engine_cls()
+    readable, writer = socket.socketpair()
+    engine.watch(readable.fileno())
+    try:
+        assert engine.wait(0.05) == [] and not engine.woke  # the time ran out: nothing to do
+        writer.send(b"!")
+        for _ in range(100):
+            engine.wait(5.0)
+            if engine.woke:
+                break
+        assert engine.woke
+        engine.watch(-1)
+        assert engine.wait(0.05) == [] and not engine.woke  # still readable, no longer watched
+    finally:
+        engine.close()
+        readable.close()
+        writer.close()

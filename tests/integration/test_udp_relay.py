@@ -606,3 +606,28 @@ def test_both_implementations_offer_the_same_names():
     for cls in ("UdpRelay", "UdpFlow"):
         public = {name for name in dir(getattr(_relay, cls)) if not name.startswith("_")}
         assert public <= {name for name in dir(getattr(_relay_py, cls)) if not name.startswith("_")} | counters
+
+
+ENGINES = {_relay.UdpRelay: _relay.RelayEngine, _relay_py.UdpRelay: _relay_py.RelayEngine}
+
+
+def test_the_relay_engines_wait_runs_the_udp_relay_itself(owners, sockets, relay_cls):
+    """The worker never calls UdpRelay.run(): the engine's wait() does, when the relay's fd
+    is ready, and it stops with run_udp(None)."""
+    owner, client, echo = owners(), sockets(), sockets()
+    engine = ENGINES[relay_cls]()
+    engine.run_udp(owner.relay)
+    try:
+        client.sendto(header(*echo.getsockname()) + b"through wait", owner.address)
+        for _ in range(100):
+            assert engine.wait(0.05) == []
+            if not nothing_more(echo, 0):
+                break
+        assert receive(echo, 1)[0][0] == b"through wait"
+        assert not engine.woke and owner.flow.datagrams_up == 1
+        engine.run_udp(None)
+        client.sendto(header(*echo.getsockname()) + b"not any more", owner.address)
+        engine.wait(0.05)
+        assert nothing_more(echo) and owner.flow.datagrams_up == 1
+    finally:
+        engine.close()
