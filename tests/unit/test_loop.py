@@ -48,3 +48,19 @@ def test_due_cancelled_timers_are_skipped_and_counted_out():
     assert ran == [0, 2, 4]
     assert loop._timers == [] and loop._cancelled == 0
     loop.close()
+
+
+def test_timeout_is_capped_by_the_next_timer_and_run_timers_runs_only_what_is_due():
+    loop = Loop()
+    ran = []
+    try:
+        assert loop.timeout(1.0) == 1.0
+        loop.call_later(0.0, lambda: ran.append("due"))
+        loop.call_later(60.0, lambda: ran.append("later"))
+        assert loop.timeout(1.0) == 0.0
+        loop.run_timers()
+        assert ran == ["due"]
+        assert 59.0 < loop.timeout(3600.0) <= 60.0
+        assert loop.fileno() == loop.selector.fileno() >= 0
+    finally:
+        loop.close()
