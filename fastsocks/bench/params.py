@@ -99,7 +99,7 @@ class Plan:
 def parse_endpoint(text: str, what: str = "HOST:PORT", default_port: int | None = None,
                    min_port: int = 1) -> Endpoint:
     """``HOST:PORT``, ``[IPV6]:PORT`` or a name; the port may be left out if there is a
-    default. ``min_port=0`` allows port 0 (to listen on a port the kernel picks)."""
+    default. ``min_port=0`` allows port 0 (to listen on any free port)."""
     if text.startswith("["):
         host, close, rest = text[1:].partition("]")
         if not close:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import resource
 import signal
 import socket
@@ -25,6 +26,7 @@ from fastsocks.rlimit import raise_fd_limit
 
 LOOPBACK = "127.0.0.1"
 BACKLOG = 4096
+LISTEN_PORTS = (10000, 32768)  # below Linux's default ephemeral range (32768-60999)
 
 
 def lift_fd_limit() -> int:
@@ -97,18 +99,31 @@ def udp_socket(endpoint: Endpoint) -> socket.socket:
     return sock
 
 
-def listening_pair(endpoint: Endpoint, tries: int = 20) -> tuple[socket.socket, socket.socket]:
-    """A TCP listener and a UDP echo socket on the same port (port 0: one the kernel picks
-    for TCP that is also free for UDP)."""
-    for _ in range(tries if endpoint.port == 0 else 1):
+def listening_pair(endpoint: Endpoint, tries: int = 64) -> tuple[socket.socket, socket.socket]:
+    """A TCP listener and a UDP echo socket on the same port.
+
+    Port 0 means any free one, chosen below the ephemeral range: after a connection-rate
+    run the ephemeral ports can all be held by sockets in TIME_WAIT, and then bind(port 0)
+    fails with EADDRINUSE (as a bind-first proxy's outbound connects do), while a listener
+    may reuse a port whose only other sockets are TIME_WAIT ones (SO_REUSEADDR)."""
+    if endpoint.port:
         sock = listening_socket(endpoint)
         try:
-            return sock, udp_socket(Endpoint(endpoint.host, sock.getsockname()[1]))
+            return sock, udp_socket(endpoint)
         except OSError:
             sock.close()
-            if endpoint.port:
-                raise
-    raise OSError(f"no port free for both TCP and UDP on {endpoint.host}")
+            raise
+    low, high = LISTEN_PORTS
+    for port in random.sample(range(low, high), tries):
+        try:
+            sock = listening_socket(Endpoint(endpoint.host, port))
+        except OSError:
+            continue
+        try:
+            return sock, udp_socket(Endpoint(endpoint.host, port))
+        except OSError:
+            sock.close()
+    raise OSError(f"no port in {low}-{high} free for both TCP and UDP on {endpoint.host}")
 
 
 def _serve_in_child(sock: socket.socket, stop_fd: int, pattern: Pattern, udp: socket.socket) -> None:

@@ -306,3 +306,18 @@ def test_udp_refused_association_is_one_clear_error(bench):
         done = bench("udp", "--proxy", f"socks5://127.0.0.1:{listener.getsockname()[1]}", "--count", "10",
                      expect=1)
     assert "UDP ASSOCIATE" in done.stderr and "command_not_supported" in done.stderr
+
+
+def test_the_targets_port_is_found_when_every_ephemeral_port_is_taken():
+    """After a connection-rate run every ephemeral port can be held in TIME_WAIT, and
+    bind(port 0) fails; the target listens below that range, so the next run still starts."""
+    from fastsocks.bench.params import Endpoint
+    from fastsocks.bench.targets import LISTEN_PORTS, listening_pair
+
+    tcp, udp = listening_pair(Endpoint("127.0.0.1", 0))
+    with tcp, udp:
+        port = tcp.getsockname()[1]
+        assert LISTEN_PORTS[0] <= port < LISTEN_PORTS[1] and udp.getsockname()[1] == port
+        again, again_udp = listening_pair(Endpoint("127.0.0.1", 0))
+        with again, again_udp:
+            assert again.getsockname()[1] != port
