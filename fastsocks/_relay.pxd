@@ -52,7 +52,7 @@ cdef enum:
     FAIL_REFUSED = 3      # the gate refused it (its words are in RelayEngine.whys)
     FAIL_CLIENT = 4       # the client was gone before its reply
     FAIL_SHUTDOWN = 5
-    MAX_LISTENERS = 16
+    MAX_LISTENERS = 64
     ACCEPT_BATCH = 64     # accepts per listener wake-up: a flood cannot starve the relays
     REARM_EVERY = 16      # EPOLLEXCLUSIVE: re-register after this many accepts (see listen())
 
@@ -152,8 +152,7 @@ cdef class RelayEngine:
     cdef bint socks4
     cdef bint judge_accept
     cdef bint judge_request
-    cdef int own_ports[MAX_LISTENERS]
-    cdef int n_own_ports
+    cdef unsigned char own_port_bits[8192]  # a bit per port: a CONNECT there goes to the session
     cdef double handshake_timeout_s
     cdef double connect_timeout_s
     cdef int listen_fd[MAX_LISTENERS]

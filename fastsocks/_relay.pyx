@@ -186,8 +186,10 @@ cdef class RelayEngine:
         """How the front door answers the clients accepted from now on (_relay.pyi)."""
         cdef int i
         ports = sorted(own_ports)
-        if len(methods) > 8 or len(ports) > MAX_LISTENERS:
-            raise ValueError(f"at most 8 methods and {MAX_LISTENERS} own ports")
+        if len(methods) > 8:
+            raise ValueError("at most 8 methods")
+        if ports and not (0 <= min(ports) and max(ports) <= 0xFFFF):  # no [-1]: wraparound is off
+            raise ValueError("own_ports: each 0-65535")
         self.gate = gate
         self.nmethods = len(methods)
         for i in range(self.nmethods):
@@ -195,9 +197,9 @@ cdef class RelayEngine:
         self.socks4 = socks4
         self.judge_accept = judge_accept
         self.judge_request = judge_request
-        self.n_own_ports = len(ports)
-        for i, port in enumerate(ports):
-            self.own_ports[i] = port
+        memset(self.own_port_bits, 0, sizeof(self.own_port_bits))
+        for port in ports:
+            self.own_port_bits[port >> 3] |= 1 << (port & 7)
         self.handshake_timeout_s = handshake_timeout_s
         self.connect_timeout_s = connect_timeout_s
 
@@ -947,10 +949,9 @@ cdef class RelayEngine:
             else:
                 self._hand_off(idx)
                 return
-        for i in range(self.n_own_ports):
-            if self.own_ports[i] == req.port:
-                self._hand_off(idx)
-                return
+        if self.own_port_bits[req.port >> 3] & (1 << (req.port & 7)):
+            self._hand_off(idx)
+            return
         if self.judge_request and not self._gate_request(idx):
             return  # refused: answered and ended
         fd = socket(req.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)

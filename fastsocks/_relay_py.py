@@ -68,8 +68,7 @@ _MORE, _CONNECT, _PYTHON = "more", "connect", "python"
 
 _FRONT_MAX_BYTES = 512  # what a client may send before its request is complete (> 257 + 22)
 _MAX_METHODS = 8        # the server's methods the engine takes (there are two)
-_MAX_OWN_PORTS = 16
-_MAX_LISTENERS = 16
+_MAX_LISTENERS = 64
 _ACCEPT_BATCH = 64      # accepts per listener per run(): a flood cannot starve the relays
 _DRAIN_READS = 4        # reads after a failure reply, before close (see _close_gently)
 
@@ -300,8 +299,8 @@ class RelayEngine:
         methods, own_ports = bytes(methods), frozenset(own_ports)
         if len(methods) > _MAX_METHODS:
             raise ValueError(f"at most {_MAX_METHODS} methods, got {len(methods)}")
-        if len(own_ports) > _MAX_OWN_PORTS or not all(0 <= port <= 0xFFFF for port in own_ports):
-            raise ValueError(f"own_ports: at most {_MAX_OWN_PORTS} ports, each 0-65535")
+        if not all(0 <= port <= 0xFFFF for port in own_ports):
+            raise ValueError("own_ports: each 0-65535")
         self._rules = _FrontRules(gate, methods, bool(socks4), bool(judge_accept), bool(judge_request),
                                   own_ports, float(handshake_timeout_s), float(connect_timeout_s))
 

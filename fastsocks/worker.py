@@ -264,11 +264,10 @@ class Worker:
         settings = self.settings
         self.front_verdict = functools.lru_cache(maxsize=4096)(self.judge_connect)  # new rules: new cache
         methods = bytes(METHODS[name] for name in settings.methods if name != "userpass" or self.auth is not None)
-        ports = frozenset(self.env.own_addresses)
         self.engine.front(self, methods=methods, socks4="none" in settings.methods,
                           judge_accept=self.admission.judges_at_accept,
                           judge_request=self.admission.judges_at_accept or bool(settings.policy.rules),
-                          own_ports=ports if len(ports) <= 16 else frozenset(range(65536)),
+                          own_ports=frozenset(self.env.own_addresses),
                           handshake_timeout_s=settings.handshake_timeout_s,
                           connect_timeout_s=settings.connect_timeout_s)
 

@@ -378,8 +378,11 @@ def test_a_connect_to_ipv6_loopback_is_handed_off(door, tcp_target):
     assert (handoff.peer, handoff.data, handoff.sent) == (("::1", client.getsockname()[1]), data, SELECTED)
 
 
-def test_a_connect_to_one_of_the_proxys_own_ports_is_handed_off(door, echo_target):
-    d = door(own_ports=frozenset({echo_target.port}))
+@pytest.mark.parametrize("others", [0, 300], ids=["one port", "among hundreds"])
+def test_a_connect_to_one_of_the_proxys_own_ports_is_handed_off(door, echo_target, others):
+    """However many ports the proxy listens on (a bit per port in the engine)."""
+    ports = {echo_target.port} | {20000 + i for i in range(others)}
+    d = door(own_ports=frozenset(ports))
     client = d.connect()
     data = GREETING + socks5_request_bytes("127.0.0.1", echo_target.port)
     client.sendall(data)
@@ -640,3 +643,17 @@ def test_every_fd_the_engine_opened_is_closed(door):
     upstream.close()
     d.close()
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_front_refuses_what_it_cannot_honour(engine):
+    made = ENGINES[engine].RelayEngine()
+    try:
+        with pytest.raises(ValueError, match="0-65535"):
+            made.front(object(), own_ports=frozenset({1080, 70000}))
+        with pytest.raises(ValueError, match="methods"):
+            made.front(object(), methods=bytes(9))
+        with pytest.raises(ValueError, match="front"):
+            ENGINES[engine].RelayEngine().listen(0)  # no gate to hand clients to yet
+    finally:
+        made.close()
