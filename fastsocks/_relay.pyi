@@ -95,7 +95,7 @@ class RelayEngine:
         """Set (again, on reload) how the engine's handshake answers: every client from its
         next step on (its next read, request or connect; a client keeps the handshake deadline
         it was accepted with), so a reload that asks for passwords also catches the clients
-        that have not greeted yet. ``own_ports``: destinations on these ports go to the gate's hand_off (the
+        that have not greeted yet; one answered "no authentication" keeps it. ``own_ports``: destinations on these ports go to the gate's hand_off (the
         session checks for a loop through the proxy). Timeouts are checked by expire_idle()."""
     def listen(self, fd: int, exclusive: bool = False) -> None:
         """Accept from this listening socket in run() (after front()); the engine does not own

@@ -909,7 +909,11 @@ cdef class RelayEngine:
         if n < space and not (s.ready & HUP0):
             s.ready &= ~READABLE0
         f.len += <int>n
-        r = front_parse_c(f.buf, f.len, self.methods, self.nmethods, self.socks4, &f.req)
+        if f.sent == 2:
+            # Answered "no authentication" already: a reload since does not take that back.
+            r = front_parse_c(f.buf, f.len, <const unsigned char *>b"\x00", 1, self.socks4, &f.req)
+        else:
+            r = front_parse_c(f.buf, f.len, self.methods, self.nmethods, self.socks4, &f.req)
         s.proto = f.req.proto
         if r == FRONT_PYTHON or (r == FRONT_MORE and f.len == FRONT_BUF):
             self._hand_off(idx)

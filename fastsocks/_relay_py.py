@@ -65,6 +65,7 @@ _EOF, _ERROR, _IDLE, _SHUTDOWN, _FAILED = REASONS
 # What the engine makes of a client's first bytes: "more", "connect" or "python".
 
 _MORE, _CONNECT, _PYTHON = "more", "connect", "python"
+_SELECTED = b"\x05\x00"  # the method selection the engine sends: "no authentication"
 
 _FRONT_MAX_BYTES = 512  # what a client may send before its request is complete (> 257 + 22)
 _MAX_METHODS = 8        # the server's methods the engine takes (there are two)
@@ -549,8 +550,10 @@ class RelayEngine:
                 self._hand_off(front, batch)  # the session reads the EOF or error again
                 return
             front.data += chunk
+            # Answered "no authentication" already: a reload since does not take that back.
+            methods = b"\x00" if front.answered == _SELECTED else self._rules.methods
             verdict, front.proto, family, host, port, consumed, sent = front_parse(
-                front.data, self._rules.methods, self._rules.socks4)
+                front.data, methods, self._rules.socks4)
             if verdict == _PYTHON or (verdict != _CONNECT and len(front.data) == _FRONT_MAX_BYTES):
                 self._hand_off(front, batch)  # the session answers it all
                 return

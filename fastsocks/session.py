@@ -176,6 +176,11 @@ class Session:
                 return
 
     def answer_greeting(self, greeting: socks5.Greeting) -> None:
+        if self.answered:
+            # The engine's front door chose "no authentication" under the rules of its time
+            # (a reload since does not take it back, there as here); send() skips the bytes.
+            self.send(self.conn.send(socks5.MethodSelection(Method.NO_AUTH)))
+            return
         # The server picks (RFC 1928 §3): its first configured method the client offers.
         names = self.env.settings.methods
         for name in names:

@@ -570,9 +570,10 @@ def test_clients_are_counted_and_numbered_in_accept_order(door, echo_target):
     assert (d.engine.accepted, d.engine.handshaking, d.engine.active) == (2, 0, 0)
 
 
-def test_front_again_applies_to_every_client_from_its_next_step(door):
+def test_front_again_applies_to_every_client_from_its_next_step(door, echo_target):
     """A reload (front() again) that asks for passwords also catches the clients accepted
-    before it that have not greeted yet: none slips through without one."""
+    before it that have not greeted yet: none slips through without one. A client already
+    answered "no authentication" keeps it: its request is served."""
     d = door()
     greeted = d.connect()
     greeted.sendall(GREETING)
@@ -587,6 +588,10 @@ def test_front_again_applies_to_every_client_from_its_next_step(door):
     d.run_until(lambda: len(d.gate.handoffs) == 2, "two hand-offs")
     assert sorted((h.tag, h.data, h.sent) for h in d.gate.handoffs) == [(2, GREETING, b""), (3, GREETING, b"")]
     assert not readable(before) and not readable(after)
+    greeted.sendall(socks5_request_bytes("127.0.0.1", echo_target.port) + b"still mine")
+    assert d.recv_exact(greeted, 10)[:2] == b"\x05\x00"  # granted, by the engine itself
+    assert d.recv_exact(greeted, 10) == b"still mine"
+    assert len(d.gate.handoffs) == 2
 
 
 def test_unlisten_stops_accepting_and_listen_starts_again(door):

@@ -524,3 +524,32 @@ def test_the_example_config_is_printed_and_valid(tmp_path):
     checked = run_cli("check-config", str(path))
     assert checked.returncode == 0, checked.stderr
     assert "listen 127.0.0.1:1080, methods none, 4 rules, default deny" in checked.stdout
+
+
+def test_sighup_to_passwords_only_keeps_a_client_already_answered_no_auth(tmp_path, start_server, echo_target):
+    """A client answered "no authentication" before a reload that asks for passwords keeps
+    what it was told (its request is served, by the engine or by a Python session); a
+    client greeting after the reload must log in."""
+    users = tmp_path / "users.txt"
+    users.write_text(hash_line("alice", "correct horse") + "\n")
+    path = write_config(tmp_path, f'[auth]\nusers_file = "{users}"\nmethods = ["none", "userpass"]\n')
+    server = start_server("--config", str(path))
+    greeted = []
+    for _ in range(2):
+        sock = socket.create_connection(server.address, timeout=5)
+        sock.sendall(b"\x05\x01\x00")
+        assert recv_exact(sock, 2) == b"\x05\x00"
+        greeted.append(sock)
+    path.write_text(f'[auth]\nusers_file = "{users}"\nmethods = ["userpass"]\n')
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for_log(r"worker 0: reloaded")
+    by_address, by_name = greeted
+    with by_address, by_name:
+        by_address.sendall(socks5_request_bytes("127.0.0.1", echo_target.port) + b"by address")
+        by_name.sendall(socks5_request_bytes("localhost", echo_target.port) + b"by name")
+        for sock, payload in ((by_address, b"by address"), (by_name, b"by name")):
+            assert read_socks5_reply(sock)[0] == 0
+            assert recv_exact(sock, len(payload)) == payload
+    with socket.create_connection(server.address, timeout=5) as late:
+        late.sendall(b"\x05\x01\x00")
+        assert recv_exact(late, 2) == b"\x05\xff"
