@@ -113,8 +113,8 @@ class RelayEngine:
         close the relay only after run_udp(None)."""
     def wait(self, timeout_s: float) -> list[Ended]:
         """Wait up to ``timeout_s`` and do what run() does, and the UDP relay's run(); the
-        compiled engine goes on in C until Python has work (``woke``, sessions ended, a signal,
-        the time is up), the twin returns after one pass. Exceptions as run()'s, and the UDP
+        compiled engine goes on in C until Python has work (``woke``, sessions ended, a hand-off,
+        a signal, the time is up), the twin returns after one pass. Exceptions as run()'s, and the UDP
         relay's after its batch."""
     @property
     def pending(self) -> bool: ...

@@ -272,8 +272,8 @@ cdef class RelayEngine:
     def wait(self, double timeout_s):
         """Wait up to ``timeout_s`` for work and do it: what run() does, and the UDP relay's
         run(), in a loop that goes back to Python only when Python has work: the watched fd is
-        ready (``woke``), sessions ended (returned, like run()), a signal arrived, or the time
-        is up. Relaying and datagrams alone never leave C. Exceptions as in run() (and the UDP
+        ready (``woke``), sessions ended (returned, like run()), a client was handed to the
+        gate, a signal arrived, or the time is up. Relaying and datagrams alone never leave C. Exceptions as in run() (and the UDP
         relay's, after its batch)."""
         cdef double deadline_s = _monotonic() + (timeout_s if timeout_s > 0 else 0)
         cdef double left_s
@@ -286,8 +286,11 @@ cdef class RelayEngine:
             timeout_ms = 0 if left_s <= 0 else <int>(left_s * 1000) + 1  # never wake early and spin
             with nogil:
                 n = self._process(timeout_ms)
+            handed_off = self.handoffq_len > 0
             self._serve_python()
-            if self.woke or self.finished_head >= 0 or n < 0 or left_s <= 0:
+            # A hand-off made a Python session, which may have set a timer sooner than
+            # this wait's deadline: let the loop see it.
+            if self.woke or self.finished_head >= 0 or handed_off or n < 0 or left_s <= 0:
                 break
         if self.finished_head < 0:
             return []
