@@ -32,6 +32,8 @@ Load: `fastsocks bench` in a subprocess (`python -m fastsocks bench`, else
     rr      32 connections, 64 B request/response; txn/s, p99, CPU us/txn
     rr1     one connection, 64 B request/response; txn/s, p50
     idle    N connections held open; the proxy's PSS/RSS growth per connection
+    udp     4 UDP associations x 32 in flight, 512 B; dgram/s, p99, CPU us/dgram
+    udp_paced  the same sent at 10,000 datagrams/s (--rate): the proxy's CPU per datagram
 
 Fairness. Every measurement gets a freshly started server on a fresh loopback port, and
 the server is stopped (and its whole process group gone) before the next one starts:

@@ -158,6 +158,23 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
                        "(it relays UDP only on a separate -ul listener)"),
         ),
     ),
+    Workload(
+        "udp_paced", "UDP paced at 10,000 datagrams/s, 4 associations", "udp",
+        lambda p: ["--connections", str(p.udp_associations), "--rate", "10000",
+                   "--size", str(p.udp_size), "--duration", f"{p.udp_duration_s:g}"],
+        (
+            Metric("dgram_per_s", "UDP paced at 10,000/s: delivered", "dgram/s", ("results", "dgram_per_s"), True),
+            Metric("p50_us", "paced UDP round trip p50", "µs", ("results", "latency_us", "p50"), False),
+            Metric("loss_pct", "paced UDP datagrams lost", "%", ("results", "loss_pct"), False, False),
+            Metric("proxy_us_per_dgram", "paced UDP: proxy CPU", "µs/dgram", ("cpu", "proxy_us_per_dgram"), False, False),
+        ),
+        primary="dgram_per_s", cost="proxy_us_per_dgram",  # the same rate for all: the cost is the row
+        unsupported=(
+            ("microsocks", "microsocks has no UDP ASSOCIATE"),
+            ("pproxy", "pproxy's socks5 listener does not answer UDP ASSOCIATE on its TCP port "
+                       "(it relays UDP only on a separate -ul listener)"),
+        ),
+    ),
 )}
 
 

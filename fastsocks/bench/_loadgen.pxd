@@ -19,6 +19,12 @@ cdef extern from "<errno.h>" nogil:
     enum:
         ECONNREFUSED
         ENOBUFS
+        ENOSYS
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    # Linux 5.11, glibc 2.35: a timeout in nanoseconds (udp --rate paces with it).
+    int epoll_pwait2(int epfd, epoll_event *events, int maxevents, const timespec *timeout, const void *sigmask)
 
 
 # --------------------------------------------------------------------- wire constants
@@ -210,6 +216,10 @@ cdef class LoadGen:
     cdef uint64_t udp_timeouts     # datagrams given up as lost
     cdef uint64_t udp_late         # echoes that came after their timeout (or twice)
     cdef uint64_t udp_compared     # payload bytes compared, echoes intact or not
+    cdef uint64_t pace_ns          # udp --rate: one datagram every pace_ns (0: closed loop)
+    cdef uint64_t next_send_ns     # when the next paced datagram is due
+    cdef int pace_conn             # the association the next paced datagram goes on
+    cdef uint64_t udp_unsent       # paced datagrams not sent: every slot was in flight
 
     cdef uint64_t _error_total(self) noexcept nogil
     cdef void _release(self) noexcept

@@ -294,7 +294,7 @@ cdef class LoadGen:
                  bint verify=False, uint64_t limit=0, double timeout_s=10.0, int open_limit=128,
                  size_t buffer_size=1 << 20, size_t max_samples=1 << 24, int pipe_size=1 << 20,
                  int max_events=512, int source_addresses=1, int inflight=32,
-                 bytes udp_header=None, double loss_timeout_s=1.0):
+                 bytes udp_header=None, double loss_timeout_s=1.0, double rate=0.0):
         cdef sockaddr_in *sin
         cdef sockaddr_in6 *sin6
         cdef int i
@@ -319,6 +319,9 @@ cdef class LoadGen:
                 raise ValueError(f"udp: size must be {UDP_TAG_BYTES}..{65507 - len(udp_header)} bytes")
             if not 0 < loss_timeout_s <= 600:
                 raise ValueError("loss_timeout_s must be in (0, 600]")
+            if not 0 <= rate <= 1e7:
+                raise ValueError("rate must be 0 (closed loop) .. 10,000,000 datagrams/s")
+            self.pace_ns = <uint64_t>(1e9 / rate) if rate > 0 else 0
             self.inflight = inflight
             self.udp_header = udp_header
             self.udp_header_p = <const unsigned char *><char *>udp_header
@@ -432,7 +435,9 @@ cdef class LoadGen:
                 self.reopen[self.reopen_len] = i
                 self.reopen_len += 1
             elif self.conns[i].state == C_PARKED:
-                if self.mode == MODE_UDP:
+                if self.mode == MODE_UDP and self.pace_ns:
+                    self.next_send_ns = self.now_ns  # paced: _udp_loop sends, one at a time
+                elif self.mode == MODE_UDP:
                     for k in range(self.inflight):
                         if _udp_send(self, i, k) < 0:
                             break
@@ -499,6 +504,7 @@ cdef class LoadGen:
             "udp_timeouts": self.udp_timeouts,
             "udp_late": self.udp_late,
             "udp_compared": self.udp_compared,
+            "udp_unsent": self.udp_unsent,
         }
 
     def stream_seconds(self):

@@ -6,6 +6,11 @@
 # number and a sequence number, every echoed byte is compared, and a datagram not back
 # within loss_ns is given up and its slot refilled (_udp_scan), so a lost one never stalls
 # a run.
+#
+# Closed loop by default: an echo's slot is refilled at once. With --rate the load is
+# open: one datagram every pace_ns, over the associations in turn, into a free slot
+# (none free: counted as unsent), woken on time by epoll_pwait2's nanosecond timeout, so
+# that the proxy sees datagrams spread out as many independent clients send them.
 
 
 cdef object _udp_establish(LoadGen g):
@@ -129,14 +134,48 @@ cdef int _udp_loop(LoadGen g, uint64_t until_ns) noexcept nogil:
             _udp_scan(g)
             g.next_scan_ns = g.now_ns + UDP_SCAN_NS
             continue
-        wait_ms = <int>_min(MAX_WAIT_MS, (_min(until_ns, g.next_scan_ns) - g.now_ns) // 1000000 + 1)
-        n = epoll_wait(g.epfd, g.events, g.max_events, wait_ms)
+        if g.pace_ns and g._can_start():
+            if g.now_ns >= g.next_send_ns:
+                _udp_paced(g)
+                continue
+            n = _udp_wait_ns(g, _min(_min(until_ns, g.next_scan_ns), g.next_send_ns) - g.now_ns)
+        else:
+            wait_ms = <int>_min(MAX_WAIT_MS, (_min(until_ns, g.next_scan_ns) - g.now_ns) // 1000000 + 1)
+            n = epoll_wait(g.epfd, g.events, g.max_events, wait_ms)
         g.now_ns = _now_ns()
         for i in range(n):
             tag = g.events[i].data.u64
             idx = <int>(tag & 0xFFFFFFFFU)
             if g.conns[idx].gen == <uint32_t>(tag >> 32) and g.conns[idx].fd >= 0:
                 _udp_recv(g, idx)
+
+cdef int _udp_wait_ns(LoadGen g, uint64_t wait_ns) noexcept nogil:
+    """epoll_wait with a nanosecond timeout (milliseconds where epoll_pwait2 is missing)."""
+    cdef timespec ts
+    cdef int n
+    ts.tv_sec = <long>(wait_ns // 1000000000)
+    ts.tv_nsec = <long>(wait_ns % 1000000000)
+    n = epoll_pwait2(g.epfd, g.events, g.max_events, &ts, NULL)
+    if n < 0 and errno == ENOSYS:
+        n = epoll_wait(g.epfd, g.events, g.max_events, <int>(wait_ns // 1000000))
+    return n
+
+cdef void _udp_paced(LoadGen g) noexcept nogil:
+    """The datagram due now: on the next association with a free slot."""
+    cdef int tries, idx, k
+    g.next_send_ns += g.pace_ns
+    if g.next_send_ns + 1000000 < g.now_ns:
+        g.next_send_ns = g.now_ns  # more than 1 ms behind: do not catch up in a burst
+    for tries in range(g.n_conns):
+        idx = g.pace_conn
+        g.pace_conn = (g.pace_conn + 1) % g.n_conns
+        if g.conns[idx].fd < 0:
+            continue
+        for k in range(g.inflight):
+            if not g.slots[<size_t>idx * g.inflight + k].busy:
+                _udp_send(g, idx, k)
+                return
+    g.udp_unsent += 1
 
 cdef int _udp_send(LoadGen g, int idx, int k) noexcept nogil:
     """Send a new datagram in slot k of association idx. 1 sent, 0 not now (the slot
@@ -233,7 +272,8 @@ cdef void _udp_take(LoadGen g, int idx, ssize_t n) noexcept nogil:
         g.ok += 1
         g.bytes_down += g.size
         g.t_last_ns = now
-    _udp_send(g, idx, k)
+    if not g.pace_ns:
+        _udp_send(g, idx, k)  # closed loop: the slot goes out again at once
 
 cdef void _udp_scan(LoadGen g) noexcept nogil:
     """Give up on datagrams older than loss_ns; refill every free slot."""
@@ -250,6 +290,8 @@ cdef void _udp_scan(LoadGen g) noexcept nogil:
                 slot.busy = 0
                 g.udp_busy -= 1
                 g.udp_timeouts += 1
+            if g.pace_ns:
+                continue  # paced: the free slot waits for its turn
             if _udp_send(g, i, k) < 0:
                 break
 

@@ -27,7 +27,8 @@ Load generator for any SOCKS5 proxy. MODE is one of:
   idle   open N connections and hold them: the proxy's memory per connection (RSS and
          PSS of its process tree), then a ping on each
   udp    N UDP associations each keeping K datagrams of S bytes in flight to a UDP
-         echo: datagrams/s, loss, round-trip latency
+         echo (or, with --rate, sending R datagrams/s evenly spaced): datagrams/s, loss,
+         round-trip latency
   serve  run the target (echo, bulk source and sink) in the foreground, for --target
 
 Targets: unless --target is given, a built-in echo/source/sink (and a UDP echo on the
@@ -42,6 +43,7 @@ examples:
   fastsocks bench rr --direct --connections 32 --size 64 --count 1000000
   fastsocks bench idle --proxy 'socks5://[::1]:1080' --connections 3000 --json idle.json
   fastsocks bench udp --proxy socks5://127.0.0.1:1080 --connections 4 --inflight 32 --size 512
+  fastsocks bench udp --proxy socks5://127.0.0.1:1080 --connections 16 --rate 10000 --duration 5
   fastsocks bench serve --listen 0.0.0.0:9000   # then --target THAT-HOST:9000 elsewhere"""
 
 MODE_DEFAULTS = {
@@ -63,6 +65,7 @@ APPLIES_TO = {
     "duration": ("cps", "rr", "idle", "udp"),
     "count": ("cps", "rr", "udp"),
     "inflight": ("udp",),
+    "rate": ("udp",),
     "listen": ("serve",),
 }
 RUN_ONLY = ("proxy", "direct", "target", "proxy_pid", "json", "timeout", "max_time", "clients_procs",
@@ -100,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inflight", type=int, metavar="K",
                         help="udp: datagrams in flight per association (default 32); one unanswered "
                              "for min(--timeout, 1 s) is lost and replaced")
+    parser.add_argument("--rate", type=float, metavar="R",
+                        help="udp: send R datagrams/s in all, evenly spaced, whatever the echoes do "
+                             "(an open load: what many independent clients look like); default: closed "
+                             "loop, each echo sends the next")
     parser.add_argument("--proxy-pid", type=int, metavar="PID",
                         help="the proxy's (master) process, for CPU and memory (default: found by its port)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as one JSON object")
@@ -137,7 +144,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     plan = Plan(
         mode=mode, proxy=args.proxy, target=args.target,
         connections=connections if connections is not None else defaults["connections"],
-        size=args.size or defaults.get("size", 64), inflight=args.inflight if args.inflight is not None else 32, bytes_per_stream=args.bytes or 1 << 30,
+        size=args.size or defaults.get("size", 64), inflight=args.inflight if args.inflight is not None else 32,
+        rate=args.rate or 0.0, bytes_per_stream=args.bytes or 1 << 30,
         direction=args.direction or "download", verify=args.verify, duration_s=duration_s,
         count=args.count, proxy_pid=args.proxy_pid, timeout_s=args.timeout, max_time_s=args.max_time,
         procs=args.clients_procs, source_addresses=args.source_addresses, json_path=args.json,

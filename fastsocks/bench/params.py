@@ -90,6 +90,7 @@ class Plan:
     json_path: str | None = None
     quiet: bool = False
     inflight: int = 32                # udp: datagrams in flight per association
+    rate: float = 0.0                 # udp: datagrams/s, paced (0: closed loop, as fast as echoes come)
 
     @property
     def direct(self) -> bool:
@@ -184,6 +185,7 @@ def check_plan(plan: Plan) -> None:
         ("--proxy-pid", plan.proxy_pid is None or plan.proxy_pid > 0, "expected a process id"),
         ("--source-addresses", 1 <= plan.source_addresses <= 254, "expected 1-254"),
         ("--inflight", 1 <= plan.inflight <= MAX_INFLIGHT, f"expected 1-{MAX_INFLIGHT}"),
+        ("--rate", 0 <= plan.rate <= 1e7, "expected 0-10000000 datagrams/s (0: closed loop)"),
     ]
     if plan.mode == "udp" and not UDP_MIN_SIZE <= plan.size <= UDP_MAX_SIZE:
         raise ValueError(f"--size: udp datagrams carry {UDP_MIN_SIZE}-{UDP_MAX_SIZE} bytes")

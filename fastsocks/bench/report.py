@@ -153,6 +153,8 @@ def _udp(o: Outcome) -> dict:
         "bytes_compared": c.get("udp_compared", 0),
         "associations": o.established,
         "inflight": o.plan.inflight,
+        "rate": o.plan.rate or None,        # paced datagrams/s asked for (None: closed loop)
+        "unsent": c.get("udp_unsent", 0),   # paced ones not sent: every slot was in flight
         "size": o.plan.size,
         "errors": _error_total(c),
         "error_kinds": c["errors"],
@@ -184,8 +186,8 @@ def _params(o: Outcome) -> dict:
     elif plan.mode == "idle":
         params.update(connections=plan.connections, size=plan.size, hold_s=plan.duration_s)
     elif plan.mode == "udp":
-        params.update(connections=plan.connections, inflight=plan.inflight, size=plan.size,
-                      count=plan.count, duration_s=plan.duration_s)
+        params.update(connections=plan.connections, inflight=plan.inflight, rate=plan.rate or None,
+                      size=plan.size, count=plan.count, duration_s=plan.duration_s)
     else:
         params.update(connections=plan.connections, size=plan.size, count=plan.count,
                       duration_s=plan.duration_s)
@@ -317,8 +319,10 @@ def _setup(doc: dict) -> str:
     if mode == "udp":
         amount = f"{p['count']:,} datagrams" if p["count"] else f"{p['duration_s']:g} s"
         via = "direct to the echo" if p["direct"] else "through UDP ASSOCIATE"
+        load = (f"paced at {p['rate']:,g}/s (at most {p['inflight']} in flight each)" if p.get("rate")
+                else f"{p['inflight']} in flight")
         return (f"{p['connections']:,} association{'s' if p['connections'] != 1 else ''} x "
-                f"{p['inflight']} in flight, {p['size']}-byte datagrams {via}, every byte compared; {amount}")
+                f"{load}, {p['size']}-byte datagrams {via}, every byte compared; {amount}")
     if mode == "idle":
         return (f"{p['connections']:,} connections held {p['hold_s']:g} s, then a {p['size']}-byte "
                 f"ping on each")

@@ -138,6 +138,7 @@ def engine_configs(plan: Plan, address: Address, target: Endpoint) -> list[dict]
                     request=wire.connect_request(target.host, target.port))
     if plan.mode == "udp":
         base.update(inflight=plan.inflight, loss_timeout_s=min(plan.timeout_s, UDP_LOSS_TIMEOUT_S),
+                    rate=plan.rate / plan.procs,
                     udp_header=wire.udp_header(target.host, target.port) if plan.proxy else None)
         if plan.proxy:
             base.update(request=wire.udp_associate_request())

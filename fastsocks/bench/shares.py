@@ -185,7 +185,7 @@ def merge(collected: list[dict]) -> tuple[dict, object, list[float]]:
     counters["errors"] = {}
     for key in ("ok", "ok_at_go", "started", "errors_at_go", "bytes_up", "bytes_down", "parked",
                 "connections", "latency_count", "latency_sum_ns", "latency_samples",
-                "udp_timeouts", "udp_late", "udp_compared"):
+                "udp_timeouts", "udp_late", "udp_compared", "udp_unsent"):
         counters[key] = sum(c["counters"].get(key, 0) for c in collected)
     counters["t_go_ns"] = min(c["counters"]["t_go_ns"] for c in collected)
     counters["t_last_ns"] = max(c["counters"]["t_last_ns"] for c in collected)

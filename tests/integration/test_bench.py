@@ -293,6 +293,18 @@ def test_udp_direct(bench):
     assert doc["cpu"]["proxy_s"] is None
 
 
+def test_udp_paced_sends_at_the_rate_asked_not_as_fast_as_echoes_come(bench, proxy):
+    """--rate is an open load: evenly spaced datagrams, never more than asked for, however
+    fast the echoes come back (closed loop, the same run sends several times as many)."""
+    paced = bench("udp", "--proxy", url(proxy), "--connections", "2", "--rate", "2000", "--duration", "1")
+    r = paced["results"]
+    assert paced["params"]["rate"] == 2000 and r["rate"] == 2000
+    assert 0 < r["sent"] <= 2000 * 1.0 + 50        # one datagram per 500 us, a second's worth
+    assert r["datagrams"] + r["lost"] == r["sent"] and r["unsent"] == 0
+    closed = bench("udp", "--proxy", url(proxy), "--connections", "2", "--duration", "1")
+    assert closed["results"]["sent"] > 2 * r["sent"]
+
+
 def test_udp_refused_association_is_one_clear_error(bench):
     # A TCP-only SOCKS5 stand-in that refuses UDP ASSOCIATE (command not supported).
     with socket.create_server(("127.0.0.1", 0)) as listener:
