@@ -166,6 +166,10 @@ def stream_through(engine, streams: int, size: int = 4 << 20) -> None:
                                                     r.app_client.shutdown(socket.SHUT_WR))) for r in relays]
     for t in readers + writers:
         t.start()
+    # Let the writers fill the socket buffers first: a direction turns to splice after three
+    # full reads in a row, and an engine that outruns Python writer threads (a loaded CI
+    # machine) would read short chunks and never stream.
+    time.sleep(0.3)
     relays[0].pump(lambda: all(len(into) == size for into in received))
     for r in relays:
         r.close_apps()
