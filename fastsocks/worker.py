@@ -265,8 +265,9 @@ class Worker:
         self.front_verdict = functools.lru_cache(maxsize=4096)(self.judge_connect)  # new rules: new cache
         methods = bytes(METHODS[name] for name in settings.methods if name != "userpass" or self.auth is not None)
         self.engine.front(self, methods=methods, socks4="none" in settings.methods,
+                          # Rules (and a default deny) judge at accept too: one flag for both.
                           judge_accept=self.admission.judges_at_accept,
-                          judge_request=self.admission.judges_at_accept or bool(settings.policy.rules),
+                          judge_request=self.admission.judges_at_accept,
                           own_ports=frozenset(self.env.own_addresses),
                           handshake_timeout_s=settings.handshake_timeout_s,
                           connect_timeout_s=settings.connect_timeout_s)

@@ -63,6 +63,22 @@ class Workload:
         return dict(self.unsupported).get(server)
 
 
+def _udp_metrics(tag: str, rate_label: str, latency: str) -> tuple[Metric, ...]:
+    return (
+        Metric("dgram_per_s", rate_label, "dgram/s", ("results", "dgram_per_s"), True),
+        Metric(f"{latency}_us", f"{tag} round trip {latency}", "µs", ("results", "latency_us", latency), False),
+        Metric("loss_pct", f"{tag} datagrams lost", "%", ("results", "loss_pct"), False, False),
+        Metric("proxy_us_per_dgram", f"{tag}: proxy CPU", "µs/dgram", ("cpu", "proxy_us_per_dgram"), False, False),
+    )
+
+
+UDP_UNSUPPORTED = (
+    ("microsocks", "microsocks has no UDP ASSOCIATE"),
+    ("pproxy", "pproxy's socks5 listener does not answer UDP ASSOCIATE on its TCP port "
+               "(it relays UDP only on a separate -ul listener)"),
+)
+
+
 def _bulk_metrics(tag: str) -> tuple[Metric, ...]:
     return (
         Metric("gbit_s", f"{tag} download", "Gbit/s", ("results", "gbit_s"), True),
@@ -145,35 +161,16 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
         "udp", "UDP datagrams, 4 associations x 32 in flight", "udp",
         lambda p: ["--connections", str(p.udp_associations), "--inflight", str(p.udp_inflight),
                    "--size", str(p.udp_size), "--duration", f"{p.udp_duration_s:g}"],
-        (
-            Metric("dgram_per_s", "512 B UDP datagrams", "dgram/s", ("results", "dgram_per_s"), True),
-            Metric("p99_us", "UDP round trip p99", "µs", ("results", "latency_us", "p99"), False),
-            Metric("loss_pct", "UDP datagrams lost", "%", ("results", "loss_pct"), False, False),
-            Metric("proxy_us_per_dgram", "UDP: proxy CPU", "µs/dgram", ("cpu", "proxy_us_per_dgram"), False, False),
-        ),
-        primary="dgram_per_s", cost="proxy_us_per_dgram",
-        unsupported=(
-            ("microsocks", "microsocks has no UDP ASSOCIATE"),
-            ("pproxy", "pproxy's socks5 listener does not answer UDP ASSOCIATE on its TCP port "
-                       "(it relays UDP only on a separate -ul listener)"),
-        ),
+        _udp_metrics("UDP", "512 B UDP datagrams", "p99"),
+        primary="dgram_per_s", cost="proxy_us_per_dgram", unsupported=UDP_UNSUPPORTED,
     ),
     Workload(
         "udp_paced", "UDP paced at 10,000 datagrams/s, 4 associations", "udp",
         lambda p: ["--connections", str(p.udp_associations), "--rate", "10000",
                    "--size", str(p.udp_size), "--duration", f"{p.udp_duration_s:g}"],
-        (
-            Metric("dgram_per_s", "UDP paced at 10,000/s: delivered", "dgram/s", ("results", "dgram_per_s"), True),
-            Metric("p50_us", "paced UDP round trip p50", "µs", ("results", "latency_us", "p50"), False),
-            Metric("loss_pct", "paced UDP datagrams lost", "%", ("results", "loss_pct"), False, False),
-            Metric("proxy_us_per_dgram", "paced UDP: proxy CPU", "µs/dgram", ("cpu", "proxy_us_per_dgram"), False, False),
-        ),
+        _udp_metrics("paced UDP", "UDP paced at 10,000/s: delivered", "p50"),
         primary="dgram_per_s", cost="proxy_us_per_dgram",  # the same rate for all: the cost is the row
-        unsupported=(
-            ("microsocks", "microsocks has no UDP ASSOCIATE"),
-            ("pproxy", "pproxy's socks5 listener does not answer UDP ASSOCIATE on its TCP port "
-                       "(it relays UDP only on a separate -ul listener)"),
-        ),
+        unsupported=UDP_UNSUPPORTED,
     ),
 )}
 
