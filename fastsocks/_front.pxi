@@ -180,3 +180,67 @@ def front_parse(const unsigned char[::1] data not None, bytes methods not None, 
     if r == FRONT_CONNECT:
         return ("connect", req.proto, req.family, _front_host(req.family, req.ip), req.port, req.consumed, sent)
     return ("more" if r == FRONT_MORE else "python", req.proto, 0, "", 0, 0, sent)
+
+
+# ---------------------------------------------------------------------- the gate's answers, remembered
+# The gate is Python, and asking it costs more than the rest of a connection. Its answers
+# for a client (gate.accepted) and for a (client, destination, port) CONNECT (gate.request)
+# stay the same until the next front(), so the engine keeps the ones that let a client in:
+# a refusal is asked again each time, so that its line is written each time. Two small
+# direct-mapped tables; a key is compared whole, so a collision only forgets an answer.
+
+cdef inline uint64_t _front_hash(const unsigned char *client, const unsigned char *dest, uint16_t port,
+                                 uint64_t seed) noexcept nogil:
+    return _udp_hash(dest, port, _udp_hash(client, 0, seed))
+
+
+cdef FrontEntry *front_cache_find(FrontCache *c, const unsigned char *client, const unsigned char *dest,
+                                  uint16_t port) noexcept nogil:
+    cdef FrontEntry *e
+    if c.entries == NULL:
+        return NULL
+    e = &c.entries[_front_hash(client, dest, port, c.seed) & (FRONT_CACHE_SIZE - 1)]
+    if e.used and e.port == port and memcmp(e.client, client, 16) == 0 and memcmp(e.dest, dest, 16) == 0:
+        return e
+    return NULL
+
+
+cdef FrontEntry *front_cache_put(FrontCache *c, const unsigned char *client, const unsigned char *dest,
+                                 uint16_t port) noexcept nogil:
+    """The entry for this key, filled in but for its value fields; NULL when out of memory."""
+    cdef FrontEntry *e
+    if c.entries == NULL:
+        c.entries = <FrontEntry *>calloc(FRONT_CACHE_SIZE, sizeof(FrontEntry))
+        if c.entries == NULL:
+            return NULL
+    e = &c.entries[_front_hash(client, dest, port, c.seed) & (FRONT_CACHE_SIZE - 1)]
+    memcpy(e.client, client, 16)
+    memcpy(e.dest, dest, 16)
+    e.port = port
+    e.used = 1
+    e.counted = 0
+    return e
+
+
+cdef void front_cache_clear(FrontCache *c) noexcept nogil:
+    free(c.entries)
+    c.entries = NULL
+
+
+cdef void _front_keys(const Session *s, unsigned char *client, unsigned char *dest) noexcept nogil:
+    """The client's and (once requested) the destination's address, IPv4 mapped."""
+    cdef uint16_t port
+    _sockaddr_ip(<const sockaddr_storage *>&s.peer, client, &port)
+    memset(dest, 0, 16)
+    if s.has_dest:
+        if s.dest_family == AF_INET:
+            _map_v4(dest, s.dest_ip)
+        else:
+            memcpy(dest, s.dest_ip, 16)
+
+
+cdef inline int64_t _now_ms() noexcept nogil:
+    """limits.py's clock: CLOCK_MONOTONIC in ms, the same in every process."""
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000 + ts.tv_nsec // 1000000

@@ -109,6 +109,26 @@ ctypedef struct Session:
     int dest_family
     unsigned char dest_ip[16]
     int dest_port
+    bint counted           # in the shared counts (bucket[]) until the slot is released
+    uint16_t bucket[2]
+
+
+# The front door's memory of its gate's answers (_front.pxi): direct-mapped, a colliding
+# key evicts the older one; calloc'd at the first remembered answer, forgotten by front().
+cdef enum:
+    FRONT_CACHE_SIZE = 4096    # entries, a power of two
+
+ctypedef struct FrontEntry:
+    unsigned char client[16]   # IPv6, or IPv4 as ::ffff:a.b.c.d
+    unsigned char dest[16]     # the same (zero in the accept cache)
+    uint16_t port
+    uint8_t used
+    uint8_t counted            # accept cache: the client's sessions are counted in bucket[]
+    uint16_t bucket[2]
+
+ctypedef struct FrontCache:
+    FrontEntry *entries
+    uint64_t seed
 
 
 cdef class RelayEngine:
@@ -155,6 +175,26 @@ cdef class RelayEngine:
     cdef unsigned char own_port_bits[8192]  # a bit per port: a CONNECT there goes to the session
     cdef double handshake_timeout_s
     cdef double connect_timeout_s
+    cdef FrontCache accept_cache   # clients gate.accepted() let in with a tuple
+    cdef FrontCache verdict_cache  # (client, dest, port) that gate.request() let through
+    # The shared session counts (limits.SharedLimits, front(counts=...)): each 8-byte word
+    # written by one worker only, its row; read as the sum over all rows.
+    cdef int64_t[::1] counts_view
+    cdef int64_t *counts          # NULL: no counts given
+    cdef tuple counts_given       # what front() was given, to refuse another map while counting
+    cdef bint count_new           # count the sessions of remembered clients (counts given now)
+    cdef int count_slot
+    cdef int count_workers
+    cdef int count_row            # words per row
+    cdef int count_open           # offsets of the sections in a row, in words
+    cdef int count_clients
+    cdef int count_blocked
+    cdef int count_buckets        # buckets in the clients section (both tables)
+    cdef int64_t cap_total        # 0: no cap
+    cdef int64_t cap_worker
+    cdef int64_t cap_client
+    cdef bint check_blocked
+    cdef int n_counted
     cdef int listen_fd[MAX_LISTENERS]
     cdef bint listen_excl[MAX_LISTENERS]
     cdef int listen_since[MAX_LISTENERS]
@@ -197,8 +237,13 @@ cdef class RelayEngine:
     cdef void _serve_handoffs(self)
     cdef int _serve_python(self) except -1
     cdef void _unlisten(self) noexcept nogil
+    cdef int _front_admit(self, int idx) noexcept nogil
+    cdef int _front_judge(self, int idx) noexcept nogil
     cdef int _gate_accepted(self, int idx) noexcept nogil
     cdef int _gate_request(self, int idx) noexcept nogil
+    cdef void _tally(self, Session *s, int delta) noexcept nogil
+    cdef bint _over_caps(self, Session *s) noexcept nogil
+    cdef bint _blocked(self, const uint16_t *bucket) noexcept nogil
     cdef str _described(self, Session *s)
     cdef str _why(self, int idx, Session *s)
 

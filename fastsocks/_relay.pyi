@@ -29,12 +29,20 @@ class FrontGate(Protocol):
     must not call the engine. An exception refuses that session (general failure) and is
     raised by run() once the batch is done; the sessions that ended in that batch come with
     the next run()."""
-    def accepted(self, tag: int, host: str, port: int) -> bool:
-        """Only with judge_accept: let this client in? False closes it unanswered."""
+    def accepted(self, tag: int, host: str, port: int) -> bool | tuple[()] | tuple[int, int]:
+        """Only with judge_accept: let this client in? False closes it unanswered; True lets
+        it in. A tuple lets it in and is remembered for its address until the next front():
+        the engine lets it in again without asking. ``(b0, b1)`` also counts its sessions
+        (front's counts: +1 in the row's open count and in these two client buckets, -1
+        when the session ends or is handed off, when the gate counts it); with
+        check_blocked, a client blocked in both buckets is asked about again."""
     def request(self, tag: int, proto: int, client: str, host: str, port: int) -> tuple[int, str] | None:
         """Only with judge_request: a CONNECT the engine would run (proto 4 or 5; ``client``
         the client's IP, ``host`` the destination's, as inet_ntop writes them): None to go on,
-        or (SOCKS5 reply code, why) to refuse."""
+        or (SOCKS5 reply code, why) to refuse. A None is remembered for (client, host, port)
+        until the next front(): the answer may depend on these and on the caps alone, which
+        the engine checks itself for the sessions it counted (over one, or with caps and a
+        session not counted, it asks)."""
     def hand_off(self, fd: int, tag: int, peer: tuple[str, int], data: bytes, sent: bytes, started_s: float) -> None:
         """A client the engine does not serve itself: ``fd`` (non-blocking, out of the
         engine's epoll set) is the gate's now; ``data`` is everything the client sent,
@@ -91,12 +99,22 @@ class RelayEngine:
         own_ports: frozenset[int] = ...,
         handshake_timeout_s: float = 10.0,
         connect_timeout_s: float = 10.0,
+        counts: tuple[Buffer, int, int, int, int, int, int, int] | None = None,
+        caps: tuple[int, int, int] = (0, 0, 0),
+        check_blocked: bool = False,
     ) -> None:
         """Set (again, on reload) how the engine's handshake answers: every client from its
         next step on (its next read, request or connect; a client keeps the handshake deadline
         it was accepted with), so a reload that asks for passwords also catches the clients
         that have not greeted yet; one answered "no authentication" keeps it. ``own_ports``: destinations on these ports go to the gate's hand_off (the
-        session checks for a loop through the proxy). Timeouts are checked by expire_idle()."""
+        session checks for a loop through the proxy). Timeouts are checked by expire_idle().
+        ``counts``: (int64 words, slot, workers, row words, open, clients, blocked, buckets),
+        limits.SharedLimits.for_engine(): where the sessions of clients the gate answered
+        with buckets are counted (None: no new ones; those counted are uncounted in the map
+        given before, which cannot change while any is). ``caps``: (max sessions in all, per
+        worker, per client; 0 none), judged over those counts as limits.py does.
+        ``check_blocked``: a remembered client's buckets are checked for a failed-login block.
+        The gate's remembered answers are forgotten here."""
     def listen(self, fd: int, exclusive: bool = False) -> None:
         """Accept from this listening socket in run() (after front()); the engine does not own
         it. ``exclusive``: one waiter woken per connection among processes (EPOLLEXCLUSIVE)."""

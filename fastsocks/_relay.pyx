@@ -106,6 +106,8 @@ cdef class RelayEngine:
         self.handoffq = NULL
         self.n_listen = 0
         self.wake_fd = -1
+        self.accept_cache.entries = self.verdict_cache.entries = NULL
+        self.counts = NULL
 
     def __init__(self, *, int buffer_size=65536, bint splice=True, int pipe_size=1 << 20,
                  int max_pipes=1024, int pipe_pool=64, int pipe_reserve=2, double pipe_idle_s=2.0,
@@ -138,6 +140,8 @@ cdef class RelayEngine:
         self.nmethods = 1
         self.socks4 = True
         self.handshake_timeout_s = self.connect_timeout_s = 10.0
+        self.accept_cache.seed = int.from_bytes(os.urandom(8), "little")  # no client aims at a slot
+        self.verdict_cache.seed = int.from_bytes(os.urandom(8), "little")
 
     def __dealloc__(self):
         cdef int i
@@ -158,6 +162,8 @@ cdef class RelayEngine:
         free(self.runq)
         free(self.runq_work)
         free(self.handoffq)
+        front_cache_clear(&self.accept_cache)
+        front_cache_clear(&self.verdict_cache)
 
     # ------------------------------------------------------------------ Python API
 
@@ -182,14 +188,39 @@ cdef class RelayEngine:
 
     def front(self, gate, *, bytes methods=b"\x00", bint socks4=True, bint judge_accept=False,
               bint judge_request=False, own_ports=frozenset(), double handshake_timeout_s=10.0,
-              double connect_timeout_s=10.0):
+              double connect_timeout_s=10.0, counts=None, caps=(0, 0, 0), bint check_blocked=False):
         """How the front door answers the clients accepted from now on (_relay.pyi)."""
         cdef int i
+        cdef int64_t[::1] view
         ports = sorted(own_ports)
         if len(methods) > 8:
             raise ValueError("at most 8 methods")
         if ports and not (0 <= min(ports) and max(ports) <= 0xFFFF):  # no [-1]: wraparound is off
             raise ValueError("own_ports: each 0-65535")
+        cap_total, cap_worker, cap_client = caps
+        if min(cap_total, cap_worker, cap_client) < 0:
+            raise ValueError("caps: each 0 (none) or more")
+        if counts is not None:
+            given = tuple(counts)
+            words, slot, workers, row, open_, clients, blocked, buckets = given
+            if self.n_counted and given != self.counts_given:
+                raise ValueError("sessions are counted in another map: the counts cannot change now")
+            if not (0 <= slot < workers and 0 <= open_ < row and 0 <= clients and clients + buckets <= row
+                    and 0 <= blocked and blocked + buckets <= row and 0 < buckets <= 0x10000):
+                raise ValueError(f"counts: a layout that does not fit its rows: {given[1:]}")
+            view = words
+            if view.shape[0] < <Py_ssize_t>workers * row:
+                raise ValueError(f"counts: {view.shape[0]} words, {workers} rows of {row} need more")
+            self.counts_view = view
+            self.counts = &view[0]
+            self.counts_given = given
+            self.count_slot, self.count_workers, self.count_row = slot, workers, row
+            self.count_open, self.count_clients, self.count_blocked = open_, clients, blocked
+            self.count_buckets = buckets
+        # Without counts the map is kept: the sessions counted so far are uncounted in it.
+        self.count_new = counts is not None
+        self.cap_total, self.cap_worker, self.cap_client = cap_total, cap_worker, cap_client
+        self.check_blocked = check_blocked and counts is not None
         self.gate = gate
         self.nmethods = len(methods)
         for i in range(self.nmethods):
@@ -202,6 +233,8 @@ cdef class RelayEngine:
             self.own_port_bits[port >> 3] |= 1 << (port & 7)
         self.handshake_timeout_s = handshake_timeout_s
         self.connect_timeout_s = connect_timeout_s
+        front_cache_clear(&self.accept_cache)  # new rules, new answers
+        front_cache_clear(&self.verdict_cache)
 
     def listen(self, int fd, bint exclusive=False):
         """Accept from this listening socket in run() (_relay.pyi).
@@ -783,6 +816,8 @@ cdef class RelayEngine:
     cdef void _release(self, int idx) noexcept nogil:
         """Back to the free list; stale run-queue entries and events see a new generation."""
         cdef Session *s = &self.slots[idx]
+        if s.counted:
+            self._tally(s, -1)
         s.state = SLOT_FREE
         s.gen += 1
         s.next = self.free_head
@@ -875,7 +910,7 @@ cdef class RelayEngine:
         f.sent = 0
         f.deadline_s = s.started_s + self.handshake_timeout_s
         self.n_handshaking += 1
-        if self.judge_accept and not self._gate_accepted(idx):
+        if self.judge_accept and not self._front_admit(idx):
             close(fd)
             free(f)
             s.front = NULL
@@ -959,7 +994,7 @@ cdef class RelayEngine:
         if self.own_port_bits[req.port >> 3] & (1 << (req.port & 7)):
             self._hand_off(idx)
             return
-        if self.judge_request and not self._gate_request(idx):
+        if self.judge_request and not self._front_judge(idx):
             return  # refused: answered and ended
         fd = socket(req.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
         if fd < 0:
@@ -1099,34 +1134,143 @@ cdef class RelayEngine:
                     self.hook_error = exc
         self.handoffq_len = 0
 
+    cdef int _front_admit(self, int idx) noexcept nogil:
+        """judge_accept: 1 lets the client in (counted where its gate said), 0 closes it."""
+        cdef Session *s = &self.slots[idx]
+        cdef unsigned char client[16]
+        cdef unsigned char dest[16]
+        cdef FrontEntry *e
+        _front_keys(s, client, dest)
+        e = front_cache_find(&self.accept_cache, client, dest, 0)
+        if e != NULL:
+            if not e.counted:
+                return 1
+            if self.count_new and not (self.check_blocked and self._blocked(e.bucket)):
+                s.bucket[0], s.bucket[1] = e.bucket[0], e.bucket[1]
+                self._tally(s, 1)
+                return 1
+        return self._gate_accepted(idx)  # a block to look at, or a client not seen yet
+
+    cdef int _front_judge(self, int idx) noexcept nogil:
+        """judge_request: 1 goes on; 0: refused, answered and ended."""
+        cdef Session *s = &self.slots[idx]
+        cdef unsigned char client[16]
+        cdef unsigned char dest[16]
+        cdef bint caps = self.cap_total or self.cap_worker or self.cap_client
+        if caps and (not s.counted or self._over_caps(s)):
+            return self._gate_request(idx)  # its words for the refusal, or a count it knows of
+        _front_keys(s, client, dest)
+        if front_cache_find(&self.verdict_cache, client, dest, <uint16_t>s.dest_port) != NULL:
+            return 1
+        return self._gate_request(idx)
+
+    cdef void _tally(self, Session *s, int delta) noexcept nogil:
+        """One session more (delta 1) or less (-1) in this worker's row: its open count and
+        its client's two buckets (limits.SharedLimits.open_session/close_session)."""
+        cdef int64_t *row = self.counts + <Py_ssize_t>self.count_slot * self.count_row
+        row[self.count_open] += delta
+        row[self.count_clients + s.bucket[0]] += delta
+        row[self.count_clients + s.bucket[1]] += delta
+        s.counted = delta > 0
+        self.n_counted += delta
+
+    cdef bint _over_caps(self, Session *s) noexcept nogil:
+        """Whether a session counted here is over a cap (Admission._over_session_cap, for a
+        session without a user): the count includes it."""
+        cdef int64_t total = 0, least = -1, n
+        cdef int w, b
+        if self.cap_worker and self.counts[self.count_slot * self.count_row + self.count_open] > self.cap_worker:
+            return True
+        if self.cap_total:
+            for w in range(self.count_workers):
+                total += self.counts[w * self.count_row + self.count_open]
+            if total > self.cap_total:
+                return True
+        if self.cap_client:
+            for b in range(2):
+                n = 0
+                for w in range(self.count_workers):
+                    n += self.counts[w * self.count_row + self.count_clients + s.bucket[b]]
+                if least < 0 or n < least:
+                    least = n
+            if least > self.cap_client:
+                return True
+        return False
+
+    cdef bint _blocked(self, const uint16_t *bucket) noexcept nogil:
+        """limits.SharedLimits.blocked_until() > now: both buckets blocked by some worker."""
+        cdef int64_t now = _now_ms(), until
+        cdef int w, b
+        for b in range(2):
+            until = 0
+            for w in range(self.count_workers):
+                if self.counts[w * self.count_row + self.count_blocked + bucket[b]] > until:
+                    until = self.counts[w * self.count_row + self.count_blocked + bucket[b]]
+            if until <= now:
+                return False
+        return True
+
     cdef int _gate_accepted(self, int idx) noexcept nogil:
+        cdef unsigned char client[16]
+        cdef unsigned char dest[16]
+        cdef FrontEntry *e
+        cdef int b0 = 0, b1 = 0
+        cdef bint counted = False
         with gil:
             s = &self.slots[idx]
             try:
-                return 1 if self.gate.accepted(s.tag, _sa_host(&s.peer), _sa_port(&s.peer)) else 0
+                answer = self.gate.accepted(s.tag, _sa_host(&s.peer), _sa_port(&s.peer))
+                if not isinstance(answer, tuple):
+                    return 1 if answer else 0
+                if len(answer) not in (0, 2):
+                    raise ValueError(f"gate.accepted(): True, False, () or (bucket, bucket), not {answer!r}")
+                if answer:
+                    b0, b1 = answer
+                    counted = True
+                    if self.counts == NULL or not self.count_new:
+                        raise ValueError("gate.accepted() named buckets, but front() gave no counts")
+                    if not (0 <= b0 < self.count_buckets and 0 <= b1 < self.count_buckets):
+                        raise ValueError(f"gate.accepted(): buckets 0-{self.count_buckets - 1}, not {answer!r}")
             except BaseException as exc:
                 if self.hook_error is None:
                     self.hook_error = exc
                 return 0
+        _front_keys(s, client, dest)
+        e = front_cache_put(&self.accept_cache, client, dest, 0)
+        if counted:
+            s.bucket[0], s.bucket[1] = b0, b1
+            self._tally(s, 1)
+            if e != NULL:
+                e.counted = 1
+                e.bucket[0], e.bucket[1] = b0, b1
+        return 1
 
     cdef int _gate_request(self, int idx) noexcept nogil:
-        """1: go on; 0: refused, answered and ended."""
+        """1: go on (and remembered); 0: refused, answered and ended."""
         cdef int code = 1
+        cdef unsigned char client[16]
+        cdef unsigned char dest[16]
         with gil:
             s = &self.slots[idx]
             try:
                 refusal = self.gate.request(s.tag, s.proto, _sa_host(&s.peer),
                                             _front_host(s.dest_family, s.dest_ip), s.dest_port)
                 if refusal is None:
-                    return 1
-                code, why = refusal
-                if not (isinstance(code, int) and 1 <= code <= 255):
-                    raise ValueError(f"a refusal's reply code is 1-255, not {code!r}")
+                    code = 0
+                else:
+                    code, why = refusal
+                    if not (isinstance(code, int) and 1 <= code <= 255):
+                        raise ValueError(f"a refusal's reply code is 1-255, not {code!r}")
             except BaseException as exc:
                 if self.hook_error is None:
                     self.hook_error = exc
                 code, why = 1, "internal error in the gate"
-            self.whys[idx] = why
+            if code:
+                self.whys[idx] = why
+        if code == 0:
+            _front_keys(s, client, dest)
+            front_cache_put(&self.verdict_cache, client, dest, <uint16_t>s.dest_port)
+            return 1
         self._front_fail(idx, code, FAIL_REFUSED, 0)
         return 0
 

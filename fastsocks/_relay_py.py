@@ -71,6 +71,7 @@ _FRONT_MAX_BYTES = 512  # what a client may send before its request is complete 
 _MAX_METHODS = 8        # the server's methods the engine takes (there are two)
 _MAX_LISTENERS = 64
 _ACCEPT_BATCH = 64      # accepts per listener per run(): a flood cannot starve the relays
+_FRONT_CACHE_SIZE = 4096  # answers of the gate remembered, per kind; all forgotten when full
 _DRAIN_READS = 4        # reads after a failure reply, before close (see _close_gently)
 
 # Each rule: (bytes needed, the test they must pass to stay on the engine's path). A byte
@@ -171,16 +172,53 @@ class _Direction:
 
 
 class _Session:
-    __slots__ = ("tag", "socks", "dirs", "last_active_s", "registered", "described", "started_s")
+    __slots__ = ("tag", "socks", "dirs", "last_active_s", "registered", "described", "started_s", "bucket")
 
     def __init__(self, tag: int, client: socket.socket, upstream: socket.socket, initial: bytes,
-                 described: str = "", started_s: float = 0.0) -> None:
+                 described: str = "", started_s: float = 0.0, bucket: tuple | None = None) -> None:
         self.tag = tag
         self.socks = (client, upstream)
         self.dirs = (_Direction(client, upstream, initial), _Direction(upstream, client, b""))
         self.last_active_s = time.monotonic()
         self.registered = {client.fileno(): 0, upstream.fileno(): 0}
         self.described, self.started_s = described, started_s
+        self.bucket = bucket  # counted in the shared counts (front's counts) in these buckets
+
+
+class _Counts:
+    """The shared session counts (limits.SharedLimits, front(counts=...)) as the engine
+    counts in them: this worker's row, read as the sum over all rows."""
+
+    def __init__(self, given: tuple) -> None:
+        self.given = given
+        words, self.slot, self.workers, self.row, self.open, self.clients, self.blocked, self.buckets = given
+        self.words = memoryview(words).cast("B").cast("q")
+        if not (0 <= self.slot < self.workers and 0 <= self.open < self.row and 0 <= self.clients
+                and self.clients + self.buckets <= self.row and 0 <= self.blocked
+                and self.blocked + self.buckets <= self.row and 0 < self.buckets <= 0x10000):
+            raise ValueError(f"counts: a layout that does not fit its rows: {given[1:]}")
+        if len(self.words) < self.workers * self.row:
+            raise ValueError(f"counts: {len(self.words)} words, {self.workers} rows of {self.row} need more")
+
+    def tally(self, bucket: tuple, delta: int) -> None:
+        base = self.slot * self.row
+        self.words[base + self.open] += delta
+        for b in bucket:
+            self.words[base + self.clients + b] += delta
+
+    def _sum(self, offset: int) -> int:
+        return sum(self.words[w * self.row + offset] for w in range(self.workers))
+
+    def over_caps(self, bucket: tuple, caps: tuple) -> bool:
+        total, worker, client = caps
+        return bool((worker and self.words[self.slot * self.row + self.open] > worker)
+                    or (total and self._sum(self.open) > total)
+                    or (client and min(self._sum(self.clients + b) for b in bucket) > client))
+
+    def is_blocked(self, bucket: tuple) -> bool:
+        now_ms = int(time.monotonic() * 1000)
+        return all(max(self.words[w * self.row + self.blocked + b] for w in range(self.workers)) > now_ms
+                   for b in bucket)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,13 +234,15 @@ class _FrontRules:
     own_ports: frozenset
     handshake_timeout_s: float
     connect_timeout_s: float
+    caps: tuple = (0, 0, 0)     # max sessions in all, per worker, per client (0: none)
+    check_blocked: bool = False
 
 
 class _Front:
     """A client at the front door, from accept until it relays, fails or is handed off."""
 
     __slots__ = ("tag", "client", "peer", "rules", "started_s", "deadline_s", "data", "answered",
-                 "proto", "dest", "consumed", "upstream")
+                 "proto", "dest", "consumed", "upstream", "bucket")
 
     def __init__(self, tag: int, client: socket.socket, peer: tuple[str, int], rules: _FrontRules) -> None:
         self.tag, self.client, self.peer, self.rules = tag, client, peer, rules
@@ -214,6 +254,7 @@ class _Front:
         self.dest: tuple[int, str, int] | None = None  # (family, host, port) of its CONNECT
         self.consumed = 0     # bytes of greeting and request; the rest is payload
         self.upstream: socket.socket | None = None     # while connecting
+        self.bucket: tuple | None = None  # counted in the shared counts in these buckets
 
     @property
     def described(self) -> str:
@@ -271,6 +312,12 @@ class RelayEngine:
         self._front_by_fd: dict[int, _Front] = {}
         self._n_accepted = 0
         self._unreported: list = []  # Ended values of a run() that raised a gate's exception
+        # The gate's answers that let a client in, remembered until the next front().
+        self._accept_cache: dict[bytes, tuple] = {}             # client IP -> buckets or ()
+        self._verdict_cache: set[tuple[bytes, bytes, int]] = set()  # (client, dest, port) let through
+        self._counts: _Counts | None = None  # kept without counts: what is counted is uncounted there
+        self._count_new = False
+        self._n_counted = 0
 
     def fileno(self) -> int:
         return self._epoll.fileno() if self._epoll else -1
@@ -296,14 +343,26 @@ class RelayEngine:
 
     def front(self, gate, *, methods: bytes = b"\x00", socks4: bool = True, judge_accept: bool = False,
               judge_request: bool = False, own_ports: frozenset = frozenset(), handshake_timeout_s: float = 10.0,
-              connect_timeout_s: float = 10.0) -> None:
+              connect_timeout_s: float = 10.0, counts=None, caps: tuple = (0, 0, 0),
+              check_blocked: bool = False) -> None:
         methods, own_ports = bytes(methods), frozenset(own_ports)
         if len(methods) > _MAX_METHODS:
             raise ValueError(f"at most {_MAX_METHODS} methods, got {len(methods)}")
         if not all(0 <= port <= 0xFFFF for port in own_ports):
             raise ValueError("own_ports: each 0-65535")
+        caps = tuple(int(cap) for cap in caps)
+        if min(caps) < 0:
+            raise ValueError("caps: each 0 (none) or more")
+        if counts is not None:
+            given = tuple(counts)
+            if self._n_counted and given != self._counts.given:
+                raise ValueError("sessions are counted in another map: the counts cannot change now")
+            self._counts = _Counts(given)
+        self._count_new = counts is not None
         self._rules = _FrontRules(gate, methods, bool(socks4), bool(judge_accept), bool(judge_request),
-                                  own_ports, float(handshake_timeout_s), float(connect_timeout_s))
+                                  own_ports, float(handshake_timeout_s), float(connect_timeout_s),
+                                  caps, bool(check_blocked) and counts is not None)
+        self._accept_cache, self._verdict_cache = {}, set()
 
     def listen(self, fd: int, exclusive: bool = False) -> None:
         if self._epoll is None:
@@ -483,6 +542,7 @@ class RelayEngine:
 
     def _finish(self, session: _Session, reason: str, err: int):
         self._sessions.discard(session)
+        self._uncount(session)
         for sock in session.socks:
             self._by_fd.pop(sock.fileno(), None)
             sock.close()  # closing removes it from the epoll set
@@ -515,10 +575,10 @@ class RelayEngine:
         client.setblocking(False)
         rules, tag = self._rules, self._n_accepted
         peer = (address[0].partition("%")[0], address[1])  # inet_ntop's text: no scope id
-        if rules.judge_accept and not self._ask_gate(batch, False, rules.gate.accepted, tag, *peer):
+        front = _Front(tag, client, peer, rules)
+        if rules.judge_accept and not self._ask_gate(batch, False, self._admit, front):
             client.close()  # SOCKS has no reply before the client's first message
             return
-        front = _Front(tag, client, peer, rules)
         self._fronts.add(front)
         self._watch(front, client, select.EPOLLIN | select.EPOLLRDHUP)
         self._front_read(front, batch)  # the greeting is often here already
@@ -590,7 +650,7 @@ class RelayEngine:
             return
         if rules.judge_request:
             refusal = self._ask_gate(batch, (socks5.Reply.GENERAL_FAILURE, "internal error in the gate"),
-                                     _refusal, rules.gate, front.tag, front.proto, front.peer[0], host, port)
+                                     self._judge, front, ip, port)
             if refusal is not None:
                 code, why = refusal
                 batch.ended.append(self._front_end(front, code, 0, why))
@@ -630,7 +690,7 @@ class RelayEngine:
         client, upstream = front.client, front.upstream
         self._forget(front)
         self._relay(_Session(front.tag, client, upstream, front.data[front.consumed:],
-                             front.described, front.started_s))
+                             front.described, front.started_s, front.bucket))
 
     def _connect_failed(self, front: _Front, err: int) -> Ended:
         return self._front_end(front, socks5.Reply.for_errno(err), err, f"connect failed: {os.strerror(err)}")
@@ -639,6 +699,7 @@ class RelayEngine:
         """End a client that never relayed: the failure reply (none for NO_REPLY), close."""
         client, upstream = front.client, front.upstream
         self._forget(front)
+        self._uncount(front)
         if upstream is not None:
             upstream.close()
         if reply != NO_REPLY:
@@ -651,8 +712,64 @@ class RelayEngine:
 
     def _hand_off(self, front: _Front, batch: _Batch) -> None:
         self._forget(front)
+        self._uncount(front)  # the gate counts it from here
         call = (front.client.detach(), front.tag, front.peer, front.data, front.answered, front.started_s)
         batch.handoffs.append((self._rules, call))
+
+    # ------------------------------------------------------------------ the gate's answers, remembered
+
+    def _admit(self, front: _Front) -> bool:
+        """judge_accept: let the client in, counted where its gate said; a tuple answer is
+        remembered for the address (see _front.pxi), a refusal is asked again each time."""
+        key = _mapped(front.peer[0])
+        bucket = self._accept_cache.get(key)
+        counts = self._counts
+        if bucket == () or (bucket and self._count_new and not (self._rules.check_blocked and counts.is_blocked(bucket))):
+            self._count(front, bucket)
+            return True
+        answer = self._rules.gate.accepted(front.tag, *front.peer)
+        if not isinstance(answer, tuple):
+            return bool(answer)
+        if len(answer) not in (0, 2):
+            raise ValueError(f"gate.accepted(): True, False, () or (bucket, bucket), not {answer!r}")
+        if answer:
+            if counts is None or not self._count_new:
+                raise ValueError("gate.accepted() named buckets, but front() gave no counts")
+            if not all(isinstance(b, int) and 0 <= b < counts.buckets for b in answer):
+                raise ValueError(f"gate.accepted(): buckets 0-{counts.buckets - 1}, not {answer!r}")
+        if len(self._accept_cache) >= _FRONT_CACHE_SIZE:
+            self._accept_cache.clear()
+        self._accept_cache[key] = answer
+        self._count(front, answer)
+        return True
+
+    def _judge(self, front: _Front, ip: bytes, port: int) -> tuple[int, str] | None:
+        """judge_request: None goes on (and is remembered), or (reply code, why)."""
+        rules = self._rules
+        key = (_mapped(front.peer[0]), _mapped_ip(ip), port)
+        over = any(rules.caps) and (front.bucket is None or self._counts.over_caps(front.bucket, rules.caps))
+        if not over and key in self._verdict_cache:
+            return None
+        host = front.dest[1]
+        refusal = _refusal(rules.gate, front.tag, front.proto, front.peer[0], host, port)
+        if refusal is None:
+            if len(self._verdict_cache) >= _FRONT_CACHE_SIZE:
+                self._verdict_cache.clear()
+            self._verdict_cache.add(key)
+        return refusal
+
+    def _count(self, front: _Front, bucket: tuple) -> None:
+        if bucket:
+            self._counts.tally(bucket, 1)
+            self._n_counted += 1
+            front.bucket = bucket
+
+    def _uncount(self, holder) -> None:
+        """A front or session that ends (or is handed off) counts no more."""
+        if holder.bucket is not None:
+            self._counts.tally(holder.bucket, -1)
+            self._n_counted -= 1
+            holder.bucket = None
 
     def _watch(self, front: _Front, sock: socket.socket, mask: int) -> None:
         self._epoll.register(sock.fileno(), mask)
@@ -820,6 +937,15 @@ def _ip16(host: str) -> tuple[int, bytes] | None:
     except (OSError, ValueError):
         return None
     return (socket.AF_INET if ip[:12] == _V4_MAPPED else socket.AF_INET6), ip
+
+
+def _mapped(host: str) -> bytes:
+    """An IP's 16 bytes, IPv4 as ::ffff:a.b.c.d (the compiled engine's keys)."""
+    return _mapped_ip(socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host))
+
+
+def _mapped_ip(ip: bytes) -> bytes:
+    return _V4_MAPPED + ip if len(ip) == 4 else ip
 
 
 def _ip_text(ip: bytes) -> str:

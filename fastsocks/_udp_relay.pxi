@@ -55,10 +55,15 @@ cdef inline uint64_t _udp_hash(const unsigned char *ip, uint16_t port, uint64_t 
     cdef uint64_t a, b, h
     memcpy(&a, ip, 8)
     memcpy(&b, ip + 8, 8)
+    # A product's low bits depend only on its operands' low bits, so every input goes in
+    # at the bottom and each step folds the high half down: the table index (the low bits)
+    # depends on all of the key, the port too.
     h = (a ^ seed) * HASH_MUL1
     h ^= h >> 32
-    h = (h ^ b ^ (<uint64_t>port << 48)) * HASH_MUL2
-    return h ^ (h >> 29)
+    h = (h ^ b) * HASH_MUL2
+    h ^= h >> 32
+    h = (h ^ port) * HASH_MUL1
+    return h ^ (h >> 32)
 
 
 cdef UdpEntry *_table_find(UdpTable *t, const unsigned char *ip, uint16_t port, uint64_t h) noexcept nogil:

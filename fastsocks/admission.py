@@ -2,12 +2,15 @@
 
 Theory of operation
 -------------------
-``at_accept`` runs before a client has sent a byte: the rules that deny a client whatever
-it asks close it there, and so does the failed-login block; otherwise, when any cap or
-the block is on, its session is counted (limits.py, across workers) from then on. The
-caps are judged by ``admit`` once the request has arrived (the user is known by then,
-and the count includes the session itself), with the UDP association caps of this worker
-for UDP ASSOCIATE; ``closed`` uncounts a session however it ended. ``login_failed``
+``door`` runs before a client has sent a byte: the rules that deny a client whatever it
+asks close it there, and so does the failed-login block; otherwise, when any cap or the
+block is on, its session is counted (limits.py, across workers) from then on, in the two
+buckets ``door`` names. Who counts depends on who serves it: the relay engine counts the
+sessions it serves itself (the worker gives it the buckets, RelayEngine.front), and
+``count`` counts a Python session, from accept or from the engine's hand-off. The caps
+are judged by ``admit`` once the request has arrived (the user is known by then, and the
+count includes the session itself), with the UDP association caps of this worker for UDP
+ASSOCIATE; ``closed`` uncounts a Python session however it ended. ``login_failed``
 counts an RFC 1929 refusal and blocks the address on every worker after too many.
 
 Admission writes the line of a client closed at accept and the failed-login warnings;
@@ -54,51 +57,66 @@ class Admission:
                     or s.max_sessions_per_user)
 
     @property
-    def judges_at_accept(self) -> bool:
-        """Whether at_accept() can refuse or must count: rules, a default deny, caps, or
-        the failed-login block. When not, it lets everyone in and need not be asked."""
-        settings = self.settings
-        counting = self.limits is not None and (self.caps_on or "userpass" in settings.methods)
-        return bool(settings.policy.rules) or not settings.policy.default_allow or counting
+    def counting(self) -> bool:
+        """Sessions are counted: for a cap, or for the failed-login block."""
+        return self.limits is not None and (self.caps_on or "userpass" in self.settings.methods)
 
-    def at_accept(self, sid: int, peer: str, peer_ip: str, ip: IPAddress | None = None) -> tuple[bool, IPAddress | None]:
+    @property
+    def judges_at_accept(self) -> bool:
+        """Whether door() can refuse or must count: rules, a default deny, caps, or the
+        failed-login block. When not, it lets everyone in and need not be asked."""
+        policy = self.settings.policy
+        return bool(policy.rules) or not policy.default_allow or self.counting
+
+    def door(self, peer: str, peer_ip: str, ip: IPAddress | None = None
+             ) -> tuple[bool, IPAddress | None, tuple[int, int] | None]:
         """(let in, the client's address where it had to be parsed: ``ip`` if the caller
-        has it already, unmapped). Closed at accept: a client every rule path denies, and
-        one blocked for failed logins."""
+        has it already, unmapped; the buckets its sessions are counted in, None when not
+        counting). Closed at accept: a client every rule path denies, and one blocked for
+        failed logins. The verdict depends on the address alone (and the time, for a block)."""
         settings = self.settings
-        counting = self.limits is not None and (self.caps_on or "userpass" in settings.methods)
         if not self.judges_at_accept:
-            return True, None  # nothing to judge or count: the address is parsed if needed later
+            return True, None, None  # nothing to judge or count: the address is parsed if needed later
         if ip is None:
             ip = unmapped(ipaddress.ip_address(peer_ip.partition("%")[0]))
         verdict = settings.policy.at_accept(ip)
         if verdict is not None and not verdict.allowed:
             access.closed_at_accept(peer, verdict)
-            return False, ip
-        if not counting:
-            return True, ip
+            return False, ip, None
+        if not self.counting:
+            return True, ip, None
         buckets = self._buckets(ip.packed)
         # Only failed logins block, and there are none without passwords.
         blocked_ms = self.limits.blocked_until(buckets) if "userpass" in settings.methods else 0
         if blocked_ms and blocked_ms > _now_ms():
             log.debug("client=%s closed at accept: blocked for %.0f s more after failed logins",
                       peer, (blocked_ms - _now_ms()) / 1000)
-            return False, ip
+            return False, ip, None
+        return True, ip, buckets
+
+    def buckets_of(self, ip: IPAddress) -> tuple[int, int]:
+        return self._buckets(ip.packed)
+
+    def count(self, sid: int, buckets: tuple[int, int]) -> None:
+        """A Python session counts from now on, until closed()."""
         self.limits.open_session(self.slot, buckets)
         self.counted[sid] = Counted(buckets)
-        return True, ip
 
     def admit(self, sid: int, user: bytes, command: str, client_ip: str) -> str | None:
         """Why this request is over a cap, or None. The session has been counted since
         accept, so a count above the cap includes it."""
-        refusal = self._over_session_cap(sid, user)
+        counted = self.counted.get(sid)
+        refusal = None if counted is None else self._over_session_cap(sid, counted, user)
         if refusal is None and command == "udp":
             refusal = self._over_udp_cap(client_ip)
         return refusal
 
-    def _over_session_cap(self, sid: int, user: bytes) -> str | None:
-        counted = self.counted.get(sid)
-        if counted is None or not self.caps_on:
+    def admit_engine(self, client: IPAddress) -> str | None:
+        """admit() for a CONNECT of the relay engine's, counted there (no user, no UDP)."""
+        return self._over_session_cap(0, Counted(self._buckets(client.packed)), b"") if self.counting else None
+
+    def _over_session_cap(self, sid: int, counted: Counted, user: bytes) -> str | None:
+        if not self.caps_on:
             return None
         s, limits = self.settings, self.limits
         if s.max_sessions_per_worker and limits.of_worker(self.slot) > s.max_sessions_per_worker:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+from typing import NamedTuple
 
 BUCKETS = 4096       # per table; two tables per kind
 HASHES = 2
@@ -39,6 +40,19 @@ _BLOCKED = _FAIL_WINDOW + _TABLE          # blocked until (ms)
 ROW_WORDS = _BLOCKED + _TABLE
 
 
+class EngineCounts(NamedTuple):
+    """Where the relay engine counts the sessions it serves itself (RelayEngine.front):
+    this map's words, the worker's row, and the layout of a row, in words."""
+    words: memoryview
+    slot: int
+    workers: int
+    row_words: int
+    open: int
+    clients: int
+    blocked: int
+    buckets: int  # in each of the clients and blocked sections (both tables)
+
+
 class SharedLimits:
     def __init__(self, workers: int) -> None:
         self.workers = workers
@@ -46,6 +60,11 @@ class SharedLimits:
         size = max(8 * ROW_WORDS * workers, mmap.PAGESIZE)
         self._map = mmap.mmap(-1, size, flags=mmap.MAP_SHARED)
         self._words = memoryview(self._map).cast("q")
+
+    def for_engine(self, slot: int) -> EngineCounts:
+        """The map as the engine of worker ``slot`` counts in it: the same words, open_session,
+        close_session, the caps and blocked_until over them, in C."""
+        return EngineCounts(self._words, slot, self.workers, ROW_WORDS, _OPEN, _CLIENTS, _BLOCKED, _TABLE)
 
     # -- keys
 

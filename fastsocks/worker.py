@@ -261,29 +261,39 @@ class Worker:
 
     def configure_front(self) -> None:
         """Tell the engine's front door what this configuration answers itself."""
-        settings = self.settings
+        settings, admission = self.settings, self.admission
         self.front_verdict = functools.lru_cache(maxsize=4096)(self.judge_connect)  # new rules: new cache
         methods = bytes(METHODS[name] for name in settings.methods if name != "userpass" or self.auth is not None)
+        counting = admission.counting
         self.engine.front(self, methods=methods, socks4="none" in settings.methods,
                           # Rules (and a default deny) judge at accept too: one flag for both.
-                          judge_accept=self.admission.judges_at_accept,
-                          judge_request=self.admission.judges_at_accept,
+                          judge_accept=admission.judges_at_accept,
+                          judge_request=admission.judges_at_accept,
                           own_ports=frozenset(self.env.own_addresses),
                           handshake_timeout_s=settings.handshake_timeout_s,
-                          connect_timeout_s=settings.connect_timeout_s)
+                          connect_timeout_s=settings.connect_timeout_s,
+                          # The engine counts its own sessions and checks the caps of those.
+                          counts=admission.limits.for_engine(self.slot) if counting else None,
+                          caps=(settings.max_sessions, settings.max_sessions_per_worker,
+                                settings.max_sessions_per_client) if counting else (0, 0, 0),
+                          check_blocked=counting and "userpass" in settings.methods)
 
-    def accepted(self, tag: int, host: str, port: int) -> bool:
+    def accepted(self, tag: int, host: str, port: int) -> bool | tuple[int, ...]:
+        """Let this client in? The engine remembers a tuple answer (the buckets to count its
+        sessions in, or none) for this address until the next front()."""
         try:
-            return self.admission.at_accept(tag, access.format_peer((host, port)), host, self.parse_ip(host))[0]
+            let_in, _ip, buckets = self.admission.door(access.format_peer((host, port)), host, self.parse_ip(host))
         except Exception:
             log.exception("client=%s: internal error at accept", access.format_peer((host, port)))
             return False
+        return (buckets or ()) if let_in else False
 
     def request(self, tag: int, proto: int, client: str, host: str, port: int) -> tuple[int, str] | None:
         """A CONNECT the engine would run: the caps, then the rules, as Session does them
-        (the engine has screened out what needs forbidden_destination or is_own_listener)."""
+        (the engine has screened out what needs forbidden_destination or is_own_listener).
+        The engine remembers a None for (client, host, port) until the next front()."""
         try:
-            refusal = self.admission.admit(tag, b"", "connect", "")
+            refusal = self.admission.admit_engine(self.parse_ip(client))
             if refusal is not None:
                 return Reply.GENERAL_FAILURE, refusal
             return self.front_verdict(client, host, port)
@@ -309,9 +319,10 @@ class Worker:
             os.close(fd)
             log.error("client=%s: cannot take over the connection: %s", access.format_peer(peer), exc)
             self.closed += 1
-            self.admission.closed(tag)
             return
         client_ip = unmapped(ipaddress.ip_address(peer[0].partition("%")[0]))
+        if self.admission.counting:  # the engine counted it until now
+            self.admission.count(tag, self.admission.buckets_of(client_ip))
         session = Session(self, self.env, tag, client, access.format_peer(peer), client_ip,
                           replay=(data, sent), started_s=started_s)
         self.handshaking[tag] = session

@@ -26,6 +26,7 @@ from support import echo_handler, require_ipv6, socks5_request_bytes
 
 from fastsocks import _relay, _relay_py
 from fastsocks._relay_types import Ended
+from fastsocks.limits import SharedLimits
 
 ENGINES = {"cython": _relay, "python": _relay_py}
 
@@ -650,6 +651,137 @@ def test_every_fd_the_engine_opened_is_closed(door):
     assert set(os.listdir("/proc/self/fd")) == before
 
 
+# --------------------------------------------------------------------- the gate's answers, remembered
+
+
+def relayed_once(d, port: int) -> socket.socket:
+    """A client through the engine to 127.0.0.1:port, granted and still open."""
+    client = d.connect()
+    client.sendall(GREETING + socks5_request_bytes("127.0.0.1", port))
+    answer = d.recv_exact(client, 12)
+    assert answer[:4] == b"\x05\x00\x05\x00", answer
+    return client
+
+
+def test_a_tuple_at_accept_is_remembered_and_a_refusal_asked_each_time(door, echo_target):
+    gate = Gate(admit=())
+    d = door(gate, judge_accept=True)
+    for _ in range(3):
+        relayed_once(d, echo_target.port)
+    assert [call[0] for call in gate.accepted_calls] == [1]  # let in again without asking
+    d.engine.front(gate, judge_accept=True)  # a reload: new rules, new answers
+    gate.admit = False
+    for _ in range(2):
+        assert d.recv_to_eof(d.connect()) == b""
+    assert [call[0] for call in gate.accepted_calls] == [1, 4, 5]
+
+
+def test_a_request_let_through_is_remembered_per_client_destination_and_port(door, echo_target, tcp_target):
+    gate = Gate()
+    d = door(gate, judge_request=True)
+    other = tcp_target(echo_handler)
+    for port in (echo_target.port, echo_target.port, other.port, echo_target.port):
+        relayed_once(d, port)
+    assert [(tag, port) for tag, _proto, _client, _host, port in gate.requests] == [
+        (1, echo_target.port), (3, other.port)]
+    gate.refusal = (2, "not allowed by rule 1")
+    d.engine.front(gate, judge_request=True)  # forgotten: the new rules refuse
+    client = d.connect()
+    client.sendall(GREETING + socks5_request_bytes("127.0.0.1", echo_target.port))
+    assert d.recv_to_eof(client) == SELECTED + failure5(2)
+
+
+@pytest.fixture
+def counts():
+    limits = SharedLimits(1)
+    try:
+        yield limits
+    finally:
+        del limits  # the engine may still hold a view of the map
+
+
+def test_sessions_of_a_counted_client_are_counted_until_they_end(door, echo_target, counts):
+    buckets = counts.buckets(b"a client")
+    d = door(Gate(admit=buckets), judge_accept=True, counts=counts.for_engine(0))
+    held = [relayed_once(d, echo_target.port) for _ in range(3)]
+    assert (counts.of_worker(0), counts.of_client(buckets), counts.total()) == (3, 3, 3)
+    for client in held:
+        client.close()
+    d.run_until(lambda: counts.of_worker(0) == 0, "the sessions uncounted")
+    assert counts.of_client(buckets) == 0 and len(d.gate.accepted_calls) == 1
+
+
+def test_a_counted_client_handed_off_is_uncounted_for_the_gate_to_count(door, counts):
+    buckets = counts.buckets(b"a client")
+    d = door(Gate(admit=buckets), judge_accept=True, counts=counts.for_engine(0))
+    client = d.connect()
+    client.sendall(GREETING)
+    assert d.recv_exact(client, 2) == SELECTED
+    assert counts.of_client(buckets) == 1
+    client.sendall(b"\x05\x01\x00\x03\x09localhost\x00\x50")  # a name: the session's
+    d.run_until(lambda: d.gate.handoffs, "the hand-off")
+    assert (counts.of_worker(0), counts.of_client(buckets)) == (0, 0)
+
+
+def test_a_session_over_a_cap_is_judged_by_the_gate(door, echo_target, counts):
+    """Under the caps the engine answers from memory; over one, the gate gives the refusal."""
+    buckets = counts.buckets(b"a client")
+    gate = Gate(admit=buckets)
+    d = door(gate, judge_accept=True, judge_request=True, counts=counts.for_engine(0), caps=(0, 0, 2))
+    held = [relayed_once(d, echo_target.port) for _ in range(2)]
+    assert len(gate.requests) == 1
+    gate.refusal = (1, "over max_sessions_per_client (2)")
+    third = d.connect()
+    third.sendall(GREETING + socks5_request_bytes("127.0.0.1", echo_target.port))
+    assert d.recv_to_eof(third) == SELECTED + failure5(1)
+    assert len(gate.requests) == 2
+    assert [e.why for e in d.ended] == ["over max_sessions_per_client (2)"]
+    assert counts.of_client(buckets) == 2  # the refused one is uncounted once it ended
+    held.pop().close()
+    d.run_until(lambda: counts.of_client(buckets) == 1, "the closed one uncounted")
+    gate.refusal = None
+    held.append(relayed_once(d, echo_target.port))  # under the cap again: not asked
+    assert len(gate.requests) == 2
+
+
+def test_a_remembered_client_blocked_since_is_asked_again(door, echo_target, counts):
+    buckets = counts.buckets(b"a client")
+    gate = Gate(admit=buckets)
+    d = door(gate, judge_accept=True, counts=counts.for_engine(0), check_blocked=True)
+    relayed_once(d, echo_target.port).close()
+    counts.block(0, buckets, int(time.monotonic() * 1000) + 60_000)
+    gate.admit = False  # the gate sees the block
+    assert d.recv_to_eof(d.connect()) == b""
+    assert len(gate.accepted_calls) == 2
+
+
+@pytest.mark.parametrize("answer", [(1,), (1, 2, 3), (0, 1 << 20)], ids=["one", "three", "out of range"])
+def test_buckets_the_engine_cannot_count_in_refuse_the_client_and_raise(door, counts, answer):
+    d = door(Gate(admit=answer), judge_accept=True, counts=counts.for_engine(0))
+    client = d.connect()
+    with pytest.raises(ValueError, match="gate.accepted"):
+        for _ in range(500):
+            d.run_once()
+    assert d.recv_to_eof(client) == b""
+    assert counts.of_worker(0) == 0
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_the_counts_cannot_change_while_sessions_are_counted_in_them(engine, counts, echo_target):
+    d = FrontDoor(ENGINES[engine], Gate(admit=counts.buckets(b"x")), "127.0.0.1",
+                  {"judge_accept": True, "counts": counts.for_engine(0)})
+    try:
+        client = relayed_once(d, echo_target.port)
+        other = SharedLimits(1)
+        with pytest.raises(ValueError, match="counted in another map"):
+            d.engine.front(d.gate, judge_accept=True, counts=other.for_engine(0))
+        d.engine.front(d.gate, judge_accept=True)  # no counts: new sessions are not counted...
+        client.close()
+        d.run_until(lambda: counts.of_worker(0) == 0, "...but the counted one is uncounted")
+    finally:
+        d.close()
+
+
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_front_refuses_what_it_cannot_honour(engine):
     made = ENGINES[engine].RelayEngine()
@@ -658,6 +790,13 @@ def test_front_refuses_what_it_cannot_honour(engine):
             made.front(object(), own_ports=frozenset({1080, 70000}))
         with pytest.raises(ValueError, match="methods"):
             made.front(object(), methods=bytes(9))
+        with pytest.raises(ValueError, match="caps"):
+            made.front(object(), caps=(0, -1, 0))
+        words = SharedLimits(1).for_engine(0)
+        with pytest.raises(ValueError, match="layout"):
+            made.front(object(), counts=words._replace(slot=1))
+        with pytest.raises(ValueError, match="need more"):
+            made.front(object(), counts=words._replace(workers=4, slot=3))
         with pytest.raises(ValueError, match="front"):
             ENGINES[engine].RelayEngine().listen(0)  # no gate to hand clients to yet
     finally:

@@ -15,8 +15,8 @@ import subprocess
 
 import pytest
 
-from support import (call_in_netns, fastsocks_command, process_usage, read_socks5_reply, recv_exact, socks5_connect,
-                     socks5_request_bytes, wait_until)
+from support import (call_in_netns, echo_handler, fastsocks_command, process_usage, read_socks5_reply, recv_exact,
+                     socks5_connect, socks5_request_bytes, wait_until)
 
 NOT_ALLOWED = 0x02
 GENERAL_FAILURE = 0x01
@@ -222,6 +222,34 @@ def test_sessions_per_client_are_capped_and_freed(tmp_path, start_server, echo_t
     wait_until(serves, what="a freed slot under the cap")
     for sock in held:
         sock.close()
+
+
+def test_a_cap_counts_the_engines_sessions_and_the_handed_off_ones_alike(start_server, localhost_target):
+    """The engine counts the CONNECTs to an address it serves itself; a name goes to a
+    Python session, which takes the count over: one cap over both, and nothing leaks."""
+    target = localhost_target(echo_handler)
+    server = start_server("--max-sessions-per-client", "2")
+    by_ip, (code, _, _) = socks5_connect(server.address, "127.0.0.1", target.port)
+    assert code == 0
+    by_name, (code, _, _) = socks5_connect(server.address, "localhost", target.port)
+    assert code == 0
+    for host in ("127.0.0.1", "localhost"):
+        with socket.create_connection(server.address, timeout=10) as sock:
+            sock.sendall(b"\x05\x01\x00" + socks5_request_bytes(host, target.port))
+            assert recv_exact(sock, 2) == b"\x05\x00"
+            assert read_socks5_reply(sock)[0] == GENERAL_FAILURE
+    server.wait_for_log(r"dest=127\.0\.0\.1:\d+ .*reply=general_failure .*over max_sessions_per_client \(2\)")
+    server.wait_for_log(r"dest=localhost:\d+ .*reply=general_failure .*over max_sessions_per_client \(2\)")
+    by_name.close()
+    by_ip.close()
+
+    def both_serve() -> bool:
+        socks = [socks5_connect(server.address, host, target.port) for host in ("localhost", "127.0.0.1")]
+        for sock, _ in socks:
+            sock.close()
+        return all(reply[0] == 0 for _, reply in socks)
+
+    wait_until(both_serve, what="both slots freed, whoever counted them")
 
 
 def test_sessions_in_total_are_capped_across_workers(start_server, echo_target):
