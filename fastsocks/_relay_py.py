@@ -25,6 +25,8 @@ only::
       │   client did not take whole──> gate.hand_off() (at the end of run())
       │──"connect" to 0.x.x.x, ::/80, or a port in own_ports──> gate.hand_off()
       │──judge_request: gate.request() refuses──> failure reply, Ended "failed"
+      │   (the answers that let a client through are remembered until the next front():
+      │   per address at accept, per client/destination/port at the request; see _front.pxi)
       │──past handshake_timeout_s (expire_idle)──> closed unanswered, Ended "failed", reply -1
     CONNECTING: a non-blocking connect; the client is not watched meanwhile
       │──fails, or past connect_timeout_s──> failure reply, Ended "failed"
@@ -355,7 +357,8 @@ class RelayEngine:
             raise ValueError("caps: each 0 (none) or more")
         if counts is not None:
             given = tuple(counts)
-            if self._n_counted and given != self._counts.given:
+            before = self._counts.given if self._counts is not None else None
+            if self._n_counted and (given[0] is not before[0] or given[1:] != before[1:]):
                 raise ValueError("sessions are counted in another map: the counts cannot change now")
             self._counts = _Counts(given)
         self._count_new = counts is not None

@@ -775,6 +775,8 @@ def test_the_counts_cannot_change_while_sessions_are_counted_in_them(engine, cou
         other = SharedLimits(1)
         with pytest.raises(ValueError, match="counted in another map"):
             d.engine.front(d.gate, judge_accept=True, counts=other.for_engine(0))
+        d.engine.front(d.gate, judge_accept=True, counts=counts.for_engine(0))  # a reload: the same map
+        assert counts.of_worker(0) == 1
         d.engine.front(d.gate, judge_accept=True)  # no counts: new sessions are not counted...
         client.close()
         d.run_until(lambda: counts.of_worker(0) == 0, "...but the counted one is uncounted")
