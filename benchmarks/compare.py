@@ -13,7 +13,7 @@ table and a chart.
 
 Servers: fastsocks with 1 and 2 workers (at the default log level: one access line per
 session, into the run's log file), Dante (`danted`, Debian package dante-server, run with
-a loopback-only config written here), hev-socks5-server and 3proxy with splice (built
+a loopback-only config written here), hev-socks5-server and 3proxy with splice and without (built
 from source: on PATH or in $FASTSOCKS_PEERS_BIN), microsocks (Debian package
 microsocks), pproxy (PyPI), and `direct` (the same work without a proxy: the physical
 reference). A server that is not installed is skipped with one line saying how to

@@ -128,21 +128,25 @@ def _hev_argv(port: int, workdir: Path) -> list[str]:
     return [_peer_binary("hev-socks5-server"), str(conf)]
 
 
-def three_proxy_config(port: int) -> str:
-    """3proxy: SOCKS on loopback, connecting out from loopback, no auth, no log, splice on
-    (-s: a build with -DWITHSPLICE; 3proxy 1.0.0 leaves it out by default), 4096 connections."""
+def three_proxy_config(port: int, splice: bool = True) -> str:
+    """3proxy: SOCKS on loopback, connecting out from loopback, no auth, no log, 4096
+    connections; splice on (-s: a build with -DWITHSPLICE; 3proxy 1.0.0 leaves it out by
+    default) or off (its read/write path)."""
     return (
         "# written by benchmarks/compare.py: loopback only\n"
         "maxconn 4096\nlog /dev/null\n"
         f"internal {LOOPBACK}\nexternal {LOOPBACK}\nauth none\n"
-        f"socks -s -i{LOOPBACK} -e{LOOPBACK} -p{port}\n"
+        f"socks {'-s ' if splice else ''}-i{LOOPBACK} -e{LOOPBACK} -p{port}\n"
     )
 
 
-def _three_proxy_argv(port: int, workdir: Path) -> list[str]:
-    conf = workdir / f"3proxy-{port}.cfg"
-    conf.write_text(three_proxy_config(port))
-    return [_peer_binary("3proxy"), str(conf)]
+def _three_proxy_argv(splice: bool) -> Callable[[int, Path], list[str]]:
+    def argv(port: int, workdir: Path) -> list[str]:
+        conf = workdir / f"3proxy-{port}.cfg"
+        conf.write_text(three_proxy_config(port, splice))
+        return [_peer_binary("3proxy"), str(conf)]
+
+    return argv
 
 
 PEERS_BIN = "FASTSOCKS_PEERS_BIN"  # a directory with peers built from source (hev, 3proxy)
@@ -219,9 +223,11 @@ def default_servers() -> list[ServerSpec]:
         ServerSpec("hev", "hev-socks5-server", "peer", _hev_argv, _peer_installed("hev-socks5-server"),
                    "not packaged by Debian: build it from its public repository (with its git submodules) "
                    f"and put hev-socks5-server on PATH or in ${PEERS_BIN}", _hev_version),
-        ServerSpec("3proxy", "3proxy", "peer", _three_proxy_argv, _peer_installed("3proxy"),
+        ServerSpec("3proxy", "3proxy", "peer", _three_proxy_argv(True), _peer_installed("3proxy"),
                    "not packaged by Debian: build it from its public repository with -DWITHSPLICE "
                    f"and put 3proxy on PATH or in ${PEERS_BIN}", lambda: ""),
+        ServerSpec("3proxy-copy", "3proxy, no splice", "peer", _three_proxy_argv(False), _peer_installed("3proxy"),
+                   "the same 3proxy build, run without -s", lambda: ""),
         ServerSpec("microsocks", "microsocks", "peer",
                    lambda port, workdir: ["microsocks", "-i", LOOPBACK, "-p", str(port)],
                    _which("microsocks"), "apt-get install microsocks", _dpkg_version("microsocks")),

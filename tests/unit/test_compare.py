@@ -155,7 +155,8 @@ def test_every_peer_says_how_to_install_it():
     assert "pip install ." in hints["fastsocks-1w"]
     assert "FASTSOCKS_PEERS_BIN" in hints["hev"] and "-DWITHSPLICE" in hints["3proxy"]
     names = [s.name for s in default_servers()]
-    assert names == ["direct", "fastsocks-1w", "fastsocks-2w", "dante", "hev", "3proxy", "microsocks", "pproxy"]
+    assert names == ["direct", "fastsocks-1w", "fastsocks-2w", "dante", "hev", "3proxy", "3proxy-copy",
+                     "microsocks", "pproxy"]
 
 
 def test_hev_and_3proxy_configs_are_loopback_only_on_the_given_port():
@@ -166,6 +167,7 @@ def test_hev_and_3proxy_configs_are_loopback_only_on_the_given_port():
     assert "internal 127.0.0.1" in proxy and "external 127.0.0.1" in proxy and "auth none" in proxy
     assert "socks -s -i127.0.0.1 -e127.0.0.1 -p10802" in proxy  # -s: splice
     assert not any(line.startswith("daemon") for line in proxy)  # stays in the foreground, stopped by pid
+    assert "socks -i127.0.0.1 -e127.0.0.1 -p10803" in three_proxy_config(10803, splice=False).splitlines()
 
 
 def test_dante_config_is_loopback_only():
