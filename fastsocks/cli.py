@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
              "client rule (refused otherwise)")
     add("--log-level", choices=("debug", "info", "warning", "error"),
         help="info logs one access line per session; warning keeps only problems")
+    add("--user", metavar="NAME",
+        help="started as root: bind, then run the master and every worker as this user "
+             "(the config and users files must be readable by it: SIGHUP re-reads them)")
+    add("--group", metavar="NAME", help="with --user: this group instead of the user's own")
     return parser
 
 

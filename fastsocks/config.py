@@ -33,6 +33,8 @@ FIELDS: dict[tuple[str, str], tuple[str, object]] = {
     ("server", "advertise"): ("advertise", str),
     ("server", "allow_open_proxy"): ("allow_open_proxy", bool),
     ("server", "log_level"): ("log_level", str),
+    ("server", "user"): ("user", str),
+    ("server", "group"): ("group", str),
     ("auth", "users_file"): ("users_file", str),
     ("auth", "methods"): ("auth_methods", "methods"),
     ("auth", "max_failures"): ("auth_max_failures", int),
@@ -268,7 +270,8 @@ class _Lines:
 
 # What a running server cannot change: sockets, processes and the engine are made at start.
 RESTART_FIELDS = ("listen", "workers", "accept_mode", "backlog", "splice", "pipe_size", "max_pipes",
-                  "buffer_size", "resolver_threads", "dns_cache_ttl_s", "dns_cache_size", "log_level")
+                  "buffer_size", "resolver_threads", "dns_cache_ttl_s", "dns_cache_size", "log_level",
+                  "user", "group")
 
 
 def reloaded(old: Settings, load) -> tuple[Settings, list[str]]:

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import psutil
 
-from fastsocks import config, logs
+from fastsocks import config, logs, privileges
 from fastsocks.errors import BootError, ConfigError
 from fastsocks.limits import SharedLimits
 from fastsocks.listeners import ListenerSet
@@ -95,6 +95,7 @@ class Master:
         self.crashes = [0] * settings.workers
         self.usage = [SlotUsage() for _ in range(settings.workers)]
         self.facts_at_s = 0.0
+        self.facts_denied = False  # warned once that a worker's /proc could not be read
         self.respawn_at_s = [0.0] * settings.workers
         self.stopping_since_s: float | None = None
         self.exit_code = 0
@@ -108,6 +109,7 @@ class Master:
         self.listeners = ListenerSet(self.settings)
         self.stats = SharedStats(self.settings.workers)
         self.limits = SharedLimits(self.settings.workers)
+        self.become_user()
         self.install_signals()
         addresses = ", ".join(str(a) for a in self.listeners.addresses)
         log.info("fastsocks listening on %s with %d workers (accept mode %s, pid %d)",
@@ -127,6 +129,14 @@ class Master:
             self.listeners.close()
             signal.set_wakeup_fd(-1)
         return self.exit_code
+
+    def become_user(self) -> None:
+        """--user/--group: drop root before any worker exists (privileges.py)."""
+        who = self.settings.identity
+        if who is None:
+            return
+        privileges.drop(who, supplementary_from_user=self.settings.user is not None)
+        privileges.readable([p for p in (self.settings.config_path, self.settings.users_file) if p], who)
 
     def install_signals(self) -> None:
         self.wakeup_r, self.wakeup_w = socket.socketpair()
@@ -324,6 +334,11 @@ class Master:
                                              times.user + times.system, worker.process.num_fds()))
             except psutil.NoSuchProcess:
                 continue  # exited since the last reap
+            except psutil.AccessDenied:  # its /proc is not ours to read (privileges.py): no facts
+                if not self.facts_denied:
+                    self.facts_denied = True
+                    log.warning("cannot read worker %d's /proc entries (pid %d): no RSS, CPU or fd figures",
+                                worker.slot, worker.pid)
         return facts
 
     def watch_workers(self, now: bool = False) -> None:

@@ -10,6 +10,7 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
+from fastsocks import privileges
 from fastsocks.errors import ConfigError
 from fastsocks.policy import Policy
 
@@ -66,6 +67,8 @@ class Settings:
     max_sessions_per_user: int = 0      # one user name (all workers)
     policy: Policy = field(default_factory=Policy)
     allow_open_proxy: bool = False
+    user: str | None = None             # run as this user once the sockets are bound (privileges.py)
+    group: str | None = None            # ...and group (default: the user's own)
     config_path: str | None = None
 
     @property
@@ -110,10 +113,19 @@ class Settings:
         for name, ok, msg in checks:
             if not ok:
                 raise ConfigError(None, None, name, msg)
+        try:
+            privileges.resolve(self.user, self.group)
+        except KeyError as exc:
+            raise ConfigError(None, None, "group" if "group" in exc.args[0] else "user", exc.args[0]) from None
         problem = self.open_proxy_problem()
         if problem is not None and not self.allow_open_proxy:
             raise ConfigError(None, None, "listen", problem + "; add authentication or a client rule, "
                               "or set allow_open_proxy = true (--allow-open-proxy) if you mean it")
+
+    @property
+    def identity(self) -> privileges.Identity | None:
+        """Who the server runs as after binding (--user/--group), or None: as started."""
+        return privileges.resolve(self.user, self.group)
 
     def open_proxy_problem(self) -> str | None:
         """Why this configuration is an open proxy, or None: anyone who reaches a public

@@ -87,7 +87,7 @@ RANKS = {
     "protocol": 1, "settings": 1, "stats": 1, "logs": 1, "loop": 1, "resolver": 1,
     "_relay": 1, "_relay_types": 0, "users": 1, "auth": 1,  # auth imports users only for annotations
     "_relay_py": 2,  # the reference engine reads handshakes with protocol/ and describes them as access does
-    "policy": 0, "limits": 1, "config": 2, "access": 1, "host": 1, "rlimit": 0, "heap": 0,
+    "policy": 0, "limits": 1, "config": 2, "access": 1, "host": 1, "rlimit": 0, "heap": 0, "privileges": 0,
     "admission": 2, "bind": 2,  # bind is the session's BIND phase
     "listeners": 3, "session": 3, "udp": 3,  # udp sits beside session: only the worker imports it
     "worker": 4,
