@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import time
 
+from fastsocks import logs
+
 log = logging.getLogger("fastsocks.access")
 
 
@@ -40,12 +42,12 @@ def enabled() -> bool:
 
 def session_failed(described: str, reply, started_s: float, why: str) -> None:
     reply_name = reply.name.lower() if hasattr(reply, "name") else ("-" if reply is None else str(reply))
-    log.info("%s reply=%s duration_s=%.3f error=%r", described, reply_name, time.monotonic() - started_s, why)
+    logs.info(log, "%s reply=%s duration_s=%.3f error=%r", described, reply_name, time.monotonic() - started_s, why)
 
 
 def relay_ended(described: str, started_s: float, up: int, down: int, end: str) -> None:
-    log.info("%s reply=succeeded up=%d down=%d duration_s=%.3f end=%s",
-             described, up, down, time.monotonic() - started_s, end)
+    logs.info(log, "%s reply=succeeded up=%d down=%d duration_s=%.3f end=%s",
+              described, up, down, time.monotonic() - started_s, end)
 
 
 def udp_ended(association, end: str) -> None:

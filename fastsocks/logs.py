@@ -7,6 +7,12 @@ every one), made cheap for the access log, which writes a line per session: no c
 lookup, thread or process fields (the format uses none of them), and the timestamp text
 made once a second.
 
+``info(logger, msg, *args)`` is ``logger.info(msg, *args)`` for the lines written per
+session: when nothing but this module's own handler would see the record (no other
+handler, filter, record factory or level in the way: the default set-up), it writes the
+very line that record would have become straight into the handler's batch, without making
+the record; otherwise (a handler of the user's, pytest's caplog) it logs as usual.
+
 A worker batches its INFO and DEBUG lines: ``flush()``, which the worker calls at the end
 of every loop turn, writes them with one write() per 4 KiB at most, whole lines only, so
 that lines from several workers sharing one stderr pipe never interleave (a write of up
@@ -44,11 +50,14 @@ class _Formatter(logging.Formatter):
         self._second_text = ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
+        return self.time_text(record.created, record.msecs)
+
+    def time_text(self, created: float, msecs: float) -> str:
+        second = int(created)
         if second != self._second:
             self._second, self._second_text = second, time.strftime(self.default_time_format,
-                                                                    self.converter(record.created))
-        return f"{self._second_text},{int(record.msecs):03d}"
+                                                                    self.converter(created))
+        return f"{self._second_text},{int(msecs):03d}"
 
 
 class _Handler(logging.StreamHandler):
@@ -69,11 +78,14 @@ class _Handler(logging.StreamHandler):
         except Exception:
             self.handleError(record)
             return
+        self._add(line, record.levelno)
+
+    def _add(self, line: str, levelno: int) -> None:
         if self._size + len(line) > BATCH_BYTES:
             self._write()
         self._lines.append(line)
         self._size += len(line)
-        if record.levelno >= logging.WARNING:
+        if levelno >= logging.WARNING:
             self._write()
 
     def flush(self) -> None:
@@ -90,6 +102,40 @@ class _Handler(logging.StreamHandler):
             self.stream.flush()
         except Exception:
             pass  # stderr gone: nowhere left to say so (logging's own handleError prints there)
+
+
+def info(logger: logging.Logger, msg: str, *args) -> None:
+    """logger.info(msg, *args); see the module docstring for the direct path."""
+    handler = _sole_handler(logger)
+    if handler is None:
+        logger.info(msg, *args)
+        return
+    created = time.time()  # as LogRecord: created, then msecs from it
+    msecs = int((created - int(created)) * 1000) + 0.0
+    handler._add(f"{handler.formatter.time_text(created, msecs)} {logging.getLevelName(logging.INFO)} "
+                 f"[{handler.filters[0].process_name}] {logger.name}: {msg % args}{handler.terminator}",
+                 logging.INFO)
+
+
+def _sole_handler(logger: logging.Logger) -> _Handler | None:
+    """This module's batching handler when it alone would see an INFO record of ``logger``,
+    as logging would make and pass it; else None."""
+    if not logger.isEnabledFor(logging.INFO) or logging.getLogRecordFactory() is not logging.LogRecord:
+        return None
+    node = logger
+    while node.parent is not None:  # up to the root, which has no parent
+        if node.handlers or node.filters or not node.propagate or node.disabled:
+            return None
+        node = node.parent
+    handlers = node.handlers
+    if node.filters or node.disabled or len(handlers) != 1 or type(handlers[0]) is not _Handler:
+        return None
+    handler = handlers[0]
+    if (not handler.batching or handler.level > logging.INFO or len(handler.filters) != 1
+            or type(handler.filters[0]) is not _ProcessNameFilter or type(handler.formatter) is not _Formatter
+            or handler.formatter._fmt != FORMAT):
+        return None
+    return handler
 
 
 def configure(level: str) -> None:
