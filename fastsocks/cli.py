@@ -9,7 +9,7 @@ import sys
 
 from fastsocks import __version__, config, logs
 from fastsocks.errors import BootError, ConfigError
-from fastsocks.settings import ACCEPT_MODES, Settings, parse_listen
+from fastsocks.settings import ACCEPT_MODES, Settings, parse_listen, parse_networks
 
 log = logging.getLogger("fastsocks")
 
@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
              "commented); flags given here override it")
     add("-l", "--listen", action="append", metavar="HOST:PORT", type=_listen,
         help="address to listen on, repeatable; IPv6 as [::1]:1080 (default: 127.0.0.1:1080)")
+    add("--proxy-listen", action="append", dest="listen", metavar="HOST:PORT", type=_proxy_listen,
+        help="address to listen on behind a load balancer, repeatable: every connection opens with a "
+             "PROXY protocol header (v1 or v2) from --trusted-proxy, whose client address the rules, "
+             "caps and logs then see")
+    add("--trusted-proxy", action="append", dest="trusted_proxies", metavar="NET", type=_network,
+        help="address or network (10.0.0.0/8) of a balancer allowed to send PROXY headers, repeatable")
+    add("--metrics", metavar="HOST:PORT", type=_listen,
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (from the master)")
     add("-w", "--workers", type=int, help="worker processes")
     add("--accept-mode", choices=ACCEPT_MODES,
         help="reuseport: one SO_REUSEPORT socket per worker (even spread); shared: one socket for all workers")
@@ -109,11 +117,27 @@ def _listen(text: str):
         raise argparse.ArgumentTypeError(exc.msg) from None
 
 
+def _proxy_listen(text: str):
+    try:
+        return parse_listen(text, proxy_protocol=True)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(exc.msg) from None
+
+
+def _network(text: str):
+    try:
+        return parse_networks([text])[0]
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(exc.msg) from None
+
+
 def overrides_from_args(args: argparse.Namespace) -> dict:
     """The Settings fields the command line sets: only the flags actually given."""
     given = {OPTION_FIELDS.get(k, k): v for k, v in vars(args).items() if k != "config"}
     if "listen" in given:
         given["listen"] = tuple(dict.fromkeys(given["listen"]))
+    if "trusted_proxies" in given:
+        given["trusted_proxies"] = tuple(dict.fromkeys(given["trusted_proxies"]))
     return given
 
 

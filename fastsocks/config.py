@@ -21,10 +21,12 @@ from pathlib import Path
 
 from fastsocks.errors import ConfigError
 from fastsocks.policy import ACTIONS, COMMANDS, Destination, Policy, Rule, parse_ports
-from fastsocks.settings import Settings, parse_listen
+from fastsocks.settings import Settings, parse_listen, parse_networks
 
 # (table, key) -> (Settings field, expected type). Types: int, float (int accepted), str,
-# bool, "listen" (a string or a list of them), "methods" (a list of method names).
+# bool, "listen" (a string or a list of them, each a "HOST:PORT" or a table
+# {address = "HOST:PORT", proxy_protocol = true}), "methods" (a list of method names),
+# "networks" (a list of addresses or networks).
 FIELDS: dict[tuple[str, str], tuple[str, object]] = {
     ("server", "listen"): ("listen", "listen"),
     ("server", "workers"): ("workers", int),
@@ -34,6 +36,8 @@ FIELDS: dict[tuple[str, str], tuple[str, object]] = {
     ("server", "allow_open_proxy"): ("allow_open_proxy", bool),
     ("server", "log_level"): ("log_level", str),
     ("server", "user"): ("user", str),
+    ("server", "trusted_proxies"): ("trusted_proxies", "networks"),
+    ("server", "metrics"): ("metrics", "address"),
     ("server", "group"): ("group", str),
     ("auth", "users_file"): ("users_file", str),
     ("auth", "methods"): ("auth_methods", "methods"),
@@ -129,11 +133,26 @@ class _Reader:
 
     def value(self, table: str, key: str, value, kind):
         if kind == "listen":
-            items = [value] if isinstance(value, str) else value
-            if not isinstance(items, list) or not items or not all(isinstance(v, str) for v in items):
-                raise self.error(table, key, 'expected "HOST:PORT" or a list of them')
+            items = [value] if isinstance(value, (str, dict)) else value
+            if not isinstance(items, list) or not items or not all(_is_listen_item(v) for v in items):
+                raise self.error(table, key, 'expected "HOST:PORT", {address = "HOST:PORT", '
+                                 'proxy_protocol = true} or a list of them')
             try:
-                return tuple(dict.fromkeys(parse_listen(v) for v in items))
+                return tuple(dict.fromkeys(_listen_item(v) for v in items))
+            except ConfigError as exc:
+                raise self.error(table, key, exc.msg) from None
+        if kind == "address":
+            if not isinstance(value, str):
+                raise self.error(table, key, f'expected "HOST:PORT", not {_toml_type(value)}')
+            try:
+                return parse_listen(value)
+            except ConfigError as exc:
+                raise self.error(table, key, exc.msg) from None
+        if kind == "networks":
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise self.error(table, key, 'expected a list of addresses or networks, like ["10.0.0.0/8"]')
+            try:
+                return parse_networks(value)
             except ConfigError as exc:
                 raise self.error(table, key, exc.msg) from None
         if kind == "methods":
@@ -268,8 +287,21 @@ class _Lines:
         return self.headers.get((table, index))
 
 
+def _is_listen_item(value) -> bool:
+    if isinstance(value, str):
+        return True
+    return (isinstance(value, dict) and isinstance(value.get("address"), str)
+            and set(value) <= {"address", "proxy_protocol"} and isinstance(value.get("proxy_protocol", False), bool))
+
+
+def _listen_item(value):
+    if isinstance(value, str):
+        return parse_listen(value)
+    return parse_listen(value["address"], value.get("proxy_protocol", False))
+
+
 # What a running server cannot change: sockets, processes and the engine are made at start.
-RESTART_FIELDS = ("listen", "workers", "accept_mode", "backlog", "splice", "pipe_size", "max_pipes",
+RESTART_FIELDS = ("listen", "metrics", "workers", "accept_mode", "backlog", "splice", "pipe_size", "max_pipes",
                   "buffer_size", "resolver_threads", "dns_cache_ttl_s", "dns_cache_size", "log_level",
                   "user", "group")
 

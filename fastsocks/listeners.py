@@ -41,23 +41,31 @@ class ListenerSet:
         self.reuseport = settings.accept_mode == "reuseport"
         per_address = settings.workers if self.reuseport else 1
         self._socks: list[list[socket.socket]] = []
+        self._proxied: list[bool] = []  # per row: its connections open with a PROXY header
         try:
             for address in settings.listen:
                 # The first bind of a port 0 address picks the port; the others share it.
                 first = open_listener(address, settings.backlog, self.reuseport)
-                bound = ListenAddress(address.host, first.getsockname()[1])
+                bound = ListenAddress(address.host, first.getsockname()[1], address.proxy_protocol)
                 row = [first] + [open_listener(bound, settings.backlog, True) for _ in range(per_address - 1)]
                 self._socks.append(row)
+                self._proxied.append(address.proxy_protocol)
         except OSError:
             self.close()
             raise
 
     @property
     def addresses(self) -> list[ListenAddress]:
-        return [ListenAddress(row[0].getsockname()[0], row[0].getsockname()[1]) for row in self._socks]
+        return [ListenAddress(*row[0].getsockname()[:2], proxied)
+                for row, proxied in zip(self._socks, self._proxied)]
 
     def for_slot(self, slot: int) -> list[socket.socket]:
         return [row[slot if self.reuseport else 0] for row in self._socks]
+
+    @property
+    def proxied(self) -> list[bool]:
+        """For each socket of a for_slot() list: whether its clients open with a PROXY header."""
+        return list(self._proxied)
 
     def all(self) -> list[socket.socket]:
         return [sock for row in self._socks for sock in row]
@@ -66,3 +74,4 @@ class ListenerSet:
         for sock in self.all():
             sock.close()
         self._socks = []
+        self._proxied = []

@@ -38,8 +38,9 @@ from fastsocks import config, logs, privileges
 from fastsocks.errors import BootError, ConfigError
 from fastsocks.limits import SharedLimits
 from fastsocks.listeners import ListenerSet
+from fastsocks.metrics import MasterCollector, MasterCounts, SharedCounters
 from fastsocks.rlimit import raise_fd_limit
-from fastsocks.settings import Settings
+from fastsocks.settings import ListenAddress, Settings
 from fastsocks.stats import SharedStats
 from fastsocks.users import UserDB, load_users
 from fastsocks.worker import EXIT_BOOT_ERROR, Worker
@@ -91,6 +92,9 @@ class Master:
         self.listeners: ListenerSet | None = None
         self.stats: SharedStats | None = None
         self.limits: SharedLimits | None = None
+        self.counters: SharedCounters | None = None
+        self.counts = MasterCounts()  # restarts and reloads, for the metrics
+        self.metrics_server = None    # --metrics: prometheus_client's HTTP server (a thread)
         self.workers: dict[int, WorkerProcess] = {}
         self.crashes = [0] * settings.workers
         self.usage = [SlotUsage() for _ in range(settings.workers)]
@@ -109,6 +113,8 @@ class Master:
         self.listeners = ListenerSet(self.settings)
         self.stats = SharedStats(self.settings.workers)
         self.limits = SharedLimits(self.settings.workers)
+        self.counters = SharedCounters(self.settings.workers)
+        self.serve_metrics()  # bound before the privileges go, like the listeners
         self.become_user()
         self.install_signals()
         addresses = ", ".join(str(a) for a in self.listeners.addresses)
@@ -127,8 +133,27 @@ class Master:
             self.stop_workers(signal.SIGKILL)
             self.log_summary()
             self.listeners.close()
+            if self.metrics_server is not None:
+                self.metrics_server.shutdown()
+                self.metrics_server.server_close()
             signal.set_wakeup_fd(-1)
         return self.exit_code
+
+    def serve_metrics(self) -> None:
+        """--metrics HOST:PORT: the Prometheus text format, built at each scrape (metrics.py)."""
+        if self.settings.metrics is None:
+            return
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(MasterCollector(self.counters, self.stats, self.worker_facts, self.counts))
+        address = self.settings.metrics
+        try:
+            self.metrics_server, _thread = start_http_server(address.port, address.host, registry)
+        except OSError as exc:
+            raise BootError(f"cannot serve metrics on {address}: {exc.strerror}") from None
+        os.set_inheritable(self.metrics_server.socket.fileno(), False)
+        log.info("metrics on http://%s/metrics", ListenAddress(address.host, self.metrics_server.server_port))
 
     def become_user(self) -> None:
         """--user/--group: drop root before any worker exists (privileges.py)."""
@@ -185,7 +210,9 @@ class Master:
             users = load_users(settings.users_file) if settings.users_file else None
         except ConfigError as exc:
             log.error("SIGHUP: keeping the current configuration: %s", exc)
+            self.counts.reloads["error"] += 1
             return
+        self.counts.reloads["ok"] += 1
         for name in restart_only:
             log.warning("SIGHUP: %s changed in the configuration; that takes a restart", name)
         self.settings, self.users = settings, users
@@ -230,6 +257,8 @@ class Master:
             signal.set_wakeup_fd(-1)
             self.wakeup_r.close()
             self.wakeup_w.close()
+            if self.metrics_server is not None:
+                self.metrics_server.socket.close()  # the master's (its thread is not in this process)
             logs.set_process_name(f"worker {slot}", batching=True)  # the worker flushes
             listeners = self.listeners.for_slot(slot)
             keep = {sock.fileno() for sock in listeners}
@@ -237,7 +266,7 @@ class Master:
                 if sock.fileno() not in keep:
                     sock.close()
             code = Worker(slot, self.settings, listeners, self.stats, self.pid, self.users,
-                          self.limits, self.reload).run()
+                          self.limits, self.reload, self.listeners.proxied, self.counters.for_worker(slot)).run()
         except BaseException:
             log.exception("worker %d crashed", slot)
         finally:
@@ -271,6 +300,7 @@ class Master:
             self.crashes[worker.slot] = 0
         backoff_s = RESPAWN_BACKOFF_S[min(self.crashes[worker.slot], len(RESPAWN_BACKOFF_S) - 1)]
         self.crashes[worker.slot] += 1
+        self.counts.restarts += 1
         self.respawn_at_s[worker.slot] = time.monotonic() + backoff_s
         log.error("worker %d (pid %d) %s after %.1f s; respawning in %.1f s",
                   worker.slot, worker.pid, how, lived_s, backoff_s)
@@ -326,7 +356,7 @@ class Master:
         """RSS, CPU and open fds of every live worker, by slot (for the metrics, and the
         peak of fds that the stop line reports)."""
         facts = []
-        for worker in sorted(self.workers.values(), key=lambda w: w.slot):
+        for worker in sorted(list(self.workers.values()), key=lambda w: w.slot):  # list(): one step, also from the scrape thread
             try:
                 with worker.process.oneshot():
                     times = worker.process.cpu_times()

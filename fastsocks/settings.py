@@ -22,13 +22,15 @@ ACCEPT_MODES = ("reuseport", "shared")
 class ListenAddress:
     host: str
     port: int
+    proxy_protocol: bool = False  # each connection opens with a PROXY header (v1 or v2) from trusted_proxies
 
     @property
     def family_is_ipv6(self) -> bool:
         return ":" in self.host
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if self.family_is_ipv6 else f"{self.host}:{self.port}"
+        text = f"[{self.host}]:{self.port}" if self.family_is_ipv6 else f"{self.host}:{self.port}"
+        return text + " (PROXY protocol)" if self.proxy_protocol else text
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,9 @@ class Settings:
     allow_open_proxy: bool = False
     user: str | None = None             # run as this user once the sockets are bound (privileges.py)
     group: str | None = None            # ...and group (default: the user's own)
+    # Balancers whose PROXY headers are believed (listeners with proxy_protocol): networks.
+    metrics: ListenAddress | None = None  # serve Prometheus metrics here (the master)
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     config_path: str | None = None
 
     @property
@@ -110,6 +115,13 @@ class Settings:
             ("max_sessions_per_client", self.max_sessions_per_client >= 0, "expected >= 0 (0: no cap)"),
             ("max_sessions_per_user", self.max_sessions_per_user >= 0, "expected >= 0 (0: no cap)"),
         ]
+        ports = [(a.host, a.port) for a in self.listen if a.port]
+        checks += [
+            ("listen", len(ports) == len(set(ports)), "the same address is named twice"),
+            ("listen", self.trusted_proxies or not any(a.proxy_protocol for a in self.listen),
+             "a listener takes PROXY headers: name the networks of the balancers allowed to send them "
+             "in trusted_proxies (--trusted-proxy)"),
+        ]
         for name, ok, msg in checks:
             if not ok:
                 raise ConfigError(None, None, name, msg)
@@ -145,7 +157,18 @@ def _is_ip(text: str) -> bool:
     return True
 
 
-def parse_listen(text: str) -> ListenAddress:
+def parse_networks(items) -> tuple:
+    """``trusted_proxies``: addresses or networks (``10.0.0.0/8``, ``::1``), each checked."""
+    networks = []
+    for item in items:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(None, None, "trusted_proxies", f"{item!r}: expected an address or a network like 10.0.0.0/8") from None
+    return tuple(dict.fromkeys(networks))
+
+
+def parse_listen(text: str, proxy_protocol: bool = False) -> ListenAddress:
     """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (all IPv4 interfaces) into a ListenAddress."""
     host, sep, port_text = text.rpartition(":")
     if not sep:
@@ -165,4 +188,4 @@ def parse_listen(text: str) -> ListenAddress:
     # Port 0 lets the kernel pick a free port; the first log line says which.
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(None, None, "listen", f"{text!r}: expected a port 0-65535")
-    return ListenAddress(host, int(port_text))
+    return ListenAddress(host, int(port_text), proxy_protocol)

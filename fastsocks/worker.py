@@ -35,6 +35,7 @@ import errno
 import functools
 import gc
 import ipaddress
+import itertools
 import logging
 import os
 import signal
@@ -50,8 +51,10 @@ from fastsocks.errors import BootError, ConfigError
 from fastsocks.heap import Heap, TrimPolicy
 from fastsocks.host import Environment, Failed, Outcome, Relay, StartUdp
 from fastsocks.loop import Loop
+from fastsocks.metrics import SharedCounters, WorkerCounters
 from fastsocks.policy import Query, own_addresses, reaches_listener, unmapped
 from fastsocks.protocol.socks5 import Reply
+from fastsocks.proxied import HeaderWait, ProxiedListener
 from fastsocks.resolver import Resolver
 from fastsocks.session import METHODS, Session
 from fastsocks.settings import Settings
@@ -71,6 +74,7 @@ EXIT_BOOT_ERROR = 3   # the master stops instead of respawning (gunicorn's habit
 ACCEPT_PAUSE_S = 0.5  # back-off when out of file descriptors
 TICK_S = 1.0
 FD_EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+PROXIED_TAGS = 1 << 62  # session ids of the clients the worker accepts itself: never the engine's
 
 
 def load_relay_engine(settings: Settings):
@@ -88,12 +92,19 @@ def load_relay_engine(settings: Settings):
 class Worker:
     def __init__(self, slot: int, settings: Settings, listeners: list[socket.socket],
                  stats: SharedStats, master_pid: int, users: UserDB | None = None,
-                 limits: SharedLimits | None = None, reload=None) -> None:
+                 limits: SharedLimits | None = None, reload=None, proxied: list[bool] | None = None,
+                 counters: WorkerCounters | None = None) -> None:
         self.slot = slot
+        self.counters = counters or SharedCounters(1).for_worker(0)  # metrics.py: outcomes by kind
         self.settings = settings
         self.admission = Admission(slot, settings, limits)
         self.reload = reload
         self.listeners = listeners
+        # Listeners behind a balancer: the worker's loop accepts there (proxied.py), not the engine.
+        self.proxied_flags = proxied or [False] * len(listeners)
+        self.proxied_listeners: list[ProxiedListener] = []
+        self.header_waits: set[HeaderWait] = set()
+        self.proxied_tags = itertools.count(PROXIED_TAGS)
         self.stats = stats
         self.master_pid = master_pid
         self.loop = Loop()
@@ -147,7 +158,7 @@ class Worker:
                 self.loop.run_timers()
             logs.flush()  # this turn's access lines, in one write (logs.py)
             if (self.draining and not self.handshaking and not self.engine.active and not self.engine.handshaking
-                    and not self.udp_associations):
+                    and not self.udp_associations and not self.header_waits):
                 self.exit_code = EXIT_OK
         self.shutdown()
         return self.exit_code
@@ -171,6 +182,9 @@ class Worker:
             self.auth = Authenticator(self.users)
             self.loop.add_reader(self.auth, self.auth.dispatch)
         self.configure_front()
+        self.proxied_listeners = [ProxiedListener(sock, self.loop, self.settings.trusted_proxies,
+                                                  self.proxied_accepted, self.proxied_accept_failed)
+                                  for sock, proxied in zip(self.listeners, self.proxied_flags) if proxied]
         self.resume_accepting()
         self.loop.call_later(0, self.tick)
         # What the worker made to boot lives as long as it does: out of the cyclic collector's
@@ -178,6 +192,8 @@ class Worker:
         gc.freeze()
 
     def shutdown(self) -> None:
+        for wait in list(self.header_waits):
+            wait.close()
         for session in list(self.handshaking.values()):
             session.finish(None, "worker shutting down")
         for association in list(self.udp_associations.values()):
@@ -230,6 +246,8 @@ class Worker:
             self.loop.add_reader(self.auth, self.auth.dispatch)
         for association in self.udp_associations.values():
             association.reload(settings)
+        for listener in self.proxied_listeners:
+            listener.trusted = settings.trusted_proxies
         self.configure_front()
         log.info("worker %d: reloaded (%d rules)", self.slot, len(settings.policy.rules))
 
@@ -251,11 +269,52 @@ class Worker:
         if self.draining:
             return
         exclusive = self.settings.accept_mode == "shared"  # see RelayEngine.listen
-        for sock in self.listeners:
-            self.engine.listen(sock.fileno(), exclusive)
+        for sock, proxied in zip(self.listeners, self.proxied_flags):
+            if not proxied:
+                self.engine.listen(sock.fileno(), exclusive)
+        for listener in self.proxied_listeners:
+            listener.start()
 
     def stop_accepting(self) -> None:
         self.engine.unlisten()
+        for listener in self.proxied_listeners:
+            listener.stop()
+
+    # ------------------------------------------------------------------ behind a balancer
+
+    def proxied_accepted(self, sock: socket.socket, address: tuple) -> None:
+        """A connection from a trusted balancer: its PROXY header first (proxied.py)."""
+        wait = HeaderWait(sock, address, self.loop, self.settings.handshake_timeout_s,
+                          self.proxied_client, self.header_waits.discard)
+        self.header_waits.add(wait)
+        wait.start()
+
+    def proxied_client(self, wait: HeaderWait, header, trailing: bytes) -> None:
+        """The header is in: its client is the session's, through the door as at accept."""
+        host, port = header.source if header.source is not None and not header.local else wait.address
+        peer = access.format_peer((host, port))
+        try:
+            client_ip = self.parse_ip(host)
+            let_in, _ip, buckets = self.admission.door(peer, host, client_ip)
+        except Exception:
+            log.exception("client=%s: internal error at accept", peer)
+            let_in = False
+        if not let_in:
+            wait.sock.close()
+            return
+        tag = next(self.proxied_tags)
+        if buckets is not None:
+            self.admission.count(tag, buckets)
+        session = Session(self, self.env, tag, wait.sock, peer, client_ip,
+                          replay=(trailing, b""), started_s=wait.started_s)
+        self.handshaking[tag] = session
+        session.start()
+
+    def proxied_accept_failed(self, exc: OSError) -> None:
+        if exc.errno in FD_EXHAUSTION:
+            self.pause_accepting(exc)
+        else:
+            log.error("worker %d: accept failed: %s", self.slot, exc.strerror)
 
     # ------------------------------------------------------------------ the engine's gate
 
@@ -363,6 +422,7 @@ class Worker:
             self.session_failed(session, outcome)
 
     def start_relay(self, session: Session, relay: Relay) -> None:
+        self.count_outcome(session, "succeeded")
         # The access line is the only reader: with it off (--log-level warning), skip the string.
         described = session.describe() if access.enabled() else ""
         self.relayed[session.sid] = (described, session.started_s)
@@ -384,6 +444,7 @@ class Worker:
         if self.udp_relay is None:
             self.udp_relay = new_relay()
             self.engine.run_udp(self.udp_relay)  # the engine's wait() runs it
+        self.count_outcome(session, "succeeded")
         association = UdpAssociation(start, sid=session.sid, described=session.describe(),
                                      started_s=session.started_s, loop=self.loop, resolver=self.resolver,
                                      relay=self.udp_relay, settings=self.settings, on_end=self.udp_ended)
@@ -405,6 +466,7 @@ class Worker:
         self.admission.closed(association.sid)
         self.udp_bytes[0] += association.bytes_up
         self.udp_bytes[1] += association.bytes_down
+        self.counters.udp(association.datagrams_up, association.datagrams_down, association.dropped)
         access.udp_ended(association, how)
 
     def session_failed(self, session: Session, failed: Failed) -> None:
@@ -412,13 +474,24 @@ class Worker:
         if failed.failed_login is not None:  # counted against the client before it is uncounted
             self.admission.login_failed(session.sid, session.peer, session.client_ip, failed.failed_login)
         self.admission.closed(session.sid)
+        self.count_outcome(session, "none" if failed.reply is None else failed.reply.name.lower(), failed.why)
         access.session_failed(session.describe(), failed.reply, session.started_s, failed.why)
+
+    def count_outcome(self, session: Session, reply: str, why: str = "") -> None:
+        request = session.request
+        command = "-" if request is None else getattr(request.command, "name", str(request.command)).lower()
+        self.counters.outcome(session.protocol_name(), command, reply, why)
 
     def session_ended(self, ended: Ended) -> None:
         self.closed += 1
         self.admission.closed(ended.tag)
         if ended.described:  # one of the engine's own: it says who it was
             described, started_s = ended.described, ended.started_s
+            # Its CONNECTs, of SOCKS5 or SOCKS4 (the front door takes no SOCKS4a name).
+            reply = ("none" if ended.reply < 0 else Reply(ended.reply).name.lower()) if ended.reason == "failed" \
+                else "succeeded"
+            self.counters.outcome("socks4" if " proto=socks4 " in described else "socks5", "connect", reply,
+                                  ended.why)
         else:
             described, started_s = self.relayed.pop(ended.tag, ("client=? cmd=connect dest=?", time.monotonic()))
         if ended.reason == "failed":
@@ -477,7 +550,8 @@ class Worker:
         down += self.udp_bytes[1] + sum(a.bytes_down for a in self.udp_associations.values())
         base = self.base
         self.stats.write(self.slot, SlotStats(
-            pid=os.getpid(), heartbeat_s=time.monotonic(), accepted=base.accepted + self.engine.accepted,
+            pid=os.getpid(), heartbeat_s=time.monotonic(),
+            accepted=base.accepted + self.engine.accepted + sum(p.accepted for p in self.proxied_listeners),
             active=self.engine.active + self.engine.handshaking + len(self.handshaking) + len(self.udp_associations),
             bytes_up=base.bytes_up + up,
             bytes_down=base.bytes_down + down, sessions=base.sessions + sessions,

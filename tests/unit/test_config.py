@@ -93,9 +93,27 @@ def test_flags_override_the_file(tmp_path):
     ("[[rules]]\naction = \"deny\"\ncommand = [\"associate\"]\n", "fastsocks.toml:3: rules[1].command: 'associate': expected some of"),
     ("[[rules]]\naction = \"deny\"\nuser = []\n", "fastsocks.toml:3: rules[1].user: empty list"),
     ("[[rules]]\naction = \"deny\"\nhost = [\"a\"]\n", "fastsocks.toml:3: rules[1].host: unknown key"),
+    ("[server]\nlisten = [{ address = \"127.0.0.1:1081\", proxy_protocol = true }]\n",
+     "fastsocks.toml:2: server.listen: a listener takes PROXY headers: name the networks of the balancers"),
+    ("[server]\nlisten = [{ address = \"127.0.0.1:1081\", proxy = true }]\n",
+     "fastsocks.toml:2: server.listen: expected \"HOST:PORT\", {address"),
+    ("[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\n",
+     "fastsocks.toml:2: server.trusted_proxies: '10.0.0.0/33': expected an address or a network"),
+    ("[server]\nmetrics = \"localhost:9180\"\n",
+     "fastsocks.toml:2: server.metrics: 'localhost:9180': the host must be an IP address"),
+    ("[server]\nlisten = [\"127.0.0.1:1080\", { address = \"127.0.0.1:1080\", proxy_protocol = true }]\n"
+     "trusted_proxies = [\"10.0.0.1\"]\n", "fastsocks.toml:2: server.listen: the same address is named twice"),
 ])
 def test_every_error_names_file_line_and_field(tmp_path, text, message):
     assert message in error_of(tmp_path, text)
+
+
+def test_a_proxy_protocol_listener_beside_a_plain_one(tmp_path):
+    s = load_text(tmp_path, '[server]\nlisten = ["127.0.0.1:1080", { address = "[::1]:1081", proxy_protocol = true }]\n'
+                            'trusted_proxies = ["10.0.0.0/8", "::1"]\nmetrics = "127.0.0.1:9180"\n')
+    assert s.listen == (ListenAddress("127.0.0.1", 1080), ListenAddress("::1", 1081, proxy_protocol=True))
+    assert [str(n) for n in s.trusted_proxies] == ["10.0.0.0/8", "::1/128"]
+    assert s.metrics == ListenAddress("127.0.0.1", 9180)
 
 
 def test_a_missing_file_is_named(tmp_path):
