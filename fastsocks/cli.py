@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                "'fastsocks check-config FILE' validates one; "
                "'fastsocks explain --config FILE --client IP --command connect --dest HOST:PORT' "
                "says which rule decides; 'fastsocks bench --help' load-tests any SOCKS5 proxy; "
-               "'fastsocks hash-password --user NAME' makes a line for --users.",
+               "'fastsocks hash-password --user NAME' makes a line for --users; "
+               "'fastsocks status --metrics HOST:PORT' shows a running server at a glance.",
         formatter_class=_HelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
@@ -155,6 +156,7 @@ SUBCOMMANDS = {  # fastsocks SUBCOMMAND ...: module and function, imported only 
     "check-config": ("fastsocks.commands.config_files", "check_main"),
     "example-config": ("fastsocks.commands.config_files", "example_main"),
     "explain": ("fastsocks.commands.explain", "main"),
+    "status": ("fastsocks.commands.status", "main"),
 }
 
 

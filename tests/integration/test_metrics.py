@@ -4,15 +4,17 @@ prometheus_client's own parser reads it. Every figure checked is one the test ca
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import struct
+import subprocess
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import socks5_connect, wait_until
+from support import fastsocks_command, socks5_connect, wait_until
 
 METRICS_LINE = r"metrics on http://(\S+):(\d+)/metrics"
 
@@ -136,3 +138,24 @@ def test_the_metrics_port_is_refused_clearly_when_taken(start_server):
         port = taken.getsockname()[1]
         with pytest.raises(AssertionError, match="cannot serve metrics on 127.0.0.1:%d" % port):
             start_server("--metrics", f"127.0.0.1:{port}")
+
+
+def test_status_shows_a_running_server_at_a_glance(metered):
+    server, target, _, config = metered
+    assert echo(server.address, target.port, b"y" * 100) == 0
+    wait_until(lambda: (s := scrape(server)) and s[("fastsocks_sessions_active", ())] == 0 and
+               value(s, "fastsocks_sessions_total", protocol="socks5", command="connect") == 1,
+               what="the session over, in the metrics (the active gauge lags up to a second)")
+    host, port = server.wait_for_log(METRICS_LINE).groups()
+    named = config.with_name("status.toml")  # the server's own says port 0: the kernel chose
+    named.write_text(f'[server]\nmetrics = "{host}:{port}"\n')
+    for where in (["--metrics", f"{host}:{port}"], ["--config", str(named)]):
+        out = subprocess.run(fastsocks_command() + ["status", "--interval", "0.2", *where],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert "workers        2 live, 0 restarted" in out.stdout
+        assert "sessions       0 active, 1 in all" in out.stdout
+        assert re.search(r"worker 1 +\d+\.\d MiB, \d+ fds, \d+% CPU", out.stdout)
+    down = subprocess.run(fastsocks_command() + ["status", "--metrics", "127.0.0.1:1"],
+                          capture_output=True, text=True, timeout=30)
+    assert down.returncode == 1 and "cannot read http://127.0.0.1:1/metrics" in down.stderr
