@@ -37,8 +37,13 @@ def open_listener(address: ListenAddress, backlog: int, reuseport: bool) -> sock
 class ListenerSet:
     """The master's listening sockets: ``for_slot(i)`` are the ones worker slot i accepts on."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, inherited: list[socket.socket] | None = None) -> None:
         self.reuseport = settings.accept_mode == "reuseport"
+        if inherited:  # systemd's (socket activation): one socket per address, bound already
+            self.reuseport = False
+            self._socks = [[sock] for sock in inherited]
+            self._proxied = [address.proxy_protocol for address in settings.listen]
+            return
         per_address = settings.workers if self.reuseport else 1
         self._socks: list[list[socket.socket]] = []
         self._proxied: list[bool] = []  # per row: its connections open with a PROXY header

@@ -30,11 +30,11 @@ import select
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import psutil
 
-from fastsocks import config, logs, privileges
+from fastsocks import config, logs, privileges, systemd
 from fastsocks.errors import BootError, ConfigError
 from fastsocks.limits import SharedLimits
 from fastsocks.listeners import ListenerSet
@@ -95,6 +95,8 @@ class Master:
         self.counters: SharedCounters | None = None
         self.counts = MasterCounts()  # restarts and reloads, for the metrics
         self.metrics_server = None    # --metrics: prometheus_client's HTTP server (a thread)
+        self.notifier: systemd.Notifier | None = None  # Type=notify: READY, RELOADING, STOPPING
+        self.ready_sent = False
         self.workers: dict[int, WorkerProcess] = {}
         self.crashes = [0] * settings.workers
         self.usage = [SlotUsage() for _ in range(settings.workers)]
@@ -110,13 +112,14 @@ class Master:
 
     def run(self) -> int:
         lift_fd_limit()
-        self.listeners = ListenerSet(self.settings)
+        self.listeners = ListenerSet(self.settings, self.activated_sockets())
         self.stats = SharedStats(self.settings.workers)
         self.limits = SharedLimits(self.settings.workers)
         self.counters = SharedCounters(self.settings.workers)
         self.serve_metrics()  # bound before the privileges go, like the listeners
         self.become_user()
         self.install_signals()
+        self.notifier = notifier_from_environ()
         addresses = ", ".join(str(a) for a in self.listeners.addresses)
         log.info("fastsocks listening on %s with %d workers (accept mode %s, pid %d)",
                  addresses, self.settings.workers, self.settings.accept_mode, self.pid)
@@ -129,7 +132,10 @@ class Master:
                 self.kill_unresponsive()
                 self.manage_workers()
                 self.watch_workers()
+                self.notify_ready()
         finally:
+            if self.notifier is not None:
+                self.notifier.close()
             self.stop_workers(signal.SIGKILL)
             self.log_summary()
             self.listeners.close()
@@ -138,6 +144,30 @@ class Master:
                 self.metrics_server.server_close()
             signal.set_wakeup_fd(-1)
         return self.exit_code
+
+    def activated_sockets(self) -> list[socket.socket]:
+        """Socket activation (LISTEN_FDS): systemd's listening sockets replace the listen
+        addresses, bound by nobody here, shared by every worker; a socket named "proxy"
+        (FileDescriptorName=proxy) takes PROXY protocol headers. The settings are checked
+        again with these addresses (an open proxy is refused as usual)."""
+        try:
+            names = [name for _fd, name in systemd.listen_fds()]
+            socks = systemd.activated_sockets()
+        except ValueError as exc:
+            raise BootError(f"socket activation: {exc}") from None
+        finally:
+            systemd.unset_listen_environ(os.environ)
+        if not socks:
+            return []
+        for sock in socks:
+            sock.setblocking(False)
+        listen = tuple(ListenAddress(*sock.getsockname()[:2], name == "proxy") for sock, name in zip(socks, names))
+        try:
+            self.settings = replace(self.settings, listen=listen, accept_mode="shared")
+        except ConfigError as exc:
+            raise BootError(f"socket activation: {exc}") from None
+        log.info("socket activation: %d listening sockets from systemd", len(socks))
+        return socks
 
     def serve_metrics(self) -> None:
         """--metrics HOST:PORT: the Prometheus text format, built at each scrape (metrics.py)."""
@@ -162,6 +192,20 @@ class Master:
             return
         privileges.drop(who, supplementary_from_user=self.settings.user is not None)
         privileges.readable([p for p in (self.settings.config_path, self.settings.users_file) if p], who)
+
+    def notify_ready(self) -> None:
+        """Type=notify: READY=1 once every worker has written its first heartbeat (it booted:
+        the engine is built and its sockets are watched), so systemctl start returns when
+        connections are served."""
+        if self.ready_sent or self.notifier is None or self.stopping_since_s is not None:
+            return
+        workers = list(self.workers.values())
+        if len(workers) < self.settings.workers or any(
+                self.stats.heartbeat(w.slot) < w.started_s for w in workers):
+            return
+        self.ready_sent = True
+        self.notifier.send("READY=1", f"MAINPID={self.pid}",
+                           f"STATUS=serving on {len(self.listeners.addresses)} addresses with {len(workers)} workers")
 
     def install_signals(self) -> None:
         self.wakeup_r, self.wakeup_w = socket.socketpair()
@@ -205,6 +249,15 @@ class Master:
         """Re-read the configuration (the file, if any, with the same flags on top) and the
         users file; if both are valid every worker reloads them for its new sessions, and
         established sessions go on. Otherwise the error is logged and nothing changes."""
+        if self.notifier is not None:
+            self.notifier.reloading()
+        try:
+            self.reload_settings()
+        finally:
+            if self.notifier is not None:
+                self.notifier.ready()
+
+    def reload_settings(self) -> None:
         try:
             settings, restart_only = config.reloaded(self.settings, self.reload)
             users = load_users(settings.users_file) if settings.users_file else None
@@ -232,6 +285,8 @@ class Master:
         if self.stopping_since_s is not None:
             return
         self.stopping_since_s = time.monotonic()
+        if self.notifier is not None:
+            self.notifier.stopping()
         self.watch_workers(now=True)
         log.info("%s: draining %d workers (graceful timeout %.0f s)", why, len(self.workers),
                  self.settings.graceful_timeout_s)
@@ -259,6 +314,8 @@ class Master:
             self.wakeup_w.close()
             if self.metrics_server is not None:
                 self.metrics_server.socket.close()  # the master's (its thread is not in this process)
+            if self.notifier is not None:
+                self.notifier.close()  # only the master speaks to systemd (NotifyAccess=main)
             logs.set_process_name(f"worker {slot}", batching=True)  # the worker flushes
             listeners = self.listeners.for_slot(slot)
             keep = {sock.fileno() for sock in listeners}
@@ -409,6 +466,18 @@ def lift_fd_limit() -> None:
         log.warning("cannot raise the open-file limit to the hard limit: %s", exc)
         return
     log.debug("open-file limit: %d", limit)
+
+
+def notifier_from_environ() -> systemd.Notifier | None:
+    """$NOTIFY_SOCKET, taken out of the environment so that nothing the master starts
+    inherits it; an address of a kind we cannot reach is logged and ignored."""
+    try:
+        notifier = systemd.Notifier.from_environ()
+    except ValueError as exc:
+        log.warning("%s: not notifying the service manager", exc)
+        notifier = None
+    systemd.clear_environ(os.environ)
+    return notifier
 
 
 def _wake_only(signum, frame) -> None:

@@ -130,14 +130,14 @@ class Server:
     """A running ``fastsocks`` (master and workers), its log collected line by line."""
 
     def __init__(self, args: list[str], prefix: list[str] | None = None, env: dict | None = None,
-                 on_spawn=None) -> None:
+                 on_spawn=None, pass_fds: tuple[int, ...] = ()) -> None:
         self.args = args
         self.lines: list[str] = []
         self._lock = threading.Lock()
         self.proc = subprocess.Popen(
             (prefix or []) + fastsocks_command() + args,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            start_new_session=True, env=env,
+            start_new_session=True, env=env, pass_fds=pass_fds,
         )
         if on_spawn is not None:
             on_spawn(self)  # registered for clean-up before anything here can fail

@@ -89,6 +89,7 @@ RANKS = {
     "_relay_py": 2,  # the reference engine reads handshakes with protocol/ and describes them as access does
     "policy": 0, "limits": 1, "config": 2, "access": 1, "host": 1, "rlimit": 0, "heap": 0, "privileges": 0,
     "admission": 2, "bind": 2,  # bind is the session's BIND phase
+    "systemd": 0,
     "metrics": 2,  # the shared counters the worker adds to and the master's scrape reads
     "proxied": 3,  # a PROXY listener's header stage, before the session: beside session
     "listeners": 3, "session": 3, "udp": 3,  # udp sits beside session: only the worker imports it
