@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
              "client rule (refused otherwise)")
     add("--log-level", choices=("debug", "info", "warning", "error"),
         help="info logs one access line per session; warning keeps only problems")
+    add("--access-log", metavar="FILE",
+        help="write the access lines (one per session) to FILE instead of stderr; SIGUSR1 reopens it "
+             "(logrotate's postrotate: kill -USR1 MASTERPID)")
     add("--user", metavar="NAME",
         help="started as root: bind, then run the master and every worker as this user "
              "(the config and users files must be readable by it: SIGHUP re-reads them)")
@@ -178,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
         logs.configure("info")
         log.critical("%s", exc)
         return 2
-    logs.configure(settings.log_level)
+    try:
+        logs.configure(settings.log_level, settings.access_log)
+    except OSError as exc:
+        logs.configure("info")
+        log.critical("%s: access_log: cannot open it: %s", settings.access_log, exc.strerror)
+        return 2
     if settings.allow_open_proxy and settings.open_proxy_problem():
         log.warning("allow_open_proxy: %s", settings.open_proxy_problem())
     from fastsocks import master

@@ -35,6 +35,7 @@ FIELDS: dict[tuple[str, str], tuple[str, object]] = {
     ("server", "advertise"): ("advertise", str),
     ("server", "allow_open_proxy"): ("allow_open_proxy", bool),
     ("server", "log_level"): ("log_level", str),
+    ("server", "access_log"): ("access_log", str),
     ("server", "user"): ("user", str),
     ("server", "trusted_proxies"): ("trusted_proxies", "networks"),
     ("server", "metrics"): ("metrics", "address"),
@@ -163,7 +164,7 @@ class _Reader:
             return float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise self.error(table, key, f"expected {_KIND_NAMES[kind]}, not {_toml_type(value)}")
-        if key == "users_file":
+        if key in ("users_file", "access_log"):
             return str(self.base_dir / value)
         return value
 
@@ -302,7 +303,7 @@ def _listen_item(value):
 
 # What a running server cannot change: sockets, processes and the engine are made at start.
 RESTART_FIELDS = ("listen", "metrics", "workers", "accept_mode", "backlog", "splice", "pipe_size", "max_pipes",
-                  "buffer_size", "resolver_threads", "dns_cache_ttl_s", "dns_cache_size", "log_level",
+                  "buffer_size", "resolver_threads", "dns_cache_ttl_s", "dns_cache_size", "log_level", "access_log",
                   "user", "group")
 
 

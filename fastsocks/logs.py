@@ -13,6 +13,11 @@ handler, filter, record factory or level in the way: the default set-up), it wri
 very line that record would have become straight into the handler's batch, without making
 the record; otherwise (a handler of the user's, pytest's caplog) it logs as usual.
 
+``--access-log FILE`` gives the access logger (``fastsocks.access``) a handler of its own on
+that file (opened for append: every process writes whole batches, so lines never mix),
+which ``reopen()`` opens anew by its name: logrotate's SIGUSR1, sent to the master, which
+passes it on to every worker.
+
 A worker batches its INFO and DEBUG lines: ``flush()``, which the worker calls at the end
 of every loop turn, writes them with one write() per 4 KiB at most, whole lines only, so
 that lines from several workers sharing one stderr pipe never interleave (a write of up
@@ -63,8 +68,9 @@ class _Formatter(logging.Formatter):
 class _Handler(logging.StreamHandler):
     """StreamHandler that, once ``batching`` is on, keeps INFO/DEBUG lines until flush()."""
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream, path: str | None = None) -> None:
         super().__init__(stream)
+        self.path = path  # a file's name, for reopen(); None for stderr
         self.batching = False
         self._lines: list[str] = []
         self._size = 0
@@ -95,6 +101,16 @@ class _Handler(logging.StreamHandler):
             super().flush()
         # Batching and nothing batched: every record written so far was flushed with it.
 
+    def reopen(self) -> None:
+        """Write what is batched to the old file, then go on in a new one of the same name
+        (a rotated file was renamed away: this creates it afresh). Raises OSError."""
+        if self.path is None:
+            return
+        self.flush()
+        new = open_log(self.path)
+        old, self.stream = self.stream, new
+        old.close()
+
     def _write(self) -> None:
         text, self._lines, self._size = "".join(self._lines), [], 0
         try:
@@ -123,10 +139,14 @@ def _sole_handler(logger: logging.Logger) -> _Handler | None:
     if not logger.isEnabledFor(logging.INFO) or logging.getLogRecordFactory() is not logging.LogRecord:
         return None
     node = logger
-    while node.parent is not None:  # up to the root, which has no parent
-        if node.handlers or node.filters or not node.propagate or node.disabled:
+    # Up to the first logger with handlers: the root, or one that does not propagate (the
+    # access logger with --access-log).
+    while not node.handlers and node.parent is not None:
+        if node.filters or not node.propagate or node.disabled:
             return None
         node = node.parent
+    if node.parent is not None and node.propagate:
+        return None  # handlers here and above
     handlers = node.handlers
     if node.filters or node.disabled or len(handlers) != 1 or type(handlers[0]) is not _Handler:
         return None
@@ -138,7 +158,11 @@ def _sole_handler(logger: logging.Logger) -> _Handler | None:
     return handler
 
 
-def configure(level: str) -> None:
+def open_log(path: str):
+    return open(path, "a", encoding="utf-8", errors="backslashreplace")
+
+
+def configure(level: str, access_log: str | None = None) -> None:
     # What the format does not show is not computed per record (the logging HOWTO's
     # "Optimization"): the caller's file and line, thread, process and multiprocessing names.
     logging._srcfile = None
@@ -149,12 +173,36 @@ def configure(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    access = logging.getLogger("fastsocks.access")
+    access.handlers[:] = []
+    access.propagate = True
+    if access_log is not None:
+        file_handler = _Handler(open_log(access_log), access_log)  # OSError: the caller says so
+        file_handler.setFormatter(_Formatter(FORMAT))
+        file_handler.addFilter(_ProcessNameFilter("master"))
+        access.handlers[:] = [file_handler]
+        access.propagate = False
+
+
+def _handlers() -> list[logging.Handler]:
+    return logging.getLogger().handlers + logging.getLogger("fastsocks.access").handlers
+
+
+def reopen() -> None:
+    """SIGUSR1: every log file opened anew by its name (logrotate's convention)."""
+    for handler in _handlers():
+        if isinstance(handler, _Handler):
+            try:
+                handler.reopen()
+            except OSError as exc:
+                logging.getLogger(__name__).error("cannot reopen the log file %s: %s; writing on to the old one",
+                                                  handler.path, exc.strerror)
 
 
 def set_process_name(name: str, batching: bool = False) -> None:
     """Called in a freshly forked worker: its records say which worker wrote them; with
     ``batching``, its INFO lines wait for flush()."""
-    for handler in logging.getLogger().handlers:
+    for handler in _handlers():
         for flt in handler.filters:
             if isinstance(flt, _ProcessNameFilter):
                 flt.process_name = name
@@ -164,5 +212,5 @@ def set_process_name(name: str, batching: bool = False) -> None:
 
 def flush() -> None:
     """Write what the handlers batched (a worker calls it once per loop turn)."""
-    for handler in logging.getLogger().handlers:
+    for handler in _handlers():
         handler.flush()

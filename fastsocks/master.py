@@ -48,7 +48,7 @@ from fastsocks.worker import EXIT_BOOT_ERROR, Worker
 log = logging.getLogger(__name__)
 
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
-           signal.SIGHUP: "hup", signal.SIGCHLD: "chld"}
+           signal.SIGHUP: "hup", signal.SIGCHLD: "chld", signal.SIGUSR1: "usr1"}
 RESPAWN_BACKOFF_S = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
 STABLE_AFTER_S = 10.0        # a worker that lived this long resets its slot's back-off
 KILL_MARGIN_S = 5.0          # after the graceful timeout, how long before SIGKILL
@@ -274,6 +274,12 @@ class Master:
                  "allow" if settings.policy.default_allow else "deny",
                  f", {len(users)} users in {settings.users_file}" if users is not None else "")
         self.reload_workers()
+
+    def handle_usr1(self) -> None:
+        """logrotate: the master's log files, then every worker's, opened anew."""
+        logs.reopen()
+        for pid in list(self.workers):
+            self.signal_worker(pid, signal.SIGUSR1)
 
     def handle_chld(self) -> None:
         pass  # reap_workers runs after every wake-up

@@ -72,6 +72,7 @@ class Settings:
     user: str | None = None             # run as this user once the sockets are bound (privileges.py)
     group: str | None = None            # ...and group (default: the user's own)
     # Balancers whose PROXY headers are believed (listeners with proxy_protocol): networks.
+    access_log: str | None = None       # the access lines go to this file (else with the log, on stderr)
     metrics: ListenAddress | None = None  # serve Prometheus metrics here (the master)
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     config_path: str | None = None

@@ -172,7 +172,7 @@ class Worker:
         for sock in (self.signal_rsock, self.signal_wsock):
             sock.setblocking(False)
         signal.set_wakeup_fd(self.signal_wsock.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(signum, _wake_only)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.loop.add_reader(self.signal_rsock, self.on_signal)
@@ -226,6 +226,8 @@ class Worker:
                 self.begin_drain()
             elif signum == signal.SIGHUP:
                 self.reload_config()
+            elif signum == signal.SIGUSR1:
+                logs.reopen()
 
     def reload_config(self) -> None:
         """The master validated the files before signalling; read them again here. New
