@@ -39,14 +39,14 @@ class ListenerSet:
 
     def __init__(self, settings: Settings, inherited: list[socket.socket] | None = None) -> None:
         self.reuseport = settings.accept_mode == "reuseport"
+        # Per row (address): its connections open with a PROXY header.
+        self._proxied = [address.proxy_protocol for address in settings.listen]
         if inherited:  # systemd's (socket activation): one socket per address, bound already
             self.reuseport = False
             self._socks = [[sock] for sock in inherited]
-            self._proxied = [address.proxy_protocol for address in settings.listen]
             return
         per_address = settings.workers if self.reuseport else 1
         self._socks: list[list[socket.socket]] = []
-        self._proxied: list[bool] = []  # per row: its connections open with a PROXY header
         try:
             for address in settings.listen:
                 # The first bind of a port 0 address picks the port; the others share it.
@@ -54,7 +54,6 @@ class ListenerSet:
                 bound = ListenAddress(address.host, first.getsockname()[1], address.proxy_protocol)
                 row = [first] + [open_listener(bound, settings.backlog, True) for _ in range(per_address - 1)]
                 self._socks.append(row)
-                self._proxied.append(address.proxy_protocol)
         except OSError:
             self.close()
             raise
