@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 
 import psutil
 
-from fastsocks import config, logs, privileges, systemd
+from fastsocks import config, handover, logs, privileges, systemd
 from fastsocks.errors import BootError, ConfigError
 from fastsocks.limits import SharedLimits
 from fastsocks.listeners import ListenerSet
@@ -62,6 +62,7 @@ class WorkerProcess:
     pid: int
     started_s: float
     process: psutil.Process
+    control: socket.socket  # the master's end of its control channel (handover.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +89,7 @@ class Master:
         self.settings = settings
         self.users = users
         self.reload = reload  # () -> Settings from the config file and the same flags; None: no file
+        self.generation = 0   # readings of the configuration since start (handover.Reading)
         self.pid = os.getpid()
         self.listeners: ListenerSet | None = None
         self.stats: SharedStats | None = None
@@ -247,8 +249,9 @@ class Master:
 
     def handle_hup(self) -> None:
         """Re-read the configuration (the file, if any, with the same flags on top) and the
-        users file; if both are valid every worker reloads them for its new sessions, and
-        established sessions go on. Otherwise the error is logged and nothing changes."""
+        users file; if both are valid every worker gets this very reading (handover.py) for
+        its new sessions, and established sessions go on. Otherwise the error is logged and
+        nothing changes."""
         if self.notifier is not None:
             self.notifier.reloading()
         try:
@@ -269,7 +272,8 @@ class Master:
         for name in restart_only:
             log.warning("SIGHUP: %s changed in the configuration; that takes a restart", name)
         self.settings, self.users = settings, users
-        log.info("SIGHUP: reloaded%s: %d rules, default %s%s; workers reload it",
+        self.generation += 1
+        log.info("SIGHUP: reloaded%s: %d rules, default %s%s; handing it to the workers",
                  f" {settings.config_path}" if settings.config_path else "", len(settings.policy.rules),
                  "allow" if settings.policy.default_allow else "deny",
                  f", {len(users)} users in {settings.users_file}" if users is not None else "")
@@ -305,19 +309,22 @@ class Master:
     def spawn_worker(self, slot: int) -> None:
         self.stats.reset(slot, 0, time.monotonic())
         self.limits.reset_sessions(slot)
+        channel = handover.ControlChannel()
         pid = os.fork()
         if pid == 0:
-            self.become_worker(slot)
-        self.workers[pid] = WorkerProcess(slot, pid, time.monotonic(), psutil.Process(pid))
+            self.become_worker(slot, channel.in_worker())
+        self.workers[pid] = WorkerProcess(slot, pid, time.monotonic(), psutil.Process(pid), channel.in_master())
         log.debug("spawned worker %d (pid %d)", slot, pid)
 
-    def become_worker(self, slot: int) -> None:
+    def become_worker(self, slot: int, control: socket.socket) -> None:
         """In the child: drop the master's state, run the worker, never return."""
         code = EXIT_BOOT_ERROR
         try:
             signal.set_wakeup_fd(-1)
             self.wakeup_r.close()
             self.wakeup_w.close()
+            for sibling in self.workers.values():
+                sibling.control.close()  # the master's ends of the other workers' channels
             if self.metrics_server is not None:
                 self.metrics_server.socket.close()  # the master's (its thread is not in this process)
             if self.notifier is not None:
@@ -329,7 +336,7 @@ class Master:
                 if sock.fileno() not in keep:
                     sock.close()
             code = Worker(slot, self.settings, listeners, self.stats, self.pid, self.users,
-                          self.limits, self.reload, self.listeners.proxied, self.counters.for_worker(slot)).run()
+                          self.limits, control, self.listeners.proxied, self.counters.for_worker(slot)).run()
         except BaseException:
             log.exception("worker %d crashed", slot)
         finally:
@@ -347,6 +354,7 @@ class Master:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
+            worker.control.close()
             self.count_usage(worker, rusage)
             code = os.waitstatus_to_exitcode(status)
             if code == EXIT_BOOT_ERROR and self.stopping_since_s is None:
@@ -393,9 +401,30 @@ class Master:
                 self.spawn_worker(slot)
 
     def reload_workers(self) -> None:
-        """Each worker re-reads the files (validated here first) for its new sessions."""
-        for pid in list(self.workers):
-            self.signal_worker(pid, signal.SIGHUP)
+        """Every worker gets this reading, pickled once (handover.py), for its new sessions."""
+        try:
+            fd = handover.publish(handover.Reading(self.generation, self.settings, self.users))
+        except OSError as exc:
+            log.error("SIGHUP: cannot hand the new configuration to the workers: %s; they keep the old one",
+                      exc.strerror)
+            return
+        try:
+            for worker in list(self.workers.values()):
+                self.hand_over(worker, fd)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def hand_over(worker: WorkerProcess, fd: int) -> None:
+        try:
+            if handover.send(worker.control, fd):
+                return
+            why = "its channel is full"
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                return  # it exited; reap_workers reports it, and its successor forks with this reading
+            why = exc.strerror
+        log.error("worker %d (pid %d) did not take the new configuration: %s", worker.slot, worker.pid, why)
 
     def stop_workers(self, signum: int) -> None:
         for pid in list(self.workers):
@@ -409,6 +438,7 @@ class Master:
                 else:
                     self.count_usage(worker, rusage)
                 self.workers.pop(pid, None)
+                worker.control.close()
 
     def count_usage(self, worker: WorkerProcess, rusage: resource.struct_rusage) -> None:
         usage = self.usage[worker.slot]

@@ -308,6 +308,10 @@ class Policy:
     def __post_init__(self) -> None:
         self._index.update(_compile(self.rules))
 
+    def __reduce__(self):
+        """Pickled as its rules; the index is compiled again where it is loaded (handover.py)."""
+        return (Policy, (self.rules, self.default_allow))
+
     @property
     def default_origin(self) -> str:
         return "default"

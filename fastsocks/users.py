@@ -245,6 +245,10 @@ class UserDB(Mapping[bytes, str]):
     def __repr__(self) -> str:
         return f"UserDB(path={self.path!r}, users={len(self)})"
 
+    def __reduce__(self):
+        """Pickled as its stored hashes (handover.py); the dummy is drawn anew where loaded."""
+        return (UserDB, (dict(self._hashes), self.path))
+
     def verify(self, username: bytes, password: bytes) -> bool:
         """Whether ``password`` is ``username``'s; an unknown user costs the same work."""
         stored = self._parsed.get(username)

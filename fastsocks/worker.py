@@ -44,10 +44,10 @@ import time
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from fastsocks import access, config, logs
+from fastsocks import access, handover, logs
 from fastsocks.admission import Admission
 from fastsocks.auth import Authenticator
-from fastsocks.errors import BootError, ConfigError
+from fastsocks.errors import BootError
 from fastsocks.heap import Heap, TrimPolicy
 from fastsocks.host import Environment, Failed, Outcome, Relay, StartUdp
 from fastsocks.loop import Loop
@@ -59,7 +59,7 @@ from fastsocks.resolver import Resolver
 from fastsocks.session import METHODS, Session
 from fastsocks.settings import Settings
 from fastsocks.stats import SharedStats, SlotStats
-from fastsocks.users import UserDB, load_users
+from fastsocks.users import UserDB
 
 if TYPE_CHECKING:
     from fastsocks._relay import UdpRelay
@@ -92,13 +92,14 @@ def load_relay_engine(settings: Settings):
 class Worker:
     def __init__(self, slot: int, settings: Settings, listeners: list[socket.socket],
                  stats: SharedStats, master_pid: int, users: UserDB | None = None,
-                 limits: SharedLimits | None = None, reload=None, proxied: list[bool] | None = None,
+                 limits: SharedLimits | None = None, control: socket.socket | None = None,
+                 proxied: list[bool] | None = None,
                  counters: WorkerCounters | None = None) -> None:
         self.slot = slot
         self.counters = counters or SharedCounters(1).for_worker(0)  # metrics.py: outcomes by kind
         self.settings = settings
         self.admission = Admission(slot, settings, limits)
-        self.reload = reload
+        self.control = control  # the master's readings of the configuration come here (handover.py)
         self.listeners = listeners
         # Listeners behind a balancer: the worker's loop accepts there (proxied.py), not the engine.
         self.proxied_flags = proxied or [False] * len(listeners)
@@ -176,6 +177,8 @@ class Worker:
             signal.signal(signum, _wake_only)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         self.loop.add_reader(self.signal_rsock, self.on_signal)
+        if self.control is not None:
+            self.loop.add_reader(self.control, self.on_control)
         self.engine.watch(self.loop.fileno())
         self.loop.add_reader(self.resolver, self.resolver.dispatch)
         if self.users is not None:
@@ -211,6 +214,8 @@ class Worker:
         self.loop.close()
         for sock in (self.signal_rsock, self.signal_wsock, *self.listeners):
             sock.close()
+        if self.control is not None:
+            self.control.close()
 
     # ------------------------------------------------------------------ signals
 
@@ -225,20 +230,27 @@ class Worker:
             elif signum in (signal.SIGTERM, signal.SIGINT):
                 self.begin_drain()
             elif signum == signal.SIGHUP:
-                self.reload_config()
+                log.warning("worker %d: SIGHUP ignored: the master (pid %d) reloads, and hands every "
+                            "worker the same reading", self.slot, self.master_pid)
             elif signum == signal.SIGUSR1:
                 logs.reopen()
 
-    def reload_config(self) -> None:
-        """The master validated the files before signalling; read them again here. New
-        sessions follow the new settings; established ones go on (DESIGN: rule sets are
-        swapped whole)."""
+    def on_control(self) -> None:
         try:
-            settings, _restart_only = config.reloaded(self.settings, self.reload)
-            users = load_users(settings.users_file) if settings.users_file else None
-        except ConfigError as exc:
-            log.error("worker %d: keeping the current configuration: %s", self.slot, exc)
+            reading = handover.receive(self.control)
+        except EOFError:
+            self.loop.remove(self.control)  # the master is gone: tick() notices and drains
             return
+        except Exception:  # a reading that cannot be applied: the old one stays
+            log.exception("worker %d: cannot read the master's new configuration; keeping the current one", self.slot)
+            return
+        if reading is not None:
+            self.reload_config(reading)
+
+    def reload_config(self, reading: handover.Reading) -> None:
+        """The master's reading (checked there, the same for every worker): new sessions
+        follow it; established ones go on (DESIGN: rule sets are swapped whole)."""
+        settings, users = reading.settings, reading.users
         self.settings = self.admission.settings = settings
         self.env = replace(self.env, settings=settings)
         if users is not None and self.auth is not None:
@@ -251,7 +263,8 @@ class Worker:
         for listener in self.proxied_listeners:
             listener.trusted = settings.trusted_proxies
         self.configure_front()
-        log.info("worker %d: reloaded (%d rules)", self.slot, len(settings.policy.rules))
+        log.info("worker %d: reloaded (%d rules) from the master's reading %d", self.slot,
+                 len(settings.policy.rules), reading.generation)
 
     def begin_drain(self) -> None:
         if self.draining:

@@ -8,6 +8,7 @@ serving the allowed target afterwards.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import struct
@@ -370,6 +371,32 @@ def test_sighup_with_a_broken_file_keeps_the_rules(tmp_path, start_server, echo_
     server.wait_for_log(r"worker 0: reloaded \(1 rules\)")
     assert server.count_log(r"worker \d: reloaded") == 1, "the broken file reached a worker"
     assert echo_through(server.address, echo_target) == b"still serving"
+
+
+def test_every_worker_applies_the_masters_reading_not_the_file_as_it_is_later(tmp_path, start_server, echo_target):
+    """One reading per reload: a worker slow to take the reload (stopped here) applies what
+    the master read and checked, not whatever the file says by the time it gets to it."""
+    path = write_config(tmp_path, "[[rules]]\naction = \"allow\"\n")
+    server = start_server("--config", str(path), "--workers", "2")
+    late = server.wait_workers(2)[0]
+    path.write_text(f"[[rules]]\naction = \"deny\"\nport = [{echo_target.port}]\n[[rules]]\naction = \"allow\"\n")
+    os.kill(late, signal.SIGSTOP)
+    try:
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for_log(r"SIGHUP: reloaded .*fastsocks\.toml: 2 rules")
+        server.wait_for_log(r"worker \d: reloaded \(2 rules\) from the master's reading 1")
+        path.write_text("[[rules]]\naction = \"alow\"\n")  # broken: a worker reading it now would balk
+    finally:
+        os.kill(late, signal.SIGCONT)
+    wait_until(lambda: server.count_log(r"worker \d: reloaded \(2 rules\) from the master's reading 1") == 2,
+               what="the stopped worker to apply the same reading")
+    assert server.count_log(r"keeping the current configuration") == 0
+    for _ in range(8):  # whichever worker takes each one, the same rules answer
+        assert socks5_reply(server.address, "127.0.0.1", echo_target.port) == NOT_ALLOWED
+    # A worker does not reload on its own: SIGHUP goes to the master.
+    os.kill(late, signal.SIGHUP)
+    server.wait_for_log(r"worker \d: SIGHUP ignored: the master \(pid %d\) reloads" % server.pid)
+    assert server.count_log(r"worker \d: reloaded") == 2
 
 
 # ---------------------------------------------------------------- the command line

@@ -90,6 +90,7 @@ RANKS = {
     "policy": 0, "limits": 1, "config": 2, "access": 1, "host": 1, "rlimit": 0, "heap": 0, "privileges": 0,
     "admission": 2, "bind": 2,  # bind is the session's BIND phase
     "systemd": 0,
+    "handover": 2,  # the master's reading of the files, as every worker gets it
     "metrics": 2,  # the shared counters the worker adds to and the master's scrape reads
     "proxied": 3,  # a PROXY listener's header stage, before the session: beside session
     "listeners": 3, "session": 3, "udp": 3,  # udp sits beside session: only the worker imports it
