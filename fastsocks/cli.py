@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--access-log", metavar="FILE",
         help="write the access lines (one per session) to FILE instead of stderr; SIGUSR1 reopens it "
              "(logrotate's postrotate: kill -USR1 MASTERPID)")
+    add("--pid-file", metavar="FILE",
+        help="write the master's pid to FILE (an upgraded master writes its own once it serves); "
+             "'fastsocks upgrade --pid-file FILE' reads it")
     add("--user", metavar="NAME",
         help="started as root: bind, then run the master and every worker as this user "
              "(the config and users files must be readable by it: SIGHUP re-reads them)")
@@ -160,6 +163,7 @@ SUBCOMMANDS = {  # fastsocks SUBCOMMAND ...: module and function, imported only 
     "example-config": ("fastsocks.commands.config_files", "example_main"),
     "explain": ("fastsocks.commands.explain", "main"),
     "status": ("fastsocks.commands.status", "main"),
+    "upgrade": ("fastsocks.commands.upgrade", "main"),
 }
 
 

@@ -39,6 +39,7 @@ FIELDS: dict[tuple[str, str], tuple[str, object]] = {
     ("server", "user"): ("user", str),
     ("server", "trusted_proxies"): ("trusted_proxies", "networks"),
     ("server", "metrics"): ("metrics", "address"),
+    ("server", "pid_file"): ("pid_file", str),
     ("server", "group"): ("group", str),
     ("auth", "users_file"): ("users_file", str),
     ("auth", "methods"): ("auth_methods", "methods"),
@@ -164,7 +165,7 @@ class _Reader:
             return float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise self.error(table, key, f"expected {_KIND_NAMES[kind]}, not {_toml_type(value)}")
-        if key in ("users_file", "access_log"):
+        if key in ("users_file", "access_log", "pid_file"):
             return str(self.base_dir / value)
         return value
 
@@ -304,7 +305,7 @@ def _listen_item(value):
 # What a running server cannot change: sockets, processes and the engine are made at start.
 RESTART_FIELDS = ("listen", "metrics", "workers", "accept_mode", "backlog", "splice", "pipe_size", "max_pipes",
                   "buffer_size", "resolver_threads", "dns_cache_ttl_s", "dns_cache_size", "log_level", "access_log",
-                  "user", "group")
+                  "user", "group", "pid_file")
 
 
 def reloaded(old: Settings, load) -> tuple[Settings, list[str]]:

@@ -37,13 +37,17 @@ def open_listener(address: ListenAddress, backlog: int, reuseport: bool) -> sock
 class ListenerSet:
     """The master's listening sockets: ``for_slot(i)`` are the ones worker slot i accepts on."""
 
-    def __init__(self, settings: Settings, inherited: list[socket.socket] | None = None) -> None:
+    def __init__(self, settings: Settings, inherited: list[list[socket.socket]] | None = None,
+                 activated: bool = False) -> None:
+        """``inherited``: rows bound already, one per address of ``settings.listen``: systemd's
+        (socket activation, ``activated``: one socket per address) or an old master's
+        (upgrade.py: one per worker slot in reuseport mode)."""
         self.reuseport = settings.accept_mode == "reuseport"
+        self.activated = activated
         # Per row (address): its connections open with a PROXY header.
         self._proxied = [address.proxy_protocol for address in settings.listen]
-        if inherited:  # systemd's (socket activation): one socket per address, bound already
-            self.reuseport = False
-            self._socks = [[sock] for sock in inherited]
+        if inherited:
+            self._socks = [list(row) for row in inherited]
             return
         per_address = settings.workers if self.reuseport else 1
         self._socks: list[list[socket.socket]] = []
@@ -70,6 +74,10 @@ class ListenerSet:
     def proxied(self) -> list[bool]:
         """For each socket of a for_slot() list: whether its clients open with a PROXY header."""
         return list(self._proxied)
+
+    def rows(self) -> list[list[socket.socket]]:
+        """Per address, its sockets (one per slot in reuseport mode): what an upgrade hands over."""
+        return [list(row) for row in self._socks]
 
     def all(self) -> list[socket.socket]:
         return [sock for row in self._socks for sock in row]

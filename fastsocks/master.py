@@ -23,18 +23,20 @@ per worker how many connections it accepted, its CPU seconds, peak RSS and peak 
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import resource
 import select
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass, replace
 
 import psutil
 
-from fastsocks import config, handover, logs, privileges, systemd
+from fastsocks import config, handover, logs, privileges, systemd, upgrade
 from fastsocks.errors import BootError, ConfigError
 from fastsocks.limits import SharedLimits
 from fastsocks.listeners import ListenerSet
@@ -48,7 +50,7 @@ from fastsocks.worker import EXIT_BOOT_ERROR, Worker
 log = logging.getLogger(__name__)
 
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGQUIT: "quit",
-           signal.SIGHUP: "hup", signal.SIGCHLD: "chld", signal.SIGUSR1: "usr1"}
+           signal.SIGHUP: "hup", signal.SIGCHLD: "chld", signal.SIGUSR1: "usr1", signal.SIGUSR2: "usr2"}
 RESPAWN_BACKOFF_S = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
 STABLE_AFTER_S = 10.0        # a worker that lived this long resets its slot's back-off
 KILL_MARGIN_S = 5.0          # after the graceful timeout, how long before SIGKILL
@@ -109,22 +111,27 @@ class Master:
         self.exit_code = 0
         self.done = False
         self.wakeup_r = self.wakeup_w = None
+        self.inheritance: upgrade.Inheritance | None = None  # started by an upgrade, until it serves
+        self.successor: upgrade.Successor | None = None      # an upgrade of this one, while it starts
 
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> int:
         lift_fd_limit()
-        self.listeners = ListenerSet(self.settings, self.activated_sockets())
+        self.listeners = self.open_listeners()
         self.stats = SharedStats(self.settings.workers)
         self.limits = SharedLimits(self.settings.workers)
         self.counters = SharedCounters(self.settings.workers)
         self.serve_metrics()  # bound before the privileges go, like the listeners
+        if self.inheritance is None:
+            self.write_pid_file()  # an upgraded master writes it once it serves (announce_ready)
         self.become_user()
         self.install_signals()
         self.notifier = notifier_from_environ()
         addresses = ", ".join(str(a) for a in self.listeners.addresses)
-        log.info("fastsocks listening on %s with %d workers (accept mode %s, pid %d)",
-                 addresses, self.settings.workers, self.settings.accept_mode, self.pid)
+        log.info("fastsocks listening on %s with %d workers (accept mode %s, pid %d)%s",
+                 addresses, self.settings.workers, self.settings.accept_mode, self.pid,
+                 f"; taking over from pid {self.inheritance.old_pid}" if self.inheritance else "")
         try:
             for slot in range(self.settings.workers):
                 self.spawn_worker(slot)
@@ -134,18 +141,50 @@ class Master:
                 self.kill_unresponsive()
                 self.manage_workers()
                 self.watch_workers()
-                self.notify_ready()
+                self.watch_successor()
+                self.announce_ready()
         finally:
             if self.notifier is not None:
                 self.notifier.close()
             self.stop_workers(signal.SIGKILL)
             self.log_summary()
             self.listeners.close()
-            if self.metrics_server is not None:
-                self.metrics_server.shutdown()
-                self.metrics_server.server_close()
+            self.stop_metrics()
+            self.remove_pid_file()
             signal.set_wakeup_fd(-1)
         return self.exit_code
+
+    def open_listeners(self) -> ListenerSet:
+        if os.environ.get(upgrade.ENVIRON):
+            logs.set_process_name("new master")  # beside the old one's lines, until it serves
+            return self.inherited_listeners()
+        activated = self.activated_sockets()
+        return ListenerSet(self.settings, [[sock] for sock in activated], activated=bool(activated))
+
+    def inherited_listeners(self) -> ListenerSet:
+        """Started by an upgrade: the old master's sockets, if they are the ones these
+        settings would bind (a changed address or layout takes a restart: the old master
+        logs this one's refusal and goes on)."""
+        try:
+            self.inheritance = given = upgrade.Inheritance.from_environ(os.environ)
+        except ValueError as exc:
+            raise BootError(f"upgrade: {exc}") from None
+        rows = given.sockets()
+        addresses = tuple(ListenAddress(*row[0].getsockname()[:2], proxied)
+                          for row, proxied in zip(rows, given.proxied))
+        changes = {}
+        if given.activated:  # systemd's sockets stay what they are, as at a start
+            changes = {"listen": addresses, "accept_mode": "shared"}
+        else:
+            problem = inherited_layout_problem(self.settings, addresses, given.reuseport, len(rows[0]))
+            if problem:
+                raise BootError(f"upgrade: {problem}: that takes a restart")
+            changes = {"listen": addresses}
+        try:
+            self.settings = replace(self.settings, **changes)
+        except ConfigError as exc:
+            raise BootError(f"upgrade: {exc}") from None
+        return ListenerSet(self.settings, rows, activated=given.activated)
 
     def activated_sockets(self) -> list[socket.socket]:
         """Socket activation (LISTEN_FDS): systemd's listening sockets replace the listen
@@ -172,16 +211,24 @@ class Master:
         return socks
 
     def serve_metrics(self) -> None:
-        """--metrics HOST:PORT: the Prometheus text format, built at each scrape (metrics.py)."""
-        if self.settings.metrics is None:
+        """--metrics HOST:PORT: the Prometheus text format, built at each scrape (metrics.py).
+        An upgraded master serves on the old one's socket when the address is the same."""
+        inherited = self.inheritance.metrics_socket() if self.inheritance is not None else None
+        address = self.settings.metrics
+        if inherited is not None and (address is None or not same_address(inherited, address)):
+            inherited.close()
+            inherited = None
+        if address is None:
             return
         from prometheus_client import CollectorRegistry, start_http_server
 
         registry = CollectorRegistry(auto_describe=False)
         registry.register(MasterCollector(self.counters, self.stats, self.worker_facts, self.counts))
-        address = self.settings.metrics
         try:
-            self.metrics_server, _thread = start_http_server(address.port, address.host, registry)
+            if inherited is not None:
+                self.metrics_server = serve_on(inherited, registry)
+            else:
+                self.metrics_server, _thread = start_http_server(address.port, address.host, registry)
         except OSError as exc:
             raise BootError(f"cannot serve metrics on {address}: {exc.strerror}") from None
         os.set_inheritable(self.metrics_server.socket.fileno(), False)
@@ -195,19 +242,28 @@ class Master:
         privileges.drop(who, supplementary_from_user=self.settings.user is not None)
         privileges.readable([p for p in (self.settings.config_path, self.settings.users_file) if p], who)
 
-    def notify_ready(self) -> None:
-        """Type=notify: READY=1 once every worker has written its first heartbeat (it booted:
-        the engine is built and its sockets are watched), so systemctl start returns when
-        connections are served."""
-        if self.ready_sent or self.notifier is None or self.stopping_since_s is not None:
+    def announce_ready(self) -> None:
+        """Once every worker has written its first heartbeat (it booted: the engine is built
+        and its sockets are watched): Type=notify READY=1, so that systemctl start returns
+        when connections are served; or, started by an upgrade, the word to the old master
+        that it may drain now (upgrade.py), and this one's pid in the pid file."""
+        if self.ready_sent or self.stopping_since_s is not None:
             return
         workers = list(self.workers.values())
         if len(workers) < self.settings.workers or any(
                 self.stats.heartbeat(w.slot) < w.started_s for w in workers):
             return
         self.ready_sent = True
-        self.notifier.send("READY=1", f"MAINPID={self.pid}",
-                           f"STATUS=serving on {len(self.listeners.addresses)} addresses with {len(workers)} workers")
+        if self.inheritance is not None:
+            self.write_pid_file()
+            self.inheritance.announce_ready()
+            log.info("upgrade: this master (pid %d) serves; the old one (pid %d) drains and exits",
+                     self.pid, self.inheritance.old_pid)
+            self.inheritance = None  # the old master names this one to systemd (MAINPID=)
+            logs.set_process_name("master")
+        elif self.notifier is not None:
+            self.notifier.send("READY=1", f"MAINPID={self.pid}",
+                               f"STATUS=serving on {len(self.listeners.addresses)} addresses with {len(workers)} workers")
 
     def install_signals(self) -> None:
         self.wakeup_r, self.wakeup_w = socket.socketpair()
@@ -219,9 +275,13 @@ class Master:
             signal.signal(signum, _wake_only)
 
     def sleep(self) -> None:
-        """Wait for a signal or a second; dispatch each signal to handle_<name>."""
-        readable, _, _ = select.select([self.wakeup_r], [], [], 1.0)
-        if not readable:
+        """Wait for a signal, a word from an upgrade's new master, or a second; dispatch each
+        signal to handle_<name>."""
+        waits = [self.wakeup_r] + ([self.successor.ready_fd] if self.successor is not None else [])
+        readable, _, _ = select.select(waits, [], [], 1.0)
+        if self.successor is not None and self.successor.ready_fd in readable:
+            self.hear_successor()
+        if self.wakeup_r not in readable:
             return
         try:
             data = self.wakeup_r.recv(256)
@@ -285,6 +345,9 @@ class Master:
         for pid in list(self.workers):
             self.signal_worker(pid, signal.SIGUSR1)
 
+    def handle_usr2(self) -> None:
+        self.begin_upgrade()
+
     def handle_chld(self) -> None:
         pass  # reap_workers runs after every wake-up
 
@@ -295,6 +358,8 @@ class Master:
         if self.stopping_since_s is not None:
             return
         self.stopping_since_s = time.monotonic()
+        if self.successor is not None:
+            self.abandon_upgrade(f"was stopped: this master stops ({why})", serving=False)
         if self.notifier is not None:
             self.notifier.stopping()
         self.watch_workers(now=True)
@@ -303,6 +368,118 @@ class Master:
         # New connections are refused from now on; established sessions go on.
         self.listeners.close()
         self.stop_workers(signal.SIGTERM)
+
+    # ------------------------------------------------------------------ upgrade (upgrade.py)
+
+    def begin_upgrade(self) -> None:
+        """SIGUSR2: start a new master from the installed code on these very sockets."""
+        if self.stopping_since_s is not None:
+            log.warning("SIGUSR2: this master is stopping; no upgrade")
+            return
+        if self.successor is not None:
+            log.warning("SIGUSR2: an upgrade is under way already (new master pid %d)", self.successor.pid)
+            return
+        if self.inheritance is not None:
+            log.warning("SIGUSR2: this master is not serving yet; no upgrade")
+            return
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        metrics_sock = self.metrics_server.socket if self.metrics_server is not None else None
+        inheritance = upgrade.Inheritance(
+            tuple(tuple(sock.fileno() for sock in row) for row in self.listeners.rows()),
+            tuple(self.listeners.proxied), self.listeners.reuseport, self.listeners.activated,
+            metrics_sock.fileno() if metrics_sock is not None else None, write_fd, self.pid)
+        environ = dict(os.environ)
+        if self.notifier is not None:
+            environ["NOTIFY_SOCKET"] = self.notifier.environ_value
+        pid = os.fork()
+        if pid == 0:
+            signal.set_wakeup_fd(-1)
+            upgrade.exec_successor(inheritance, environ)
+        os.close(write_fd)
+        self.successor = upgrade.Successor(pid, read_fd, time.monotonic())
+        log.info("SIGUSR2: upgrading: new master pid %d starts (%s)", pid, " ".join(sys.orig_argv))
+
+    def hear_successor(self) -> None:
+        ready = self.successor.read_ready()
+        if ready is None:
+            return
+        if ready:
+            self.make_way()
+        else:
+            self.abandon_upgrade("stopped before it served")
+
+    def watch_successor(self) -> None:
+        if self.successor is not None and self.successor.overdue():
+            self.abandon_upgrade(f"did not serve within {upgrade.UPGRADE_TIMEOUT_S:.0f} s")
+
+    def make_way(self) -> None:
+        """The new master serves: name it to systemd, stop accepting and serving metrics, drain."""
+        successor, self.successor = self.successor, None
+        successor.close()
+        log.info("upgrade: new master pid %d serves; this one (pid %d) drains and exits",
+                 successor.pid, self.pid)
+        if self.notifier is not None:
+            self.notifier.send(f"MAINPID={successor.pid}", "READY=1",
+                               f"STATUS=upgraded: master pid {successor.pid}, pid {self.pid} drains")
+            self.notifier.close()
+            self.notifier = None  # systemd listens to the new main pid only from now on
+        self.stop_metrics()
+        self.begin_stop("upgrade")
+
+    def abandon_upgrade(self, why: str, serving: bool = True) -> None:
+        """The new master failed (or this one stops meanwhile): stop it, say why, go on."""
+        successor, self.successor = self.successor, None
+        successor.close()
+        code = successor.exit_code
+        if code is None:
+            self.signal_worker(successor.pid, signal.SIGKILL)
+            try:
+                _, status = os.waitpid(successor.pid, 0)
+                code = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:
+                pass
+        how = "" if code is None else (f", killed by {signal.Signals(-code).name}" if code < 0 else f", exit code {code}")
+        log.error("upgrade failed: the new master (pid %d) %s%s (see its log lines above); "
+                  "this master (pid %d) %s", successor.pid, why, how, self.pid,
+                  "goes on serving" if serving else "stops")
+        self.write_pid_file()  # rewritten with this pid: 'fastsocks upgrade' sees the answer
+
+    # ------------------------------------------------------------------ pid file
+
+    def write_pid_file(self) -> None:
+        """--pid-file: this master's pid; made the --user's (an upgrade runs as that user and
+        writes its own pid into it)."""
+        path = self.settings.pid_file
+        if path is None:
+            return
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            with os.fdopen(fd, "w") as file:
+                file.write(f"{self.pid}\n")
+            who = self.settings.identity
+            if who is not None and os.geteuid() == 0:
+                os.chown(path, who.uid, who.gid)
+        except OSError as exc:
+            raise BootError(f"{path}: pid_file: cannot write it: {exc.strerror}") from None
+
+    def remove_pid_file(self) -> None:
+        """At exit, unless the file names another master by now (an upgrade's)."""
+        path = self.settings.pid_file
+        if path is None:
+            return
+        try:
+            with open(path) as file:
+                if file.read().strip() != str(self.pid):
+                    return
+            os.unlink(path)
+        except OSError:
+            pass  # gone already, or a directory this user cannot write: init scripts cope
+
+    def stop_metrics(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server.server_close()
+            self.metrics_server = None
 
     # ------------------------------------------------------------------ workers
 
@@ -325,6 +502,9 @@ class Master:
             self.wakeup_w.close()
             for sibling in self.workers.values():
                 sibling.control.close()  # the master's ends of the other workers' channels
+            for upgrading in (self.inheritance, self.successor):
+                if upgrading is not None:
+                    os.close(upgrading.ready_fd)  # the upgrade's pipe is the masters' alone
             if self.metrics_server is not None:
                 self.metrics_server.socket.close()  # the master's (its thread is not in this process)
             if self.notifier is not None:
@@ -353,6 +533,8 @@ class Master:
                 return
             worker = self.workers.pop(pid, None)
             if worker is None:
+                if self.successor is not None and pid == self.successor.pid:
+                    self.successor.exit_code = os.waitstatus_to_exitcode(status)
                 continue
             worker.control.close()
             self.count_usage(worker, rusage)
@@ -491,6 +673,55 @@ class Master:
                  sum(s.bytes_down for s in slots), [round(u.cpu_s, 2) for u in self.usage],
                  [round(u.peak_rss_bytes / MIB, 1) for u in self.usage], [u.peak_fds for u in self.usage],
                  [u.peak_pipes for u in self.usage])
+
+
+def inherited_layout_problem(settings: Settings, addresses: tuple[ListenAddress, ...], reuseport: bool,
+                             per_address: int) -> str | None:
+    """What differs between the sockets an upgrade inherits and the ones ``settings`` would
+    bind (a port 0 takes the inherited port), or None."""
+    def same(wanted: ListenAddress, have: ListenAddress) -> bool:
+        return (ipaddress.ip_address(wanted.host) == ipaddress.ip_address(have.host)
+                and wanted.port in (0, have.port) and wanted.proxy_protocol == have.proxy_protocol)
+
+    if len(settings.listen) != len(addresses) or not all(map(same, settings.listen, addresses)):
+        return (f"listen is {', '.join(map(str, settings.listen))} in the configuration, and the running "
+                f"master listens on {', '.join(map(str, addresses))}")
+    if (settings.accept_mode == "reuseport") != reuseport:
+        return f"accept_mode is {settings.accept_mode} now, and the running master's is not"
+    if reuseport and per_address != settings.workers:
+        return (f"workers is {settings.workers} now, and the running master has {per_address} sockets per "
+                f"address, one per worker (accept_mode reuseport)")
+    return None
+
+
+def same_address(sock: socket.socket, address: ListenAddress) -> bool:
+    host, port = sock.getsockname()[:2]
+    return ipaddress.ip_address(host) == ipaddress.ip_address(address.host) and address.port in (0, port)
+
+
+def serve_on(sock: socket.socket, registry):
+    """prometheus_client's exposition on a socket bound already (an upgrade's inheritance):
+    its WSGI app, in the standard library's threading WSGI server, as start_http_server
+    runs it on a port it binds itself."""
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler
+
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, format, *args):  # the stdlib's signature
+            """No line per scrape on stderr."""
+
+    server = ThreadingWSGIServer(sock.getsockname()[:2], QuietHandler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    server.server_address = sock.getsockname()
+    server.server_name, server.server_port = str(server.server_address[0]), server.server_address[1]
+    server.setup_environ()
+    server.set_app(make_wsgi_app(registry))
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
+    return server
 
 
 def lift_fd_limit() -> None:

@@ -74,6 +74,7 @@ class Settings:
     # Balancers whose PROXY headers are believed (listeners with proxy_protocol): networks.
     access_log: str | None = None       # the access lines go to this file (else with the log, on stderr)
     metrics: ListenAddress | None = None  # serve Prometheus metrics here (the master)
+    pid_file: str | None = None         # the serving master's pid, for 'fastsocks upgrade' and init scripts
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     config_path: str | None = None
 

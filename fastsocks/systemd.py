@@ -47,6 +47,7 @@ class Notifier:
 
     def __init__(self, address: str) -> None:
         """``address``: as in $NOTIFY_SOCKET, an absolute path or ``@name`` (abstract)."""
+        self.environ_value = address  # what a process started for an upgrade is given
         if address.startswith("@") and len(address) > 1:
             self.address = b"\0" + os.fsencode(address[1:])
         elif address.startswith("/"):

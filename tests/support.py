@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -504,3 +505,86 @@ def require_ipv6() -> None:
     """Skip the calling test where there is no IPv6 loopback."""
     if not ipv6_loopback():
         pytest.skip("no IPv6 loopback (::1) here")
+
+
+# --------------------------------------------------------------------- load that checks its bytes
+
+CHUNK = 16 * 1024
+
+
+class EchoLoad:
+    """Short sessions on ``clients`` threads and ``streams`` long ones, all checking every
+    byte (for the reload and upgrade tests)."""
+
+    def __init__(self, proxy, port: int, clients: int = 4, streams: int = 1) -> None:
+        self.proxy, self.port = proxy, port
+        self.stop = threading.Event()
+        self.attempted = self.failed = 0
+        self.bytes_checked = 0
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.short_sessions, args=(i,), daemon=True) for i in range(clients)]
+        self.threads += [threading.Thread(target=self.long_stream, daemon=True) for _ in range(streams)]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def finish(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    def note(self, ok: bool, checked: int, why: str = "") -> None:
+        with self.lock:
+            self.attempted += 1
+            self.bytes_checked += checked
+            if not ok:
+                self.failed += 1
+                self.errors.append(why)
+
+    def echo_session(self, payload: bytes) -> None:
+        sock, (code, _, _) = socks5_connect(self.proxy, "127.0.0.1", self.port)
+        with sock:
+            if code != 0:
+                raise ConnectionError(f"reply {code}")
+            sock.sendall(payload)
+            got = recv_exact(sock, len(payload))
+        if hashlib.sha256(got).digest() != hashlib.sha256(payload).digest():
+            raise ValueError("echoed bytes differ")
+
+    def short_sessions(self, i: int) -> None:
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            payload = os.urandom(CHUNK) + f"{i}:{n}".encode()
+            try:
+                self.echo_session(payload)
+            except (OSError, ValueError) as exc:
+                self.note(False, 0, f"client {i} session {n}: {exc}")
+            else:
+                self.note(True, len(payload))
+
+    def long_stream(self) -> None:
+        """One session open across every reload, a chunk each 10 ms."""
+        try:
+            sock, (code, _, _) = socks5_connect(self.proxy, "127.0.0.1", self.port)
+        except OSError as exc:
+            self.note(False, 0, f"long stream: {exc}")
+            return
+        checked = 0
+        with sock:
+            try:
+                if code != 0:
+                    raise ConnectionError(f"reply {code}")
+                while not self.stop.is_set():
+                    payload = os.urandom(CHUNK)
+                    sock.sendall(payload)
+                    if recv_exact(sock, len(payload)) != payload:
+                        raise ValueError("echoed bytes differ")
+                    checked += len(payload)
+                    time.sleep(0.01)
+            except (OSError, ValueError) as exc:
+                self.note(False, checked, f"long stream: {exc}")
+                return
+        self.note(True, checked)

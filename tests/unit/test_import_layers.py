@@ -91,6 +91,7 @@ RANKS = {
     "admission": 2, "bind": 2,  # bind is the session's BIND phase
     "systemd": 0,
     "handover": 2,  # the master's reading of the files, as every worker gets it
+    "upgrade": 0,  # what a new master inherits from the old: fds and a pipe
     "metrics": 2,  # the shared counters the worker adds to and the master's scrape reads
     "proxied": 3,  # a PROXY listener's header stage, before the session: beside session
     "listeners": 3, "session": 3, "udp": 3,  # udp sits beside session: only the worker imports it
