@@ -110,3 +110,37 @@ def test_an_unknown_user_or_group_is_named_before_anything_starts(tmp_path, conf
     out = subprocess.run(fastsocks_command() + argv, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2, out.stderr
     assert error in out.stderr
+
+
+def test_an_upgrade_of_a_master_that_dropped_root_runs_as_the_user_on_the_low_port(start_server, shared_dir,
+                                                                                     echo_target):
+    """The new master starts as the user (it cannot bind port 1023 itself): it serves on
+    the inherited socket and writes the pid file the root master made the user's."""
+    try:  # exec'd as the user, as the upgrade's new master is
+        probe = subprocess.run([*fastsocks_command(), "--help"], user=NOBODY.pw_uid, group=NOBODY.pw_gid,
+                               extra_groups=[], capture_output=True, timeout=60)
+        why = probe.stderr.decode(errors="replace").strip()[-200:] if probe.returncode else ""
+    except OSError as exc:
+        why = str(exc)
+    if why:
+        pytest.skip(f"nobody cannot run this installation ({fastsocks_command()[0]}): {why}")
+    pid_file = os.path.join(shared_dir, "fastsocks.pid")
+    port = low_port()
+    server = start_server("--listen", f"127.0.0.1:{port}", "--workers", "2", "--user", "nobody",
+                          "--pid-file", pid_file)
+    out = subprocess.run(fastsocks_command() + ["upgrade", "--pid-file", pid_file],
+                         capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0, out.stderr
+    new_pid = int(open(pid_file).read())
+    try:
+        assert server.proc.wait(30) == 0
+        nobody = ((NOBODY.pw_uid,) * 3, (NOBODY.pw_gid,) * 3)
+        assert ids(new_pid) == nobody
+        sock, (code, _, _) = socks5_connect(("127.0.0.1", port), "127.0.0.1", echo_target.port)
+        with sock:
+            assert code == 0
+            sock.sendall(b"upgraded as nobody")
+            assert sock.recv(64) == b"upgraded as nobody"
+    finally:
+        psutil.Process(new_pid).terminate()
+        psutil.Process(new_pid).wait(15)
