@@ -1,6 +1,6 @@
 # Reviewed header of the relay engine (see _relay.pyx for the theory of operation).
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 
 
 from fastsocks._system cimport *
@@ -52,6 +52,8 @@ cdef enum:
     FAIL_REFUSED = 3      # the gate refused it (its words are in RelayEngine.whys)
     FAIL_CLIENT = 4       # the client was gone before its reply
     FAIL_SHUTDOWN = 5
+    RULE_DEFAULT = -1     # _relay_types.RULE_DEFAULT: the default action decided
+    RULE_NONE = -2        # _relay_types.RULE_NONE: nothing judged the request
     MAX_LISTENERS = 64
     ACCEPT_BATCH = 64     # accepts per listener wake-up: a flood cannot starve the relays
     REARM_EVERY = 16      # EPOLLEXCLUSIVE: re-register after this many accepts (see listen())
@@ -105,6 +107,9 @@ ctypedef struct Session:
     int fail               # END_FAILED: FAIL_*
     bint has_dest
     double started_s
+    double requested_s     # the request was read (0: not yet): Ended.handshake_s
+    double connected_s     # the connect was done, or failed (0: not tried): Ended.connect_s
+    int rule               # what decided the CONNECT: a rule's index, RULE_DEFAULT or RULE_NONE
     sockaddr_in6 peer      # the client, as accept() gave it (a sockaddr_in for IPv4)
     int dest_family
     unsigned char dest_ip[16]
@@ -125,6 +130,7 @@ ctypedef struct FrontEntry:
     uint8_t used
     uint8_t counted            # accept cache: the client's sessions are counted in bucket[]
     uint16_t bucket[2]
+    int32_t rule               # verdict cache: the rule that let it through (Session.rule)
 
 ctypedef struct FrontCache:
     FrontEntry *entries

@@ -36,13 +36,17 @@ class FrontGate(Protocol):
         (front's counts: +1 in the row's open count and in these two client buckets, -1
         when the session ends or is handed off, when the gate counts it); with
         check_blocked, a client blocked in both buckets is asked about again."""
-    def request(self, tag: int, proto: int, client: str, host: str, port: int) -> tuple[int, str] | None:
+    def request(self, tag: int, proto: int, client: str, host: str, port: int
+                ) -> int | tuple[int, str] | tuple[int, str, int] | None:
         """Only with judge_request: a CONNECT the engine would run (proto 4 or 5; ``client``
-        the client's IP, ``host`` the destination's, as inet_ntop writes them): None to go on,
-        or (SOCKS5 reply code, why) to refuse. A None is remembered for (client, host, port)
-        until the next front(): the answer may depend on these and on the caps alone, which
-        the engine checks itself for the sessions it counted (over one, or with caps and a
-        session not counted, it asks)."""
+        the client's IP, ``host`` the destination's, as inet_ntop writes them): to go on, the
+        index of the rule that lets it through, or None or RULE_DEFAULT for the default
+        action; to refuse, (SOCKS5 reply code, why) or (code, why, rule), ``rule`` an index,
+        RULE_DEFAULT or RULE_NONE (not the rules: a cap). The session's Ended carries that
+        rule (RULE_DEFAULT without judge_request). A go-on is remembered, with its rule, for
+        (client, host, port) until the next front(): the answer may depend on these and on
+        the caps alone, which the engine checks itself for the sessions it counted (over
+        one, or with caps and a session not counted, it asks)."""
     def hand_off(self, fd: int, tag: int, peer: tuple[str, int], data: bytes, sent: bytes, started_s: float) -> None:
         """A client the engine does not serve itself: ``fd`` (non-blocking, out of the
         engine's epoll set) is the gate's now; ``data`` is everything the client sent,

@@ -62,6 +62,7 @@ cdef enum:
 cdef uint32_t EV_FLAGS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 
 from fastsocks._relay_types import NO_REPLY, REASONS, Ended  # REPLY_NONE is REPLY_NONE
+from fastsocks._relay_types import gate_answer as _gate_answer
 
 cdef uint64_t LISTENER_BIT = (<uint64_t>1) << 63  # epoll data of a listening socket: the bit | its index
 cdef uint64_t WAKE_TAG = (<uint64_t>1) << 62      # epoll data of the fd watch() names
@@ -90,6 +91,11 @@ cdef inline double _monotonic() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef inline object _span(double since_s, double until_s):
+    """Seconds from one phase mark to the next; None when the later one never came."""
+    return until_s - since_s if until_s != 0 else None
 
 
 cdef class RelayEngine:
@@ -781,7 +787,9 @@ cdef class RelayEngine:
             else:
                 ended.append(Ended(s.tag, s.dir[0].nbytes, s.dir[1].nbytes, REASONS[s.end_reason],
                                    s.end_errno, self._described(s), s.started_s,
-                                   s.reply if s.end_reason == END_FAILED else 0, self._why(idx, s)))
+                                   s.reply if s.end_reason == END_FAILED else 0, self._why(idx, s),
+                                   s.rule, _span(s.started_s, s.requested_s),
+                                   _span(s.requested_s, s.connected_s)))
             self.finished_head = s.next
             self._release(idx)
             idx = self.finished_head
@@ -904,6 +912,7 @@ cdef class RelayEngine:
         s.phase = PHASE_HANDSHAKE
         s.front = f
         s.reply = REPLY_NONE
+        s.rule = RULE_NONE
         s.started_s = s.last_active_s = _monotonic()
         memcpy(&s.peer, peer, sizeof(sockaddr_in6))
         f.len = 0
@@ -975,6 +984,9 @@ cdef class RelayEngine:
         cdef sockaddr_in *v4 = <sockaddr_in *>&sa
         cdef socklen_t length
         cdef epoll_event ev
+        # One clock read for the end of the handshake and the start of the connect deadline.
+        cdef double now = _monotonic()
+        s.requested_s = now
         s.has_dest = True
         s.dest_family = req.family
         memcpy(s.dest_ip, req.ip, 16 if req.family == AF_INET6 else 4)
@@ -994,6 +1006,8 @@ cdef class RelayEngine:
         if self.own_port_bits[req.port >> 3] & (1 << (req.port & 7)):
             self._hand_off(idx)
             return
+        # Without judge_request there are no rules to ask: the default action lets it through.
+        s.rule = RULE_NONE if self.judge_request else RULE_DEFAULT
         if self.judge_request and not self._front_judge(idx):
             return  # refused: answered and ended
         fd = socket(req.family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
@@ -1027,7 +1041,7 @@ cdef class RelayEngine:
             self._front_fail(idx, 1, FAIL_CONNECT, err)
             return
         s.phase = PHASE_CONNECTING
-        f.deadline_s = _monotonic() + self.connect_timeout_s
+        f.deadline_s = now + self.connect_timeout_s
 
     cdef void _front_connected(self, int idx) noexcept nogil:
         cdef Session *s = &self.slots[idx]
@@ -1043,6 +1057,7 @@ cdef class RelayEngine:
         if err:
             self._front_fail(idx, front_reply_for_errno(err), FAIL_CONNECT, err)
             return
+        s.connected_s = _monotonic()
         length = sizeof(bound)
         memset(&bound, 0, sizeof(bound))
         if getsockname(s.fd[1], <sockaddr *>&bound, &length) < 0:
@@ -1089,6 +1104,8 @@ cdef class RelayEngine:
         free(s.front)
         s.front = NULL
         self.n_handshaking -= 1
+        if kind == FAIL_CONNECT:
+            s.connected_s = _monotonic()  # how long the connect took to fail
         s.state = SLOT_FINISHED
         s.end_reason = END_FAILED
         s.end_errno = err
@@ -1157,10 +1174,13 @@ cdef class RelayEngine:
         cdef unsigned char client[16]
         cdef unsigned char dest[16]
         cdef bint caps = self.cap_total or self.cap_worker or self.cap_client
+        cdef FrontEntry *e
         if caps and (not s.counted or self._over_caps(s)):
             return self._gate_request(idx)  # its words for the refusal, or a count it knows of
         _front_keys(s, client, dest)
-        if front_cache_find(&self.verdict_cache, client, dest, <uint16_t>s.dest_port) != NULL:
+        e = front_cache_find(&self.verdict_cache, client, dest, <uint16_t>s.dest_port)
+        if e != NULL:
+            s.rule = e.rule
             return 1
         return self._gate_request(idx)
 
@@ -1246,30 +1266,31 @@ cdef class RelayEngine:
         return 1
 
     cdef int _gate_request(self, int idx) noexcept nogil:
-        """1: go on (and remembered); 0: refused, answered and ended."""
+        """1: go on (and remembered, with the rule that let it through); 0: refused,
+        answered and ended."""
         cdef int code = 1
+        cdef int rule = RULE_NONE
         cdef unsigned char client[16]
         cdef unsigned char dest[16]
+        cdef FrontEntry *e
         with gil:
             s = &self.slots[idx]
             try:
-                refusal = self.gate.request(s.tag, s.proto, _sa_host(&s.peer),
-                                            _front_host(s.dest_family, s.dest_ip), s.dest_port)
-                if refusal is None:
-                    code = 0
-                else:
-                    code, why = refusal
-                    if not (isinstance(code, int) and 1 <= code <= 255):
-                        raise ValueError(f"a refusal's reply code is 1-255, not {code!r}")
+                code, why, rule = _gate_answer(self.gate.request(s.tag, s.proto, _sa_host(&s.peer),
+                                                                 _front_host(s.dest_family, s.dest_ip),
+                                                                 s.dest_port))
             except BaseException as exc:
                 if self.hook_error is None:
                     self.hook_error = exc
-                code, why = 1, "internal error in the gate"
+                code, why, rule = 1, "internal error in the gate", RULE_NONE
             if code:
                 self.whys[idx] = why
+        s.rule = rule
         if code == 0:
             _front_keys(s, client, dest)
-            front_cache_put(&self.verdict_cache, client, dest, <uint16_t>s.dest_port)
+            e = front_cache_put(&self.verdict_cache, client, dest, <uint16_t>s.dest_port)
+            if e != NULL:
+                e.rule = rule
             return 1
         self._front_fail(idx, code, FAIL_REFUSED, 0)
         return 0

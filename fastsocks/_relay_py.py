@@ -56,6 +56,8 @@ import time
 
 from fastsocks import access, errors
 from fastsocks._relay_types import NO_REPLY, REASONS, Ended
+from fastsocks._relay_types import RULE_DEFAULT as _RULE_DEFAULT, RULE_NONE as _RULE_NONE
+from fastsocks._relay_types import gate_answer as _gate_answer
 from fastsocks.protocol import socks4 as socks4_wire
 from fastsocks.protocol import socks5
 
@@ -174,10 +176,12 @@ class _Direction:
 
 
 class _Session:
-    __slots__ = ("tag", "socks", "dirs", "last_active_s", "registered", "described", "started_s", "bucket")
+    __slots__ = ("tag", "socks", "dirs", "last_active_s", "registered", "described", "started_s", "bucket",
+                 "marks")
 
     def __init__(self, tag: int, client: socket.socket, upstream: socket.socket, initial: bytes,
-                 described: str = "", started_s: float = 0.0, bucket: tuple | None = None) -> None:
+                 described: str = "", started_s: float = 0.0, bucket: tuple | None = None,
+                 marks: tuple = (_RULE_NONE, None, None)) -> None:
         self.tag = tag
         self.socks = (client, upstream)
         self.dirs = (_Direction(client, upstream, initial), _Direction(upstream, client, b""))
@@ -185,6 +189,7 @@ class _Session:
         self.registered = {client.fileno(): 0, upstream.fileno(): 0}
         self.described, self.started_s = described, started_s
         self.bucket = bucket  # counted in the shared counts (front's counts) in these buckets
+        self.marks = marks    # a front-door session's rule and phases (_Front.marks)
 
 
 class _Counts:
@@ -244,7 +249,7 @@ class _Front:
     """A client at the front door, from accept until it relays, fails or is handed off."""
 
     __slots__ = ("tag", "client", "peer", "rules", "started_s", "deadline_s", "data", "answered",
-                 "proto", "dest", "consumed", "upstream", "bucket")
+                 "proto", "dest", "consumed", "upstream", "bucket", "requested_s", "connected_s", "rule")
 
     def __init__(self, tag: int, client: socket.socket, peer: tuple[str, int], rules: _FrontRules) -> None:
         self.tag, self.client, self.peer, self.rules = tag, client, peer, rules
@@ -257,6 +262,9 @@ class _Front:
         self.consumed = 0     # bytes of greeting and request; the rest is payload
         self.upstream: socket.socket | None = None     # while connecting
         self.bucket: tuple | None = None  # counted in the shared counts in these buckets
+        self.requested_s = 0.0  # the request was read (0: not yet)
+        self.connected_s = 0.0  # the connect was done, or failed (0: not tried)
+        self.rule = _RULE_NONE  # what decided its CONNECT (Ended.rule)
 
     @property
     def described(self) -> str:
@@ -269,7 +277,11 @@ class _Front:
         return f"{who} cmd=connect dest={access.format_host(host)}:{port}"
 
     def ended(self, reply: int, err: int, why: str) -> Ended:
-        return Ended(self.tag, 0, 0, _FAILED, err, self.described, self.started_s, reply, why)
+        return Ended(self.tag, 0, 0, _FAILED, err, self.described, self.started_s, reply, why, *self.marks())
+
+    def marks(self) -> tuple:
+        """Ended's rule, handshake_s and connect_s."""
+        return (self.rule, _span(self.started_s, self.requested_s), _span(self.requested_s, self.connected_s))
 
 
 class _Batch:
@@ -316,7 +328,7 @@ class RelayEngine:
         self._unreported: list = []  # Ended values of a run() that raised a gate's exception
         # The gate's answers that let a client in, remembered until the next front().
         self._accept_cache: dict[bytes, tuple] = {}             # client IP -> buckets or ()
-        self._verdict_cache: set[tuple[bytes, bytes, int]] = set()  # (client, dest, port) let through
+        self._verdict_cache: dict[tuple[bytes, bytes, int], int] = {}  # (client, dest, port) let through: its rule
         self._counts: _Counts | None = None  # kept without counts: what is counted is uncounted there
         self._count_new = False
         self._n_counted = 0
@@ -365,7 +377,7 @@ class RelayEngine:
         self._rules = _FrontRules(gate, methods, bool(socks4), bool(judge_accept), bool(judge_request),
                                   own_ports, float(handshake_timeout_s), float(connect_timeout_s),
                                   caps, bool(check_blocked) and counts is not None)
-        self._accept_cache, self._verdict_cache = {}, set()
+        self._accept_cache, self._verdict_cache = {}, {}
 
     def listen(self, fd: int, exclusive: bool = False) -> None:
         if self._epoll is None:
@@ -550,7 +562,10 @@ class RelayEngine:
             self._by_fd.pop(sock.fileno(), None)
             sock.close()  # closing removes it from the epoll set
         up, down = (direction.nbytes for direction in session.dirs)
-        return Ended(session.tag, up, down, reason, err, session.described, session.started_s)
+        if not session.described:  # add()ed: its worker knows who it was
+            return Ended(session.tag, up, down, reason, err)
+        return Ended(session.tag, up, down, reason, err, session.described, session.started_s, 0, "",
+                     *session.marks)
 
     # ------------------------------------------------------------------ the front door
 
@@ -641,6 +656,7 @@ class RelayEngine:
         front.answered += rest[:n]
 
     def _front_request(self, front: _Front, batch: _Batch) -> None:
+        front.requested_s = time.monotonic()
         family, host, port = front.dest
         rules = self._rules  # front() again applies from a client's next step
         ip = socket.inet_pton(family, host)
@@ -651,6 +667,8 @@ class RelayEngine:
         if unusual or port in rules.own_ports:
             self._hand_off(front, batch)
             return
+        # Without judge_request there are no rules to ask: the default action lets it through.
+        front.rule = _RULE_NONE if rules.judge_request else _RULE_DEFAULT
         if rules.judge_request:
             refusal = self._ask_gate(batch, (socks5.Reply.GENERAL_FAILURE, "internal error in the gate"),
                                      self._judge, front, ip, port)
@@ -680,6 +698,7 @@ class RelayEngine:
             batch.ended.append(self._connect_failed(front, err))
 
     def _front_connected(self, front: _Front, batch: _Batch) -> None:
+        front.connected_s = time.monotonic()
         reply = _success_reply(front.proto, front.upstream.getsockname())
         try:
             n = front.client.send(reply, socket.MSG_NOSIGNAL)
@@ -693,9 +712,10 @@ class RelayEngine:
         client, upstream = front.client, front.upstream
         self._forget(front)
         self._relay(_Session(front.tag, client, upstream, front.data[front.consumed:],
-                             front.described, front.started_s, front.bucket))
+                             front.described, front.started_s, front.bucket, front.marks()))
 
     def _connect_failed(self, front: _Front, err: int) -> Ended:
+        front.connected_s = time.monotonic()  # how long the connect took to fail
         return self._front_end(front, socks5.Reply.for_errno(err), err, f"connect failed: {os.strerror(err)}")
 
     def _front_end(self, front: _Front, reply: int, err: int, why: str) -> Ended:
@@ -747,19 +767,22 @@ class RelayEngine:
         return True
 
     def _judge(self, front: _Front, ip: bytes, port: int) -> tuple[int, str] | None:
-        """judge_request: None goes on (and is remembered), or (reply code, why)."""
+        """judge_request: None goes on (and is remembered, with the rule that let it
+        through), or (reply code, why); either way front.rule says what decided."""
         rules = self._rules
         key = (_mapped(front.peer[0]), _mapped_ip(ip), port)
         over = any(rules.caps) and (front.bucket is None or self._counts.over_caps(front.bucket, rules.caps))
         if not over and key in self._verdict_cache:
+            front.rule = self._verdict_cache[key]
             return None
         host = front.dest[1]
-        refusal = _refusal(rules.gate, front.tag, front.proto, front.peer[0], host, port)
-        if refusal is None:
-            if len(self._verdict_cache) >= _FRONT_CACHE_SIZE:
-                self._verdict_cache.clear()
-            self._verdict_cache.add(key)
-        return refusal
+        code, why, front.rule = _gate_answer(rules.gate.request(front.tag, front.proto, front.peer[0], host, port))
+        if code:
+            return code, why
+        if len(self._verdict_cache) >= _FRONT_CACHE_SIZE:
+            self._verdict_cache.clear()
+        self._verdict_cache[key] = front.rule
+        return None
 
     def _count(self, front: _Front, bucket: tuple) -> None:
         if bucket:
@@ -815,15 +838,9 @@ class RelayEngine:
         raise batch.error
 
 
-def _refusal(gate, tag: int, proto: int, client: str, host: str, port: int) -> tuple[int, str] | None:
-    """gate.request(), checked: None, or (a SOCKS5 reply code, why)."""
-    refusal = gate.request(tag, proto, client, host, port)
-    if refusal is None:
-        return None
-    code, why = refusal
-    if not (isinstance(code, int) and 0 < code <= 0xFF) or not isinstance(why, str):
-        raise TypeError(f"gate.request() must return None or (reply code 1-255, why), got {refusal!r}")
-    return code, why
+def _span(since_s: float, until_s: float) -> float | None:
+    """Seconds from one phase mark to the next; None when the later one never came."""
+    return until_s - since_s if until_s else None
 
 
 def _success_reply(proto: int, bound: tuple) -> bytes:

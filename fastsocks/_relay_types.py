@@ -1,4 +1,5 @@
-"""The values both relay engines hand back (the compiled _relay and its twin _relay_py)."""
+"""The values both relay engines hand back (the compiled _relay and its twin _relay_py),
+and how both read their gate's answer to a request."""
 
 from typing import NamedTuple
 
@@ -8,6 +9,10 @@ REASONS = ("eof", "error", "idle", "shutdown", "failed")
 
 NO_REPLY = -1
 
+# What decided a CONNECT (Ended.rule), besides a rule's index into Policy.rules (0: "#1").
+RULE_DEFAULT = -1  # the rules' default action (also: no rules to ask, judge_request off)
+RULE_NONE = -2     # no rule: the session ended before its request was judged, or a cap refused it
+
 
 class Ended(NamedTuple):
     """A session that ended: its tag (the session id), the bytes it moved each way, why it
@@ -15,7 +20,10 @@ class Ended(NamedTuple):
 
     A session the engine accepted itself also says who asked for what (``described``,
     the access line's opening, as access.describe writes it) and since when (``started_s``,
-    time.monotonic()); one that failed, the reply it got and ``why`` in words."""
+    time.monotonic()); one that failed, the reply it got and ``why`` in words; and, as
+    numbers for the access log and the metrics, what decided its CONNECT (``rule``) and how
+    long its phases took: ``handshake_s`` from accept to the request read, ``connect_s``
+    the outbound connect (success or failure); None for a phase it never reached."""
     tag: int
     bytes_up: int
     bytes_down: int
@@ -25,3 +33,23 @@ class Ended(NamedTuple):
     started_s: float = 0.0
     reply: int = 0
     why: str = ""
+    rule: int = RULE_NONE
+    handshake_s: float | None = None
+    connect_s: float | None = None
+
+
+def gate_answer(answer) -> tuple[int, str, int]:
+    """A FrontGate.request() answer (_relay.pyi), checked, as (reply code, why, rule): code
+    0 goes on. Raises ValueError for anything else: the engine refuses that session."""
+    if answer is None:
+        return 0, "", RULE_DEFAULT
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        if answer < RULE_DEFAULT:
+            raise ValueError(f"gate.request(): a rule's index or {RULE_DEFAULT}, not {answer!r}")
+        return 0, "", answer
+    code, why, rule = answer if len(answer) == 3 else (*answer, RULE_NONE)
+    if not (isinstance(code, int) and 1 <= code <= 255) or not isinstance(why, str):
+        raise ValueError(f"gate.request(): None, a rule or (reply code 1-255, why[, rule]), not {answer!r}")
+    if not (isinstance(rule, int) and rule >= RULE_NONE):
+        raise ValueError(f"a refusal's rule is an index, {RULE_DEFAULT} or {RULE_NONE}, not {rule!r}")
+    return code, why, rule

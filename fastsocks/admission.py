@@ -33,6 +33,13 @@ from fastsocks.settings import Settings
 log = logging.getLogger(__name__)
 
 
+class CapRefusal(NamedTuple):
+    """A request over a cap: which one (its Settings field, as metrics.CAPS names it), and
+    the words of its access line."""
+    cap: str
+    why: str
+
+
 class Counted(NamedTuple):
     """A session's buckets in limits.py: its client's, and its user's once one is counted."""
     client: tuple[int, int]
@@ -47,6 +54,7 @@ class Admission:
         self.counted: dict[int, Counted] = {}   # sid -> its buckets, while it lives
         self.udp_clients: dict[int, str] = {}   # sid -> client IP of each live UDP association
         self.failures = 0                       # failed logins in this worker
+        self.access_log = access.AccessLog(settings.access_log_format)  # restart-only: never reloaded
         # A client's buckets (a keyed BLAKE2b each): the same few clients come back and back.
         self._buckets = functools.lru_cache(maxsize=4096)(limits.buckets) if limits is not None else None
 
@@ -81,7 +89,7 @@ class Admission:
             ip = unmapped(ipaddress.ip_address(peer_ip.partition("%")[0]))
         verdict = settings.policy.at_accept(ip)
         if verdict is not None and not verdict.allowed:
-            access.closed_at_accept(peer, verdict)
+            self.access_log.closed_at_accept(peer, verdict)
             return False, ip, None
         if not self.counting:
             return True, ip, None
@@ -102,7 +110,7 @@ class Admission:
         self.limits.open_session(self.slot, buckets)
         self.counted[sid] = Counted(buckets)
 
-    def admit(self, sid: int, user: bytes, command: str, client_ip: str) -> str | None:
+    def admit(self, sid: int, user: bytes, command: str, client_ip: str) -> CapRefusal | None:
         """Why this request is over a cap, or None. The session has been counted since
         accept, so a count above the cap includes it."""
         counted = self.counted.get(sid)
@@ -111,35 +119,37 @@ class Admission:
             refusal = self._over_udp_cap(client_ip)
         return refusal
 
-    def admit_engine(self, client: IPAddress) -> str | None:
+    def admit_engine(self, client: IPAddress) -> CapRefusal | None:
         """admit() for a CONNECT of the relay engine's, counted there (no user, no UDP)."""
         return self._over_session_cap(0, Counted(self._buckets(client.packed)), b"") if self.counting else None
 
-    def _over_session_cap(self, sid: int, counted: Counted, user: bytes) -> str | None:
+    def _over_session_cap(self, sid: int, counted: Counted, user: bytes) -> CapRefusal | None:
         if not self.caps_on:
             return None
         s, limits = self.settings, self.limits
         if s.max_sessions_per_worker and limits.of_worker(self.slot) > s.max_sessions_per_worker:
-            return f"over max_sessions_per_worker ({s.max_sessions_per_worker})"
+            return _over("max_sessions_per_worker", s.max_sessions_per_worker)
         if s.max_sessions and limits.total() > s.max_sessions:
-            return f"over max_sessions ({s.max_sessions})"
+            return _over("max_sessions", s.max_sessions)
         if s.max_sessions_per_client and limits.of_client(counted.client) > s.max_sessions_per_client:
-            return f"over max_sessions_per_client ({s.max_sessions_per_client})"
+            return _over("max_sessions_per_client", s.max_sessions_per_client)
         if user and s.max_sessions_per_user:
             user_key = limits.buckets(b"user:" + user)
             limits.add_user(self.slot, user_key)
             self.counted[sid] = counted._replace(user=user_key)
             if limits.of_user(user_key) > s.max_sessions_per_user:
-                return f"over max_sessions_per_user ({s.max_sessions_per_user})"
+                return _over("max_sessions_per_user", s.max_sessions_per_user)
         return None
 
-    def _over_udp_cap(self, client_ip: str) -> str | None:
+    def _over_udp_cap(self, client_ip: str) -> CapRefusal | None:
         s, live = self.settings, self.udp_clients
         if len(live) >= s.max_udp_per_worker:
-            return f"UDP ASSOCIATE refused: {len(live)} associations in this worker (--max-udp-per-worker)"
+            return CapRefusal("max_udp_per_worker", f"UDP ASSOCIATE refused: {len(live)} associations "
+                              "in this worker (--max-udp-per-worker)")
         mine = sum(1 for ip in live.values() if ip == client_ip)
         if mine >= s.max_udp_per_client:
-            return f"UDP ASSOCIATE refused: {mine} associations for {client_ip} (--max-udp-per-client)"
+            return CapRefusal("max_udp_per_client", f"UDP ASSOCIATE refused: {mine} associations for "
+                              f"{client_ip} (--max-udp-per-client)")
         return None
 
     def udp_started(self, sid: int, client_ip: str) -> None:
@@ -168,6 +178,10 @@ class Admission:
             self.limits.block(self.slot, counted.client, now + int(s.auth_block_s * 1000))
             log.warning("client=%s blocked for %.0f s after %d failed logins in %.0f s", client_ip,
                         s.auth_block_s, failures, s.auth_failure_window_s)
+
+
+def _over(cap: str, limit: int) -> CapRefusal:
+    return CapRefusal(cap, f"over {cap} ({limit})")
 
 
 def _now_ms() -> int:

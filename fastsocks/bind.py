@@ -51,6 +51,7 @@ class BindWait:
         any_peer = expected.is_unspecified or settings.bind_any_peer
         if not expected.is_unspecified:
             verdict = settings.policy.decide(session.query(), expected)
+            session.decided(verdict)
             if not verdict.allowed:
                 session.deny(verdict)
                 return

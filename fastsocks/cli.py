@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--access-log", metavar="FILE",
         help="write the access lines (one per session) to FILE instead of stderr; SIGUSR1 reopens it "
              "(logrotate's postrotate: kill -USR1 MASTERPID)")
+    add("--access-log-format", choices=("text", "json"),
+        help="text: one key=value line per session; json: one JSON object per line, with the rule "
+             "that decided and the handshake, auth, DNS and connect times (default: text)")
     add("--pid-file", metavar="FILE",
         help="write the master's pid to FILE (an upgraded master writes its own once it serves); "
              "'fastsocks upgrade --pid-file FILE' reads it")
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         log.critical("%s", exc)
         return 2
     try:
-        logs.configure(settings.log_level, settings.access_log)
+        logs.configure(settings.log_level, settings.access_log, settings.access_log_format)
     except OSError as exc:
         logs.configure("info")
         log.critical("%s: access_log: cannot open it: %s", settings.access_log, exc.strerror)

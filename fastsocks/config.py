@@ -36,6 +36,7 @@ FIELDS: dict[tuple[str, str], tuple[str, object]] = {
     ("server", "allow_open_proxy"): ("allow_open_proxy", bool),
     ("server", "log_level"): ("log_level", str),
     ("server", "access_log"): ("access_log", str),
+    ("server", "access_log_format"): ("access_log_format", str),
     ("server", "user"): ("user", str),
     ("server", "trusted_proxies"): ("trusted_proxies", "networks"),
     ("server", "metrics"): ("metrics", "address"),
@@ -305,7 +306,7 @@ def _listen_item(value):
 # What a running server cannot change: sockets, processes and the engine are made at start.
 RESTART_FIELDS = ("listen", "metrics", "workers", "accept_mode", "backlog", "splice", "pipe_size", "max_pipes",
                   "buffer_size", "resolver_threads", "dns_cache_ttl_s", "dns_cache_size", "log_level", "access_log",
-                  "user", "group", "pid_file")
+                  "access_log_format", "user", "group", "pid_file")
 
 
 def reloaded(old: Settings, load) -> tuple[Settings, list[str]]:

@@ -16,7 +16,9 @@ the record; otherwise (a handler of the user's, pytest's caplog) it logs as usua
 ``--access-log FILE`` gives the access logger (``fastsocks.access``) a handler of its own on
 that file (opened for append: every process writes whole batches, so lines never mix),
 which ``reopen()`` opens anew by its name: logrotate's SIGUSR1, sent to the master, which
-passes it on to every worker.
+passes it on to every worker. ``--access-log-format json`` gives it a handler of its own in
+any case (on that file, or on stderr beside the root's) that writes the message alone: each
+line one JSON object, which carries its own time (access.py).
 
 A worker batches its INFO and DEBUG lines: ``flush()``, which the worker calls at the end
 of every loop turn, writes them with one write() per 4 KiB at most, whole lines only, so
@@ -32,6 +34,7 @@ import sys
 import time
 
 FORMAT = "%(asctime)s %(levelname)s [%(process_name)s] %(name)s: %(message)s"
+BARE_FORMAT = "%(message)s"  # the JSON access lines: nothing around the object
 BATCH_BYTES = 4096  # PIPE_BUF: one write of whole lines is never interleaved with another's
 
 
@@ -126,6 +129,9 @@ def info(logger: logging.Logger, msg: str, *args) -> None:
     if handler is None:
         logger.info(msg, *args)
         return
+    if handler.formatter._fmt == BARE_FORMAT:
+        handler._add(f"{msg % args}{handler.terminator}", logging.INFO)
+        return
     created = time.time()  # as LogRecord: created, then msecs from it
     msecs = int((created - int(created)) * 1000) + 0.0
     handler._add(f"{handler.formatter.time_text(created, msecs)} {logging.getLevelName(logging.INFO)} "
@@ -153,7 +159,7 @@ def _sole_handler(logger: logging.Logger) -> _Handler | None:
     handler = handlers[0]
     if (not handler.batching or handler.level > logging.INFO or len(handler.filters) != 1
             or type(handler.filters[0]) is not _ProcessNameFilter or type(handler.formatter) is not _Formatter
-            or handler.formatter._fmt != FORMAT):
+            or handler.formatter._fmt not in (FORMAT, BARE_FORMAT)):
         return None
     return handler
 
@@ -162,7 +168,7 @@ def open_log(path: str):
     return open(path, "a", encoding="utf-8", errors="backslashreplace")
 
 
-def configure(level: str, access_log: str | None = None) -> None:
+def configure(level: str, access_log: str | None = None, access_format: str = "text") -> None:
     # What the format does not show is not computed per record (the logging HOWTO's
     # "Optimization"): the caller's file and line, thread, process and multiprocessing names.
     logging._srcfile = None
@@ -176,11 +182,12 @@ def configure(level: str, access_log: str | None = None) -> None:
     access = logging.getLogger("fastsocks.access")
     access.handlers[:] = []
     access.propagate = True
-    if access_log is not None:
-        file_handler = _Handler(open_log(access_log), access_log)  # OSError: the caller says so
-        file_handler.setFormatter(_Formatter(FORMAT))
-        file_handler.addFilter(_ProcessNameFilter("master"))
-        access.handlers[:] = [file_handler]
+    if access_log is not None or access_format == "json":
+        # open_log's OSError: the caller says so.
+        own = _Handler(open_log(access_log), access_log) if access_log is not None else _Handler(sys.stderr)
+        own.setFormatter(_Formatter(BARE_FORMAT if access_format == "json" else FORMAT))
+        own.addFilter(_ProcessNameFilter("master"))
+        access.handlers[:] = [own]
         access.propagate = False
 
 

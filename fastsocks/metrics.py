@@ -5,9 +5,12 @@ Theory of operation
 ``SharedCounters`` is one anonymous shared map, made by the master before it forks, with a
 row of 8-byte words per worker slot (the layout: ``LAYOUT``). A worker adds to its own row
 only, one aligned store per count (as stats.py's slots), when a session gets its outcome:
-by protocol, command and reply; a policy denial by rule; a cap refusal by cap; a UDP
-association's datagrams. A respawned worker goes on adding to its slot's row, so the
-totals survive it. Nothing else happens on the connection path.
+by protocol, command and reply; a policy denial by the rule that decided (a number, as the
+session or the engine carries it); a UDP association's datagrams; and the durations of its
+handshake, DNS lookup and connect, each into a histogram of fixed ``BUCKETS_S`` (a count
+per bucket, and the sum in nanoseconds: the words are integers). A cap refusal is counted
+by its cap where Admission decides it. A respawned worker goes on adding to its slot's
+row, so the totals survive it. Nothing else happens on the connection path.
 
 The master serves ``--metrics HOST:PORT`` with prometheus_client's own HTTP server (a
 thread of the master's): at each scrape ``MasterCollector`` sums the rows, reads the
@@ -18,14 +21,15 @@ sees each word old or new, never torn.
 
 from __future__ import annotations
 
+import bisect
 import mmap
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from fastsocks._relay_types import RULE_DEFAULT, RULE_NONE
 from fastsocks.protocol.socks5 import Reply
 
 PROTOCOLS = ("socks4", "socks4a", "socks5", "-")
@@ -35,8 +39,15 @@ CAPS = ("max_sessions", "max_sessions_per_worker", "max_sessions_per_client", "m
         "max_udp_per_worker", "max_udp_per_client")
 DENIAL_RULES = 256  # rules #1-#255 by number; a later rule counts as "#256+"
 UDP_COUNTS = ("datagrams_up", "datagrams_down", "dropped")
-RULE_NUMBER = re.compile(r"rule #(\d+)")
-CAP_NAME = re.compile(r"max[_-][a-z_-]+")  # admission.py's words: "over max_sessions (N)", "(--max-udp-per-client)"
+# Upper bounds, in seconds: a loopback connect takes ~50 µs, a LAN one ~0.5 ms, a cached
+# name nothing; a lookup or a connect across the world ~0.1-0.3 s; 10 s is the default
+# timeout of both, past which only +Inf is left.
+BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+HISTOGRAMS = (("handshake", "fastsocks_handshake_seconds",
+               "From accept to the request read (a login included), of the sessions that got that far"),
+              ("dns", "fastsocks_dns_seconds", "Lookups of the names that requests asked for"),
+              ("connect", "fastsocks_connect_seconds", "Outbound connects of CONNECT requests, to success or failure"))
+HISTOGRAM_WORDS = len(BUCKETS_S) + 2  # a count per bucket, +Inf's, and the sum in ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +59,8 @@ class Layout:
     denied_rule: int = denied_default + 1                     # DENIAL_RULES
     caps: int = denied_rule + DENIAL_RULES                    # CAPS
     udp: int = caps + len(CAPS)                               # UDP_COUNTS
-    words: int = udp + len(UDP_COUNTS)
+    histograms: int = udp + len(UDP_COUNTS)                   # HISTOGRAMS x HISTOGRAM_WORDS
+    words: int = histograms + len(HISTOGRAMS) * HISTOGRAM_WORDS
 
 
 LAYOUT = Layout()
@@ -83,29 +95,37 @@ class WorkerCounters:
                       for i, p in enumerate(PROTOCOLS) for j, c in enumerate(COMMANDS)}
         self._reply = {name: base + LAYOUT.replies + i for i, name in enumerate(REPLIES)}
 
-    def outcome(self, proto: str, command: str, reply: str, why: str = "") -> None:
-        """A session's answer: ``reply`` as the access log names it ("-": none was sent)."""
+    def outcome(self, proto: str, command: str, reply: str, rule: int = RULE_NONE) -> None:
+        """A session's answer: ``reply`` as the access log names it ("-": none was sent),
+        and what decided it (_relay_types.RULE_*, or a rule's index)."""
         words = self.words
         words[self._kind.get((proto, command), self._kind["-", "-"])] += 1
         words[self._reply.get(reply, self._reply["none"])] += 1
         if reply == "connection_not_allowed":
-            self.denied(why)
-        elif reply != "succeeded" and "max" in why:
-            self.cap_refused(why)
+            self.denied(rule)
 
-    def denied(self, why: str) -> None:
-        """A policy denial, by the rule its words name (policy.Verdict's), or the default."""
-        match = RULE_NUMBER.search(why)
-        if match is None:
+    def denied(self, rule: int) -> None:
+        """A denial, by the index of the rule that decided; the default action's, and a
+        refusal no rule made (a destination that is this host or this proxy, SOCKS4 where
+        passwords are required), count as "default"."""
+        if rule in (RULE_DEFAULT, RULE_NONE):
             self.words[self.base + LAYOUT.denied_default] += 1
         else:
-            self.words[self.base + LAYOUT.denied_rule + min(int(match.group(1)), DENIAL_RULES) - 1] += 1
+            self.words[self.base + LAYOUT.denied_rule + min(rule, DENIAL_RULES - 1)] += 1
 
-    def cap_refused(self, refusal: str) -> None:
-        match = CAP_NAME.search(refusal)
-        name = match.group(0).replace("-", "_") if match is not None else ""
-        if name in CAPS:
-            self.words[self.base + LAYOUT.caps + CAPS.index(name)] += 1
+    def cap_refused(self, cap: str) -> None:
+        """A request refused by this cap (one of CAPS: admission.CapRefusal.cap)."""
+        if cap in CAPS:
+            self.words[self.base + LAYOUT.caps + CAPS.index(cap)] += 1
+
+    def observe(self, handshake_s: float | None, dns_s: float | None, connect_s: float | None) -> None:
+        """A session's phase durations, each into its histogram (None: not reached)."""
+        at = self.base + LAYOUT.histograms
+        for seconds in (handshake_s, dns_s, connect_s):
+            if seconds is not None:
+                self.words[at + bisect.bisect_left(BUCKETS_S, seconds)] += 1  # le: a bound is its own bucket's
+                self.words[at + HISTOGRAM_WORDS - 1] += int(seconds * 1e9)
+            at += HISTOGRAM_WORDS
 
     def udp(self, datagrams_up: int, datagrams_down: int, dropped: int) -> None:
         at = self.base + LAYOUT.udp
@@ -168,6 +188,18 @@ class MasterCollector(Collector):
         yield udp
         yield CounterMetricFamily("fastsocks_udp_datagrams_dropped", "UDP datagrams dropped (refused by "
                                   "the rules, from a wrong source, or not sent)", value=total(LAYOUT.udp + 2))
+        yield from self.histograms()
+
+    def histograms(self) -> Iterator[Metric]:
+        total = self.counters.total
+        for i, (_phase, name, documentation) in enumerate(HISTOGRAMS):
+            at = LAYOUT.histograms + i * HISTOGRAM_WORDS
+            cumulative, buckets = 0, []
+            for j, bound in enumerate((*(repr(b) for b in BUCKETS_S), "+Inf")):
+                cumulative += total(at + j)
+                buckets.append((bound, cumulative))
+            yield HistogramMetricFamily(name, documentation, buckets=buckets,
+                                        sum_value=total(at + HISTOGRAM_WORDS - 1) / 1e9)
 
     def slots(self) -> Iterator[Metric]:
         slots = [self.stats.read(slot) for slot in range(self.stats.slots)]

@@ -33,6 +33,7 @@ import time
 from dataclasses import replace
 
 from fastsocks import access
+from fastsocks._relay_types import RULE_DEFAULT, RULE_NONE
 from fastsocks.bind import BindWait
 from fastsocks.errors import ProtocolError
 from fastsocks.host import Environment, Failed, Relay, SessionHost, StartUdp, entry_point
@@ -75,7 +76,8 @@ def kernel_text(host: str) -> tuple[int, str]:
 class Session:
     __slots__ = ("host", "env", "loop", "sid", "client", "peer", "conn", "upstream", "request",
                  "candidates", "timer", "last_errno", "deadline_s", "started_s", "over", "bind_wait",
-                 "username", "client_ip", "denial", "replay", "answered")
+                 "username", "client_ip", "denial", "replay", "answered", "requested_s", "auth_s", "dns_s",
+                 "connecting_s", "connect_s", "rule")
 
     def __init__(self, host: SessionHost, env: Environment, sid: int, client: socket.socket, peer: str,
                  client_ip=None, replay: tuple[bytes, bytes] = (b"", b""), started_s: float | None = None) -> None:
@@ -98,6 +100,14 @@ class Session:
         self.deadline_s = 0.0
         self.started_s = time.monotonic() if started_s is None else started_s
         self.over = False                               # it ended: failed, or its sockets handed on
+        # For the access log and the metrics: when the request was read, how long each later
+        # phase took (None: not reached), and what decided it (_relay_types.RULE_*).
+        self.requested_s = 0.0
+        self.auth_s: float | None = None
+        self.dns_s: float | None = None
+        self.connecting_s = 0.0                         # the first connect attempt began
+        self.connect_s: float | None = None
+        self.rule = RULE_NONE
         # From the engine's front door: what the client sent it, and what it answered already.
         self.replay, self.answered = replay
 
@@ -193,14 +203,16 @@ class Session:
 
     def check_credentials(self, credentials: userpass.Credentials) -> None:
         """RFC 1929: the check runs off the loop; the protocol waits for its response."""
+        asked_s = time.monotonic()
         self.host.auth.verify(credentials.username, credentials.password,
-                              lambda ok: self.on_auth_checked(ok, credentials.username))
+                              lambda ok: self.on_auth_checked(ok, credentials.username, asked_s))
 
     @entry_point
-    def on_auth_checked(self, ok: bool, username: bytes) -> None:
+    def on_auth_checked(self, ok: bool, username: bytes, asked_s: float) -> None:
         if self.over:
             return
         self.username = username
+        self.auth_s = time.monotonic() - asked_s
         if not self.send(self.conn.send(userpass.AuthResponse(ok))):
             return
         if ok:
@@ -210,6 +222,7 @@ class Session:
 
     def answer_request(self, request: socks5.Request | socks4.Request) -> None:
         self.request = request
+        self.requested_s = time.monotonic()
         self.loop.remove(self.client)
         if self.conn.version == socks4.SOCKS4_VERSION and "none" not in self.env.settings.methods:
             # SOCKS4 carries no password: with --users it would be a way around them.
@@ -264,18 +277,22 @@ class Session:
         """Look the name up off the loop, within the connect deadline (a slow resolver
         must not hold a session for ever), then ``then(addresses)``. A cached name calls
         back at once."""
-        self.timer = self.loop.call_later(self.env.settings.connect_timeout_s, self.on_resolve_timeout)
+        asked_s = time.monotonic()
+        self.timer = self.loop.call_later(self.env.settings.connect_timeout_s,
+                                          lambda: self.on_resolve_timeout(asked_s))
         self.host.resolver.resolve(self.request.host, self.request.port,
-                                   lambda addresses, error: self.on_resolved(then, addresses, error))
+                                   lambda addresses, error: self.on_resolved(then, addresses, error, asked_s))
 
     @entry_point
-    def on_resolve_timeout(self) -> None:
+    def on_resolve_timeout(self, asked_s: float) -> None:
+        self.dns_s = time.monotonic() - asked_s
         self.fail(Reply.TTL_EXPIRED, f"{self.request.host!r} did not resolve in time")
 
     @entry_point
-    def on_resolved(self, then, addresses, error: OSError | None) -> None:
+    def on_resolved(self, then, addresses, error: OSError | None, asked_s: float) -> None:
         if self.over:
             return
+        self.dns_s = time.monotonic() - asked_s
         self.timer.cancel()
         if error is not None:
             self.fail(Reply.HOST_UNREACHABLE, f"cannot resolve {self.request.host!r}: {error}")
@@ -302,11 +319,14 @@ class Session:
         if self.denial is not None and not self.last_errno:
             self.fail(Reply.CONNECTION_NOT_ALLOWED, self.denial)  # every address was refused
             return
+        self.connect_done()
         err = self.last_errno or errno.EHOSTUNREACH
         self.fail(Reply.for_errno(err), f"connect failed: {os.strerror(err)}")
 
     def start_connect(self, family: int, sockaddr: tuple, timeout_s: float) -> bool:
         """Begin one attempt; False when it failed at once (last_errno says why)."""
+        if not self.connecting_s:
+            self.connecting_s = time.monotonic()
         try:
             upstream = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         except OSError as exc:  # EMFILE/ENFILE, or no IPv6 on this host (EAFNOSUPPORT)
@@ -350,7 +370,13 @@ class Session:
         self.upstream.close()
         self.upstream = None
 
+    def connect_done(self) -> None:
+        """The connect phase is over, connected or not (if it ever began)."""
+        if self.connecting_s:
+            self.connect_s = time.monotonic() - self.connecting_s
+
     def established(self) -> None:
+        self.connect_done()
         self.loop.remove(self.upstream)
         host, port = self.upstream.getsockname()[:2]
         if self.send(self.conn.send(self.reply_event(Reply.SUCCEEDED, host, port))):
@@ -386,17 +412,25 @@ class Session:
         policy = env.settings.policy
         if (not policy.rules and policy.default_allow and ":" not in host
                 and not host.startswith("0.") and port not in env.own_addresses):
+            self.rule = RULE_DEFAULT
             return None  # no rules, and plainly neither this host nor this proxy: the common case
         ip = unmapped(ipaddress.ip_address(host.partition("%")[0]))
+        self.rule = RULE_NONE  # refused below by no rule
         forbidden = forbidden_destination(ip)
         if forbidden is not None:
             return f"denied: {forbidden}"
         if env.is_own_listener(ip, port):
             return f"denied: {access.format_peer((str(ip), port))} is this proxy itself"
         verdict = policy.decide(self.query(), ip)
+        self.decided(verdict)
         return None if verdict.allowed else f"{verdict}"
 
+    def decided(self, verdict: Verdict) -> None:
+        """The rules' verdict on this request, for its access line and the denial metrics."""
+        self.rule = access.rule_of(verdict)
+
     def deny(self, verdict: Verdict) -> None:
+        self.decided(verdict)
         self.fail(Reply.CONNECTION_NOT_ALLOWED, str(verdict))
 
     # ------------------------------------------------------------------ BIND
@@ -475,6 +509,15 @@ class Session:
     def describe(self) -> str:
         user = getattr(self.request, "userid", b"") or self.username
         return access.describe(self.peer, self.protocol_name(), self.request, user)
+
+    def opening(self, access_log: access.AccessLog) -> str | dict:
+        """describe(), or its fields for a JSON access line."""
+        user = getattr(self.request, "userid", b"") or self.username
+        return access_log.opening_of(self.peer, self.protocol_name(), self.request, user)
+
+    def timing(self) -> access.Timing:
+        handshake_s = self.requested_s - self.started_s if self.requested_s else None
+        return access.Timing(handshake_s, self.auth_s, self.dns_s, self.connect_s)
 
     def protocol_name(self) -> str:
         if self.conn is None:

@@ -73,6 +73,7 @@ class Settings:
     group: str | None = None            # ...and group (default: the user's own)
     # Balancers whose PROXY headers are believed (listeners with proxy_protocol): networks.
     access_log: str | None = None       # the access lines go to this file (else with the log, on stderr)
+    access_log_format: str = "text"     # or "json": one JSON object per line (access.py)
     metrics: ListenAddress | None = None  # serve Prometheus metrics here (the master)
     pid_file: str | None = None         # the serving master's pid, for 'fastsocks upgrade' and init scripts
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -107,6 +108,7 @@ class Settings:
             ("resolver_threads", 1 <= self.resolver_threads <= 256, "expected 1-256"),
             ("log_level", self.log_level in ("debug", "info", "warning", "error"),
              "expected debug, info, warning or error"),
+            ("access_log_format", self.access_log_format in ("text", "json"), "expected text or json"),
             ("auth_methods", "userpass" not in self.methods or self.users_file is not None,
              "userpass needs a users file (--users, or users_file in [auth])"),
             ("auth_max_failures", self.auth_max_failures >= 1, "expected >= 1"),

@@ -45,6 +45,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from fastsocks import access, handover, logs
+from fastsocks._relay_types import RULE_DEFAULT, RULE_NONE
+from fastsocks.access import NO_TIMING
 from fastsocks.admission import Admission
 from fastsocks.auth import Authenticator
 from fastsocks.errors import BootError
@@ -110,8 +112,11 @@ class Worker:
         self.master_pid = master_pid
         self.loop = Loop()
         self.handshaking: dict[int, Session] = {}
-        self.relayed: dict[int, tuple[str, float]] = {}
+        self.access_log = access.AccessLog(settings.access_log_format)  # restart-only: never reloaded
+        # Python sessions the engine relays, by sid: their access line's opening, start, rule, timing.
+        self.relayed: dict[int, tuple[str | dict, float, int, access.Timing]] = {}
         self.udp_associations: dict[int, UdpAssociation] = {}  # UDP ASSOCIATE sessions, by sid
+        self.udp_opened: dict[int, tuple[str | dict, int, access.Timing]] = {}  # ... and their line's opening
         self.udp_relay: UdpRelay | None = None  # their shared datagram relay, made on first use
         self.accepted_at_tick = 0
         self.closed = 0          # sessions that ended, however
@@ -362,27 +367,32 @@ class Worker:
             return False
         return (buckets or ()) if let_in else False
 
-    def request(self, tag: int, proto: int, client: str, host: str, port: int) -> tuple[int, str] | None:
+    def request(self, tag: int, proto: int, client: str, host: str, port: int
+                ) -> int | tuple[int, str] | tuple[int, str, int]:
         """A CONNECT the engine would run: the caps, then the rules, as Session does them
         (the engine has screened out what needs forbidden_destination or is_own_listener).
-        The engine remembers a None for (client, host, port) until the next front()."""
+        The engine remembers a go-on (the rule that let it through) for (client, host, port)
+        until the next front()."""
         try:
             refusal = self.admission.admit_engine(self.parse_ip(client))
             if refusal is not None:
-                return Reply.GENERAL_FAILURE, refusal
+                self.counters.cap_refused(refusal.cap)
+                return Reply.GENERAL_FAILURE, refusal.why
             return self.front_verdict(client, host, port)
         except Exception:
             log.exception("client=%s: internal error judging a request", client)
             return Reply.GENERAL_FAILURE, "internal error judging the request"
 
-    def judge_connect(self, client: str, host: str, port: int) -> tuple[int, str] | None:
+    def judge_connect(self, client: str, host: str, port: int) -> int | tuple[int, str, int]:
         """The rules' answer to a CONNECT of the engine's: it has no user and no name, so it
-        depends on these three alone, and front_verdict caches it until the next reload."""
+        depends on these three alone, and front_verdict caches it until the next reload.
+        The rule that decided, as a number, goes with it (RULE_DEFAULT: the default action)."""
         policy = self.env.settings.policy
         if not policy.rules and policy.default_allow:
-            return None
+            return RULE_DEFAULT
         verdict = policy.decide(Query(self.parse_ip(client), "connect", port, b"", None), self.parse_ip(host))
-        return None if verdict.allowed else (Reply.CONNECTION_NOT_ALLOWED, str(verdict))
+        rule = access.rule_of(verdict)
+        return rule if verdict.allowed else (Reply.CONNECTION_NOT_ALLOWED, str(verdict), rule)
 
     def hand_off(self, fd: int, tag: int, peer: tuple[str, int], data: bytes, sent: bytes, started_s: float) -> None:
         """A client the engine does not serve itself becomes a Python session, which replays
@@ -413,7 +423,11 @@ class Worker:
         return reaches_listener(self.env.own_addresses, ip, port, _is_local)
 
     def admit(self, sid: int, user: bytes, command: str, udp_client: str) -> str | None:
-        return self.admission.admit(sid, user, command, udp_client)
+        refusal = self.admission.admit(sid, user, command, udp_client)
+        if refusal is None:
+            return None
+        self.counters.cap_refused(refusal.cap)  # the session refuses it: counted where decided
+        return refusal.why
 
     def pause_accepting(self, exc: OSError) -> None:
         if self.paused_accept:
@@ -437,10 +451,11 @@ class Worker:
             self.session_failed(session, outcome)
 
     def start_relay(self, session: Session, relay: Relay) -> None:
-        self.count_outcome(session, "succeeded")
+        timing = session.timing()
+        self.count_outcome(session, "succeeded", timing)
         # The access line is the only reader: with it off (--log-level warning), skip the string.
-        described = session.describe() if access.enabled() else ""
-        self.relayed[session.sid] = (described, session.started_s)
+        opening = session.opening(self.access_log) if access.enabled() else ""
+        self.relayed[session.sid] = (opening, session.started_s, session.rule, timing)
         try:
             self.engine.add(relay.client_fd, relay.upstream_fd, session.sid, relay.initial)
         except OSError as exc:
@@ -459,7 +474,9 @@ class Worker:
         if self.udp_relay is None:
             self.udp_relay = new_relay()
             self.engine.run_udp(self.udp_relay)  # the engine's wait() runs it
-        self.count_outcome(session, "succeeded")
+        timing = session.timing()
+        self.count_outcome(session, "succeeded", timing)
+        opened = (session.opening(self.access_log), session.rule, timing)
         association = UdpAssociation(start, sid=session.sid, described=session.describe(),
                                      started_s=session.started_s, loop=self.loop, resolver=self.resolver,
                                      relay=self.udp_relay, settings=self.settings, on_end=self.udp_ended)
@@ -470,8 +487,11 @@ class Worker:
             self.admission.closed(session.sid)
             self.start_failures += 1
             log.error("%s UDP association could not start: %s", association.described, exc)
-            access.udp_ended(association, f"error:{errno.errorcode.get(exc.errno, exc.errno)}")  # its one line
+            opening, rule, timing = opened
+            self.access_log.udp_ended(opening, association, f"error:{errno.errorcode.get(exc.errno, exc.errno)}",
+                                      rule, timing)  # its one line
             return
+        self.udp_opened[session.sid] = opened
         self.udp_associations[session.sid] = association
         self.admission.udp_started(session.sid, start.client_ip)
 
@@ -482,38 +502,47 @@ class Worker:
         self.udp_bytes[0] += association.bytes_up
         self.udp_bytes[1] += association.bytes_down
         self.counters.udp(association.datagrams_up, association.datagrams_down, association.dropped)
-        access.udp_ended(association, how)
+        opening, rule, timing = self.udp_opened.pop(association.sid, (association.described, RULE_NONE, NO_TIMING))
+        self.access_log.udp_ended(opening, association, how, rule, timing)
 
     def session_failed(self, session: Session, failed: Failed) -> None:
         self.closed += 1
         if failed.failed_login is not None:  # counted against the client before it is uncounted
             self.admission.login_failed(session.sid, session.peer, session.client_ip, failed.failed_login)
         self.admission.closed(session.sid)
-        self.count_outcome(session, "none" if failed.reply is None else failed.reply.name.lower(), failed.why)
-        access.session_failed(session.describe(), failed.reply, session.started_s, failed.why)
+        timing = session.timing()
+        self.count_outcome(session, "none" if failed.reply is None else failed.reply.name.lower(), timing)
+        self.access_log.session_failed(session.opening(self.access_log), failed.reply, session.started_s, failed.why,
+                                       session.rule, timing)
 
-    def count_outcome(self, session: Session, reply: str, why: str = "") -> None:
+    def count_outcome(self, session: Session, reply: str, timing: access.Timing) -> None:
         request = session.request
         command = "-" if request is None else getattr(request.command, "name", str(request.command)).lower()
-        self.counters.outcome(session.protocol_name(), command, reply, why)
+        self.counters.outcome(session.protocol_name(), command, reply, session.rule)
+        self.counters.observe(timing.handshake_s, timing.dns_s, timing.connect_s)
 
     def session_ended(self, ended: Ended) -> None:
         self.closed += 1
         self.admission.closed(ended.tag)
+        access_log = self.access_log
         if ended.described:  # one of the engine's own: it says who it was
-            described, started_s = ended.described, ended.started_s
+            described, started_s, rule = ended.described, ended.started_s, ended.rule
             # Its CONNECTs, of SOCKS5 or SOCKS4 (the front door takes no SOCKS4a name).
             reply = ("none" if ended.reply < 0 else Reply(ended.reply).name.lower()) if ended.reason == "failed" \
                 else "succeeded"
-            self.counters.outcome("socks4" if " proto=socks4 " in described else "socks5", "connect", reply,
-                                  ended.why)
+            self.counters.outcome("socks4" if " proto=socks4 " in described else "socks5", "connect", reply, rule)
+            self.counters.observe(ended.handshake_s, None, ended.connect_s)
+            opening = access.who_of(described) if access_log.json else described
+            timing = access.Timing(ended.handshake_s, None, None, ended.connect_s) if access_log.json else NO_TIMING
         else:
-            described, started_s = self.relayed.pop(ended.tag, ("client=? cmd=connect dest=?", time.monotonic()))
+            opening, started_s, rule, timing = self.relayed.pop(ended.tag, (
+                access_log.engine_opening("client=? cmd=connect dest=?"), time.monotonic(), RULE_NONE, NO_TIMING))
         if ended.reason == "failed":
-            access.session_failed(described, None if ended.reply < 0 else Reply(ended.reply), started_s, ended.why)
+            access_log.session_failed(opening, None if ended.reply < 0 else Reply(ended.reply), started_s, ended.why,
+                                      rule, timing)
             return
         end = f"error:{errno.errorcode.get(ended.errno, ended.errno)}" if ended.reason == "error" else ended.reason
-        access.relay_ended(described, started_s, ended.bytes_up, ended.bytes_down, end)
+        access_log.relay_ended(opening, started_s, ended.bytes_up, ended.bytes_down, end, rule, timing)
 
     def on_engine_ready(self, wait_s: float) -> None:
         try:

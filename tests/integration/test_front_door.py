@@ -25,7 +25,7 @@ import pytest
 from support import echo_handler, require_ipv6, socks5_request_bytes
 
 from fastsocks import _relay, _relay_py
-from fastsocks._relay_types import Ended
+from fastsocks._relay_types import RULE_DEFAULT, RULE_NONE, Ended
 from fastsocks.limits import SharedLimits
 
 ENGINES = {"cython": _relay, "python": _relay_py}
@@ -43,6 +43,11 @@ def failure5(code: int) -> bytes:
 
 
 FAILURE4 = b"\x00\x5b" + bytes(6)
+
+
+def untimed(ended: Ended) -> Ended:
+    """An Ended without its clock readings, to compare whole."""
+    return ended._replace(started_s=0.0, handshake_s=None, connect_s=None)
 
 
 @dataclass
@@ -227,8 +232,8 @@ def test_socks5_connect_relays_both_ways_and_ends_described(door, tcp_target):
     assert d.recv_to_eof(client) == b""
     ended = d.ended_one()
     assert before_s <= ended.started_s <= after_s
-    assert ended._replace(started_s=0.0) == Ended(
-        1, 4, 4, "eof", 0, described(client, "socks5", f"127.0.0.1:{target.port}"), 0.0, 0, "")
+    assert untimed(ended) == Ended(
+        1, 4, 4, "eof", 0, described(client, "socks5", f"127.0.0.1:{target.port}"), 0.0, 0, "", RULE_DEFAULT)
     assert (d.engine.accepted, d.engine.handshaking, d.engine.active) == (1, 0, 0)
     assert d.engine.counters()[:3] == (4, 4, 1)
     assert d.gate.handoffs == [] and d.gate.requests == [] and d.gate.accepted_calls == []
@@ -405,9 +410,9 @@ def test_a_refused_connect_is_answered_and_ends_failed(door, proto, request_byte
     client.sendall(request_bytes(port))
     assert d.recv_to_eof(client) == reply
     ended = d.ended_one()
-    assert ended._replace(started_s=0.0) == Ended(
+    assert untimed(ended) == Ended(
         1, 0, 0, "failed", errno.ECONNREFUSED, described(client, proto, f"127.0.0.1:{port}"), 0.0, 5,
-        "connect failed: Connection refused")
+        "connect failed: Connection refused", RULE_DEFAULT)
     assert (d.engine.handshaking, d.engine.active) == (0, 0)
 
 
@@ -435,6 +440,74 @@ def test_the_gate_refuses_a_request_with_its_code_and_words(door):
     with pytest.raises(BlockingIOError):
         target.accept()  # the engine never connected
     target.close()
+
+
+def connect_and_close(d, port: int) -> Ended:
+    """A SOCKS5 CONNECT that relays nothing: connected, closed, ended."""
+    client = d.connect()
+    client.sendall(GREETING + socks5_request_bytes("127.0.0.1", port))
+    assert d.recv_exact(client, 12)[:4] == SELECTED + b"\x05\x00"
+    client.close()
+    ended = d.ended_one()
+    d.ended.clear()
+    return ended
+
+
+def test_the_rule_the_gate_names_comes_back_in_ended_and_is_remembered_with_its_answer(door, echo_target):
+    gate = Gate(refusal=4)  # go on: rule #5 let it through
+    d = door(gate, judge_request=True)
+    first = connect_and_close(d, echo_target.port)
+    again = connect_and_close(d, echo_target.port)
+    assert (first.reason, first.rule, again.rule) == ("eof", 4, 4)
+    assert len(gate.requests) == 1  # the second answer, rule and all, came from the engine's memory
+
+
+@pytest.mark.parametrize(("answer", "rule"), [(None, RULE_DEFAULT), ((2, "denied by rule #3", 2), 2),
+                                             ((2, "denied by the default action", RULE_DEFAULT), RULE_DEFAULT),
+                                             ((1, "over max_sessions (1)"), RULE_NONE)],
+                         ids=["none", "rule", "default", "cap"])
+def test_a_refusal_or_a_go_on_carries_what_decided_it(door, echo_target, answer, rule):
+    d = door(Gate(refusal=answer), judge_request=True)
+    client = d.connect()
+    client.sendall(GREETING + socks5_request_bytes("127.0.0.1", echo_target.port))
+    if answer is None:
+        assert d.recv_exact(client, 12)[:4] == SELECTED + b"\x05\x00"
+        client.close()
+    else:
+        assert d.recv_to_eof(client) == SELECTED + failure5(answer[0])
+    assert d.ended_one().rule == rule
+
+
+def test_without_judge_request_the_default_action_decides(door, echo_target):
+    assert connect_and_close(door(), echo_target.port).rule == RULE_DEFAULT
+
+
+def test_ended_says_which_phases_a_session_went_through(door, echo_target):
+    """handshake_s: accept to the request read; connect_s: the connect, to success or
+    failure; None for a phase never reached."""
+    d = door(Gate(refusal=(2, "denied by rule #1", 0)), judge_request=True, handshake_timeout_s=0.2)
+    relayed_d = door()
+    relayed = connect_and_close(relayed_d, echo_target.port)
+    refused_client = d.connect()
+    refused_client.sendall(GREETING + socks5_request_bytes("127.0.0.1", echo_target.port))
+    refused = d.ended_one()
+    d.ended.clear()
+    failed_client = relayed_d.connect()
+    failed_client.sendall(GREETING + socks5_request_bytes("127.0.0.1", closed_port()))
+    failed = relayed_d.ended_one()
+    silent = d.connect()
+    d.run_until(lambda: d.engine.handshaking == 1)
+    time.sleep(0.3)
+    d.expire()
+    timed_out = d.ended_one()
+    assert (relayed.reason, refused.reason, failed.reason, timed_out.why) == \
+        ("eof", "failed", "failed", "handshake timed out")
+    assert all(e.handshake_s >= 0 for e in (relayed, refused, failed))
+    assert relayed.connect_s >= 0 and failed.connect_s >= 0
+    assert refused.connect_s is None  # refused before any connect
+    assert (timed_out.handshake_s, timed_out.connect_s) == (None, None)
+    for sock in (refused_client, failed_client, silent):
+        sock.close()
 
 
 def test_a_gate_that_raises_refuses_that_session_and_run_raises_it(door):
@@ -482,8 +555,8 @@ def test_a_handshake_past_its_timeout_is_closed_unanswered(door, sent, answer, p
     time.sleep(0.3)
     d.expire()
     ended = d.ended_one()
-    assert ended._replace(started_s=0.0) == Ended(
-        1, 0, 0, "failed", 0, described(client, proto, None), 0.0, -1, "handshake timed out")
+    assert untimed(ended) == Ended(
+        1, 0, 0, "failed", 0, described(client, proto, None), 0.0, -1, "handshake timed out", RULE_NONE)
     assert d.recv_to_eof(client) == b""
     assert d.engine.handshaking == 0
 
@@ -546,7 +619,7 @@ def test_close_ends_the_clients_still_in_the_handshake(door):
     silent = d.connect()
     d.run_until(lambda: d.engine.handshaking == 2)
     ended = sorted(d.engine.close())
-    assert [e._replace(started_s=0.0) for e in ended] == [
+    assert [untimed(e) for e in ended] == [
         Ended(1, 0, 0, "failed", 0, described(greeted, "socks5", None), 0.0, -1, "worker shutting down"),
         Ended(2, 0, 0, "failed", 0, described(silent, "-", None), 0.0, -1, "worker shutting down")]
     assert greeted.recv(16) == b"" and silent.recv(16) == b""

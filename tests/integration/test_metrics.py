@@ -161,3 +161,37 @@ def test_status_shows_a_running_server_at_a_glance(metered):
     down = subprocess.run(fastsocks_command() + ["status", "--metrics", "127.0.0.1:1"],
                           capture_output=True, text=True, timeout=30)
     assert down.returncode == 1 and "cannot read http://127.0.0.1:1/metrics" in down.stderr
+
+
+def histogram(samples, name: str) -> tuple[list[tuple[float, float]], float, float]:
+    """(cumulative buckets by bound, count, sum) of one histogram in a scrape."""
+    buckets = sorted((float(dict(labels)["le"]), v) for (n, labels), v in samples.items() if n == name + "_bucket")
+    return buckets, value(samples, name + "_count"), value(samples, name + "_sum")
+
+
+def test_the_phase_histograms_count_the_sessions_that_went_through_each_phase(metered, localhost_target):
+    server, target, denied_port, _ = metered
+    named = localhost_target()
+    for _ in range(3):
+        assert echo(server.address, target.port, b"z" * 10) == 0        # engine: handshake, connect
+    assert socks4_connect(server.address, target.port) == 90             # engine: handshake, connect
+    assert echo(server.address, denied_port, b"") == 2                  # refused by rule #1: handshake only
+    sock, (code, _, _) = socks5_connect(server.address, "localhost", named.port)
+    with sock:
+        assert code == 0                                                 # Python: handshake, DNS, connect
+
+    def counted():
+        s = scrape(server)
+        return s if histogram(s, "fastsocks_handshake_seconds")[1] >= 6 and \
+            histogram(s, "fastsocks_dns_seconds")[1] >= 1 else None
+
+    samples = wait_until(counted, what="six handshakes in the histogram")
+    for name, sessions in (("fastsocks_handshake_seconds", 6), ("fastsocks_dns_seconds", 1),
+                           ("fastsocks_connect_seconds", 5)):
+        buckets, count, total_s = histogram(samples, name)
+        assert count == sessions, name
+        assert [bound for bound, _ in buckets] == [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                                   0.5, 1.0, 2.5, 5.0, 10.0, float("inf")]
+        assert buckets[-1][1] == count and all(a[1] <= b[1] for a, b in zip(buckets, buckets[1:]))
+        assert total_s > 0
+    assert value(samples, "fastsocks_policy_denials_total", rule="#1") == 1

@@ -101,6 +101,8 @@ def test_flags_override_the_file(tmp_path):
      "fastsocks.toml:2: server.trusted_proxies: '10.0.0.0/33': expected an address or a network"),
     ("[server]\nmetrics = \"localhost:9180\"\n",
      "fastsocks.toml:2: server.metrics: 'localhost:9180': the host must be an IP address"),
+    ("[server]\naccess_log_format = \"xml\"\n",
+     "fastsocks.toml:2: server.access_log_format: expected text or json"),
     ("[server]\nlisten = [\"127.0.0.1:1080\", { address = \"127.0.0.1:1080\", proxy_protocol = true }]\n"
      "trusted_proxies = [\"10.0.0.1\"]\n", "fastsocks.toml:2: server.listen: the same address is named twice"),
 ])
@@ -145,3 +147,13 @@ def test_reload_keeps_what_takes_a_restart(tmp_path):
     new, restart_only = config.reloaded(old, lambda: config.load(path))
     assert restart_only == ["workers"] and new.workers == 2
     assert new.idle_timeout_s == 7.0 and len(new.policy.rules) == 1
+
+
+def test_the_access_log_format_is_read_and_takes_a_restart(tmp_path):
+    path = tmp_path / "fastsocks.toml"
+    path.write_text('[server]\naccess_log_format = "json"\n')
+    old = config.load(path)
+    assert old.access_log_format == "json" and config.load(path, {"access_log_format": "text"}).access_log_format == "text"
+    path.write_text("[server]\n")
+    new, restart_only = config.reloaded(old, lambda: config.load(path))
+    assert restart_only == ["access_log_format"] and new.access_log_format == "json"
