@@ -9,7 +9,7 @@ import sys
 
 from fastsocks import __version__, config, logs
 from fastsocks.errors import BootError, ConfigError
-from fastsocks.settings import ACCEPT_MODES, Settings, parse_listen, parse_networks
+from fastsocks.settings import ACCEPT_MODES, PROTOCOLS, Settings, parse_listen, parse_networks
 
 log = logging.getLogger("fastsocks")
 
@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--allow-open-proxy", action="store_true",
         help="start even when listening on a non-loopback address with no authentication and no "
              "client rule (refused otherwise)")
+    add("--protocols", type=_protocols, metavar="LIST",
+        help="what the port speaks, comma-separated: socks4 (and 4a), socks5, http (CONNECT and "
+             "absolute-form forward requests); default all three")
     add("--log-level", choices=("debug", "info", "warning", "error"),
         help="info logs one access line per session; warning keeps only problems")
     add("--access-log", metavar="FILE",
@@ -118,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
              "(the config and users files must be readable by it: SIGHUP re-reads them)")
     add("--group", metavar="NAME", help="with --user: this group instead of the user's own")
     return parser
+
+
+def _protocols(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if not names or any(name not in PROTOCOLS for name in names):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(PROTOCOLS)}")
+    return names
 
 
 def _listen(text: str):

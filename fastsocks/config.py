@@ -21,11 +21,12 @@ from pathlib import Path
 
 from fastsocks.errors import ConfigError
 from fastsocks.policy import ACTIONS, COMMANDS, Destination, Policy, Rule, parse_ports
-from fastsocks.settings import Settings, parse_listen, parse_networks
+from fastsocks.settings import PROTOCOLS, Settings, parse_listen, parse_networks
 
 # (table, key) -> (Settings field, expected type). Types: int, float (int accepted), str,
 # bool, "listen" (a string or a list of them, each a "HOST:PORT" or a table
 # {address = "HOST:PORT", proxy_protocol = true}), "methods" (a list of method names),
+# "protocols" (a list of what the port speaks: socks4, socks5, http),
 # "networks" (a list of addresses or networks).
 FIELDS: dict[tuple[str, str], tuple[str, object]] = {
     ("server", "listen"): ("listen", "listen"),
@@ -41,6 +42,7 @@ FIELDS: dict[tuple[str, str], tuple[str, object]] = {
     ("server", "trusted_proxies"): ("trusted_proxies", "networks"),
     ("server", "metrics"): ("metrics", "address"),
     ("server", "pid_file"): ("pid_file", str),
+    ("server", "protocols"): ("protocols", "protocols"),
     ("server", "group"): ("group", str),
     ("auth", "users_file"): ("users_file", str),
     ("auth", "methods"): ("auth_methods", "methods"),
@@ -158,6 +160,10 @@ class _Reader:
                 return parse_networks(value)
             except ConfigError as exc:
                 raise self.error(table, key, exc.msg) from None
+        if kind == "protocols":
+            if not isinstance(value, list) or not value or any(v not in PROTOCOLS for v in value):
+                raise self.error(table, key, f"expected a list of {', '.join(repr(p) for p in PROTOCOLS)}")
+            return tuple(dict.fromkeys(value))
         if kind == "methods":
             if not isinstance(value, list) or not value or any(v not in AUTH_METHODS for v in value):
                 raise self.error(table, key, f"expected a list of {' and/or '.join(repr(m) for m in AUTH_METHODS)}")

@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 from fastsocks._relay_types import RULE_DEFAULT, RULE_NONE
 from fastsocks.protocol.socks5 import Reply
 
-PROTOCOLS = ("socks4", "socks4a", "socks5", "-")
+PROTOCOLS = ("socks4", "socks4a", "socks5", "http", "-")
 COMMANDS = ("connect", "bind", "udp_associate", "-")
 REPLIES = tuple(r.name.lower() for r in Reply) + ("none",)  # none: the client got no reply
 CAPS = ("max_sessions", "max_sessions_per_worker", "max_sessions_per_client", "max_sessions_per_user",

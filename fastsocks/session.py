@@ -38,7 +38,7 @@ from fastsocks.bind import BindWait
 from fastsocks.errors import ProtocolError
 from fastsocks.host import Environment, Failed, Relay, SessionHost, StartUdp, entry_point
 from fastsocks.policy import Query, Verdict, forbidden_destination, normal_name, unmapped
-from fastsocks.protocol import socks4, socks5, userpass
+from fastsocks.protocol import http, socks4, socks5, userpass
 from fastsocks.protocol.socks5 import AddressType, Command, Method, Reply
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ RECV_BYTES = 4096
 UDP_SOCKET_FLAGS = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
 METHODS = {"none": Method.NO_AUTH, "userpass": Method.USERNAME_PASSWORD}
+PROTOCOL_OF_BYTE = {socks5.SOCKS_VERSION: "socks5", socks4.SOCKS4_VERSION: "socks4"}
+CONNECTIONS = {"socks5": socks5.ServerConnection, "socks4": socks4.ServerConnection, "http": http.ServerConnection}
 POLICY_COMMANDS = {Command.CONNECT: "connect", Command.BIND: "bind", Command.UDP_ASSOCIATE: "udp"}
 
 
@@ -87,7 +89,8 @@ class Session:
         self.sid = sid
         self.client = client
         self.peer = peer
-        self.conn: socks5.ServerConnection | socks4.ServerConnection | None = None  # by the first byte
+        # By the first byte: SOCKS5, SOCKS4, or HTTP (protocol/http.py speaks to us as they do).
+        self.conn: socks5.ServerConnection | socks4.ServerConnection | http.ServerConnection | None = None
         self.upstream: socket.socket | None = None
         self.bind_wait: BindWait | None = None          # BIND only, while it waits for the peer
         self.username = b""                             # SOCKS5 user, once authenticated
@@ -155,17 +158,20 @@ class Session:
         self.handshake()
 
     def choose_protocol(self, data: bytes) -> bool:
-        """SOCKS4 and SOCKS5 share the port: the version byte that opens the stream decides."""
-        if data[:1] == b"\x05":
-            self.conn = socks5.ServerConnection()
-        elif data[:1] == b"\x04":
-            self.conn = socks4.ServerConnection()
-        elif data:
-            self.finish(None, f"not a SOCKS request: first byte {data[0]:#04x}")
-            return False
-        else:
+        """SOCKS4, SOCKS5 and HTTP share the port: the byte that opens the stream decides
+        (a version, or a method's first letter), among the protocols the port speaks."""
+        if not data:
             self.finish(None, "client closed before sending anything")
             return False
+        protocols = self.env.settings.protocols
+        kind = PROTOCOL_OF_BYTE.get(data[0], "http" if data[:1].isalpha() else None)
+        if kind is None or (kind == "http" and kind not in protocols):
+            self.finish(None, f"not a SOCKS request: first byte {data[0]:#04x}")
+            return False
+        if kind not in protocols:
+            self.finish(None, f"this port does not speak {kind} (protocols: {', '.join(protocols)})")
+            return False
+        self.conn = CONNECTIONS[kind]()
         return True
 
     def handshake(self) -> None:
@@ -180,6 +186,9 @@ class Session:
             if isinstance(event, socks5.Greeting):
                 self.answer_greeting(event)
             elif isinstance(event, userpass.Credentials):
+                if self.host.auth is None:  # HTTP credentials where no users file asks for any
+                    self.conn.send(userpass.AuthResponse(True))  # nothing to send: go on, anonymous
+                    continue
                 self.check_credentials(event)
             else:  # a SOCKS5 or SOCKS4 request: the handshake is over
                 self.answer_request(event)
@@ -227,6 +236,10 @@ class Session:
         if self.conn.version == socks4.SOCKS4_VERSION and "none" not in self.env.settings.methods:
             # SOCKS4 carries no password: with --users it would be a way around them.
             self.fail(Reply.CONNECTION_NOT_ALLOWED, "SOCKS4 has no password and this server requires one")
+            return
+        if self.conn.version == http.HTTP_VERSION and not self.username and "none" not in self.env.settings.methods:
+            self.send(self.conn.send(http.HttpError(407, b"Proxy Authentication Required", "credentials required")))
+            self.finish(None, "HTTP request without Proxy-Authorization, and this server requires a password")
             return
         command = POLICY_COMMANDS.get(request.command)
         udp_client = self.peer_ip_text() if command == "udp" else ""  # the UDP caps count by it
@@ -524,6 +537,8 @@ class Session:
             return "-"
         if self.conn.version == socks4.SOCKS4_VERSION:
             return "socks4a" if self.request is not None and self.request.is_4a else "socks4"
+        if self.conn.version == http.HTTP_VERSION:
+            return "http"
         return "socks5"
 
     # ------------------------------------------------------------------ UDP ASSOCIATE

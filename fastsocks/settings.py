@@ -16,6 +16,7 @@ from fastsocks.policy import Policy
 
 DEFAULT_PORT = 1080
 ACCEPT_MODES = ("reuseport", "shared")
+PROTOCOLS = ("socks4", "socks5", "http")  # what the port speaks: the first byte tells them apart
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,7 @@ class Settings:
     log_level: str = "info"
     users_file: str | None = None       # enables SOCKS5 username/password (RFC 1929)
     auth_methods: tuple[str, ...] = ()  # in order of preference; () -> userpass with users, else none
+    protocols: tuple[str, ...] = PROTOCOLS  # socks4 (and 4a), socks5, http (CONNECT and forward requests)
     auth_max_failures: int = 10         # failed logins from one client IP within the window...
     auth_failure_window_s: float = 60.0
     auth_block_s: float = 300.0         # ...block it this long (0: never block)
@@ -91,6 +93,8 @@ class Settings:
             ("listen", bool(self.listen), "at least one address is needed"),
             ("workers", 1 <= self.workers <= 1024, "expected 1-1024"),
             ("accept_mode", self.accept_mode in ACCEPT_MODES, f"expected one of {', '.join(ACCEPT_MODES)}"),
+            ("protocols", bool(self.protocols) and set(self.protocols) <= set(PROTOCOLS),
+             f"expected a list of {', '.join(PROTOCOLS)}"),
             ("backlog", 1 <= self.backlog <= 65535, "expected 1-65535"),
             ("graceful_timeout", self.graceful_timeout_s >= 0, "expected a number of seconds >= 0"),
             ("handshake_timeout", self.handshake_timeout_s > 0, "expected a number of seconds > 0"),

@@ -343,8 +343,10 @@ class Worker:
         settings, admission = self.settings, self.admission
         self.front_verdict = functools.lru_cache(maxsize=4096)(self.judge_connect)  # new rules: new cache
         methods = bytes(METHODS[name] for name in settings.methods if name != "userpass" or self.auth is not None)
+        if "socks5" not in settings.protocols:
+            methods = b""  # nothing the front door can answer: the session refuses it
         counting = admission.counting
-        self.engine.front(self, methods=methods, socks4="none" in settings.methods,
+        self.engine.front(self, methods=methods, socks4="none" in settings.methods and "socks4" in settings.protocols,
                           # Rules (and a default deny) judge at accept too: one flag for both.
                           judge_accept=admission.judges_at_accept,
                           judge_request=admission.judges_at_accept,

@@ -279,16 +279,23 @@ def echo_handler(conn: socket.socket) -> None:
         conn.sendall(data)
 
 
+def read_head(conn) -> bytes | None:
+    """An HTTP request's bytes up to its blank line (and what came with them); None at EOF."""
+    request = b""
+    while b"\r\n\r\n" not in request:
+        chunk = conn.recv(4096)
+        if not chunk:
+            return None
+        request += chunk
+    return request
+
+
 def http_handler(body: bytes):
     """A minimal HTTP/1.0 server that answers every request with ``body``."""
 
     def handle(conn: socket.socket) -> None:
-        request = b""
-        while b"\r\n\r\n" not in request:
-            chunk = conn.recv(4096)
-            if not chunk:
-                return
-            request += chunk
+        if read_head(conn) is None:
+            return
         conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: %d\r\nContent-Type: text/plain\r\n\r\n"
                      % len(body) + body)
 

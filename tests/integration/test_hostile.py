@@ -41,6 +41,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from fastsocks.errors import ProtocolError
+from fastsocks.protocol import http
+from fastsocks.protocol.socks5 import NEED_DATA
 from support import (HTTP_BODY, call_in_netns, echo_handler, fastsocks_command, join_netns_of,
                      process_usage, read_socks5_reply, recv_exact, require_tool, socks5_connect,
                      socks5_request_bytes, wait_until)
@@ -233,7 +236,25 @@ def expect(data: bytes, users: bool = False) -> Expected:
         return expect_socks5(data, users)
     if data[:1] == b"\x04":
         return expect_socks4(data, users)
+    if data[:1].isalpha():
+        return expect_http(data)
     return Expected(b"")  # nothing to answer in: close
+
+
+def expect_http(data: bytes) -> Expected:
+    """A letter opens an HTTP request. Random bytes make none a proxy could serve: the
+    answer is the refusal h11's reading calls for (tests/unit/test_http_protocol.py checks
+    those), or nothing when the head has no end before the client's FIN."""
+    conn = http.ServerConnection()
+    conn.receive_data(data)
+    conn.receive_data(b"")
+    try:
+        while conn.next_event() is not NEED_DATA:
+            pass
+    except ProtocolError:
+        refusal = conn.refusal()
+        return Expected(b"" if refusal is None else conn.send(refusal))
+    return Expected(b"")
 
 
 def expect_socks5(data: bytes, users: bool) -> Expected:
@@ -846,7 +867,11 @@ FLOODS = {
         False, b"\x05\x01\x00" + socks5_request_bytes("127.0.0.1", REFUSED_PORT), None,
         [b"\x05\x00" + socks5_failure(0x05)]),
     "socks5-greeting-without-no-auth": (False, b"\x05\xff" + bytes(range(1, 256)), None, [b"\x05\xff"]),
-    "not-socks-at-all": (False, b"GET / HTTP/1.1\r\nHost: x\r\n", b"X-Junk: " + b"j" * 4088, [b""]),
+    "not-socks-at-all": (False, b"\x16\x03\x01\x02\x00\x01", b"j" * 4096, [b""]),
+    # An HTTP head that never ends: 431 once it passes the cap (protocol/http.py), then a close.
+    "http-head-without-end": (False, b"GET http://x/ HTTP/1.1\r\nHost: x\r\n", b"X-Junk: " + b"j" * 4088,
+                              [http.error_response(http.HttpError(431, b"Request Header Fields Too Large",
+                                                                  "request head longer than 16384 bytes")), b""]),
     # The buffer cap (64 KiB) may cut the session before the failed check is answered.
     "rfc1929-credentials": (True, b"\x05\x01\x02\x01\xff" + b"u" * 255 + b"\xff" + b"p" * 255, None,
                             [b"\x05\x02\x01\x01", b"\x05\x02"]),

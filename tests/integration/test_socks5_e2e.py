@@ -364,8 +364,7 @@ def test_malformed_request_gets_its_reply_then_close(start_server, echo_target, 
 GREETING_BAD_CASES = {
     # id: (bytes sent, exact bytes the server answers before closing, access-log regex)
     "version-6": (b"\x06\x01\x00", b"", r"reply=- .*not a SOCKS request: first byte 0x06"),
-    "http-get": (b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n", b"",
-                 r"reply=- .*not a SOCKS request: first byte 0x47"),
+    "tls-hello": (b"\x16\x03\x01\x00\x05hello", b"", r"reply=- .*not a SOCKS request: first byte 0x16"),
     "nmethods-0": (b"\x05\x00", b"\x05\xff", r"reply=no_acceptable .*offers no method"),
     "no-no-auth": (b"\x05\x02\x01\x02", b"\x05\xff", r"no acceptable authentication method"),
 }
