@@ -20,8 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from fastsocks.errors import ConfigError
-from fastsocks.policy import ACTIONS, COMMANDS, Destination, Policy, Rule, parse_ports
-from fastsocks.settings import PROTOCOLS, Settings, parse_listen, parse_networks
+from fastsocks.policy import ACTIONS, BALANCES, COMMANDS, DIRECT, Destination, Policy, Rule, parse_ports
+from fastsocks.settings import PROTOCOLS, Settings, Upstream, parse_listen, parse_networks
 
 # (table, key) -> (Settings field, expected type). Types: int, float (int accepted), str,
 # bool, "listen" (a string or a list of them, each a "HOST:PORT" or a table
@@ -73,7 +73,8 @@ FIELDS: dict[tuple[str, str], tuple[str, object]] = {
 }
 TABLES = sorted({table for table, _ in FIELDS} | {"policy"})
 POLICY_KEYS = ("default",)
-RULE_KEYS = ("action", "client", "user", "command", "dest", "port")
+RULE_KEYS = ("action", "client", "user", "command", "dest", "port", "via", "balance")
+UPSTREAM_KEYS = ("name", "url")
 AUTH_METHODS = ("none", "userpass")
 
 
@@ -117,10 +118,10 @@ class _Reader:
     def settings_values(self, doc: dict) -> dict:
         values: dict = {}
         for table, body in doc.items():
-            if table == "rules":
+            if table in ("rules", "upstreams"):
                 continue
             if table not in TABLES:
-                raise self.error(table, None, f"unknown table; expected one of {', '.join(TABLES + ['rules'])}")
+                raise self.error(table, None, f"unknown table; expected one of {', '.join(TABLES + ['rules', 'upstreams'])}")
             if not isinstance(body, dict):
                 raise self.error(table, None, "expected a table, like [" + table + "]")
             for key, value in body.items():
@@ -133,8 +134,33 @@ class _Reader:
                 name, kind = spec
                 values[name] = self.value(table, key, value, kind)
                 self.origin[name] = (f"{table}.{key}", self.lines.find(table, None, key))
-        values["policy"] = self.policy(doc)
+        upstreams = self.upstreams(doc)
+        if upstreams:
+            values["upstreams"] = upstreams
+        values["policy"] = self.policy(doc, {u.name for u in upstreams})
         return values
+
+    def upstreams(self, doc: dict) -> tuple[Upstream, ...]:
+        raw = doc.get("upstreams", [])
+        if not isinstance(raw, list) or not all(isinstance(u, dict) for u in raw):
+            raise self.error("upstreams", None, "expected [[upstreams]] tables, each with a name and a url")
+        out: dict[str, Upstream] = {}
+        for i, body in enumerate(raw):
+            for key in body:
+                if key not in UPSTREAM_KEYS:
+                    raise self.error("upstreams", key, f"unknown key; expected one of {', '.join(UPSTREAM_KEYS)}", i)
+            name, url = body.get("name"), body.get("url")
+            if not isinstance(name, str) or not name or name == DIRECT or not name.isprintable():
+                raise self.error("upstreams", "name", f'expected a name (not "{DIRECT}", which means no parent)', i)
+            if name in out:
+                raise self.error("upstreams", "name", f"{name!r} is named twice", i)
+            if not isinstance(url, str):
+                raise self.error("upstreams", "url", "expected a URL like socks5://user:password@host:port", i)
+            try:
+                out[name] = Upstream.parse(name, url)
+            except ValueError as exc:
+                raise self.error("upstreams", "url", str(exc), i) from None
+        return tuple(out.values())
 
     def value(self, table: str, key: str, value, kind):
         if kind == "listen":
@@ -176,7 +202,7 @@ class _Reader:
             return str(self.base_dir / value)
         return value
 
-    def policy(self, doc: dict):
+    def policy(self, doc: dict, upstreams: set[str] = frozenset()):
         body = doc.get("policy", {})
         for key in body:
             if key not in POLICY_KEYS:
@@ -184,13 +210,13 @@ class _Reader:
         raw_rules = doc.get("rules", [])
         if not isinstance(raw_rules, list) or not all(isinstance(r, dict) for r in raw_rules):
             raise self.error("rules", None, "expected [[rules]] tables")
-        rules = tuple(self.rule(i, body) for i, body in enumerate(raw_rules))
+        rules = tuple(self.rule(i, body, upstreams) for i, body in enumerate(raw_rules))
         default = body.get("default", "deny" if rules else "allow")
         if default not in ACTIONS:
             raise self.error("policy", "default", f"expected {' or '.join(repr(a) for a in ACTIONS)}")
         return Policy(rules, default_allow=default == "allow")
 
-    def rule(self, i: int, body: dict) -> Rule:
+    def rule(self, i: int, body: dict, upstreams: set[str] = frozenset()) -> Rule:
         for key in body:
             if key not in RULE_KEYS:
                 raise self.error("rules", key, f"unknown key; expected one of {', '.join(RULE_KEYS)}", i)
@@ -207,7 +233,31 @@ class _Reader:
             dests=self.items(i, body, "dest", Destination.parse),
             ports=self.items(i, body, "port", parse_ports),
         )
-        return Rule(action, origin=f"{self.path}:{line}" if line else self.path, **fields_)
+        via, balance = self.via(i, body, upstreams, action, fields_["commands"])
+        return Rule(action, origin=f"{self.path}:{line}" if line else self.path, via=via, balance=balance, **fields_)
+
+    def via(self, i: int, body: dict, upstreams: set[str], action: str, commands: tuple) -> tuple[tuple, str]:
+        """A rule's parents: names of [[upstreams]] (or "direct"), and how to pick among them."""
+        if "via" not in body:
+            if "balance" in body:
+                raise self.error("rules", "balance", "only with via", i)
+            return (), "failover"
+        value = body["via"]
+        names = value if isinstance(value, list) else [value]
+        if not names or not all(isinstance(n, str) for n in names):
+            raise self.error("rules", "via", "expected the name of an [[upstreams]] entry, or a list of them", i)
+        for name in names:
+            if name != DIRECT and name not in upstreams:
+                known = ", ".join(sorted(upstreams)) or "none defined"
+                raise self.error("rules", "via", f"no [[upstreams]] entry is named {name!r} ({known})", i)
+        if action != "allow":
+            raise self.error("rules", "via", "only an allow rule sends sessions anywhere", i)
+        if set(commands) != {"connect"}:
+            raise self.error("rules", "via", 'parents take CONNECT (SOCKS and HTTP) only: add command = "connect"', i)
+        balance = body.get("balance", "failover")
+        if balance not in BALANCES:
+            raise self.error("rules", "balance", f"expected one of {', '.join(repr(b) for b in BALANCES)}", i)
+        return tuple(dict.fromkeys(names)), balance
 
     def items(self, i: int, body: dict, key: str, parse) -> tuple:
         value = body.get(key, [])

@@ -78,6 +78,9 @@ class SessionHost(Protocol):
         """Why this request is over a cap, or None; ``command`` as the rules name it, and for
         UDP ASSOCIATE the client's IP, by which the association caps count."""
 
+    def next_turn(self, rule: int) -> int:
+        """0, 1, 2, ... per rule: where a round-robin via starts for the next session."""
+
     def session_over(self, session, outcome: Outcome) -> None:
         """The session's one last call: what became of it."""
 

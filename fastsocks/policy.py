@@ -37,6 +37,8 @@ IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 ACTIONS = ("allow", "deny")
+BALANCES = ("failover", "round-robin")
+DIRECT = "direct"  # in a rule's via: connect directly (a last resort after the parents, say)
 COMMANDS = ("connect", "bind", "udp")
 MAX_NAME_BYTES = 255
 
@@ -144,12 +146,16 @@ class Rule:
     dests: tuple[Destination, ...] = ()
     ports: tuple[tuple[int, int], ...] = ()   # inclusive ranges
     origin: str = ""                           # "fastsocks.toml:42", for logs and explain
+    via: tuple[str, ...] = ()                  # allowed: leave through these parents (names), in order
+    balance: str = "failover"                  # or "round-robin": each session starts at the next one
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
             raise ValueError(f"action: expected one of {', '.join(ACTIONS)}")
         if any(c not in COMMANDS for c in self.commands):
             raise ValueError(f"command: expected some of {', '.join(COMMANDS)}")
+        if self.balance not in BALANCES:
+            raise ValueError(f"balance: expected one of {', '.join(BALANCES)}")
 
     @property
     def only_client(self) -> bool:

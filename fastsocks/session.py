@@ -35,9 +35,10 @@ from dataclasses import replace
 from fastsocks import access
 from fastsocks._relay_types import RULE_DEFAULT, RULE_NONE
 from fastsocks.bind import BindWait
+from fastsocks.chain import Chain
 from fastsocks.errors import ProtocolError
 from fastsocks.host import Environment, Failed, Relay, SessionHost, StartUdp, entry_point
-from fastsocks.policy import Query, Verdict, forbidden_destination, normal_name, unmapped
+from fastsocks.policy import DIRECT, Query, Verdict, forbidden_destination, normal_name, unmapped
 from fastsocks.protocol import http, socks4, socks5, userpass
 from fastsocks.protocol.socks5 import AddressType, Command, Method, Reply
 
@@ -79,7 +80,7 @@ class Session:
     __slots__ = ("host", "env", "loop", "sid", "client", "peer", "conn", "upstream", "request",
                  "candidates", "timer", "last_errno", "deadline_s", "started_s", "over", "bind_wait",
                  "username", "client_ip", "denial", "replay", "answered", "requested_s", "auth_s", "dns_s",
-                 "connecting_s", "connect_s", "rule")
+                 "connecting_s", "connect_s", "rule", "chain", "direct")
 
     def __init__(self, host: SessionHost, env: Environment, sid: int, client: socket.socket, peer: str,
                  client_ip=None, replay: tuple[bytes, bytes] = (b"", b""), started_s: float | None = None) -> None:
@@ -111,6 +112,8 @@ class Session:
         self.connecting_s = 0.0                         # the first connect attempt began
         self.connect_s: float | None = None
         self.rule = RULE_NONE
+        self.chain: Chain | None = None                 # through parent proxies (a rule's via)
+        self.direct = False                             # a via's "direct": no parent, whatever the rule
         # From the engine's front door: what the client sent it, and what it answered already.
         self.replay, self.answered = replay
 
@@ -278,6 +281,10 @@ class Session:
             if verdict is not None and not verdict.allowed:
                 self.deny(verdict)  # a denied name is not even looked up
                 return
+            if verdict is not None:
+                self.decided(verdict)
+                if self.leave_via_parents(request.host):
+                    return  # the parent resolves the name
             self.resolve(self.connect_to)
             return
         if request.address_type == socks5.AddressType.IPV6:
@@ -323,6 +330,8 @@ class Session:
             if denial is not None:
                 self.denial = denial
                 continue
+            if self.leave_via_parents(sockaddr[0]):
+                return
             left_s = self.deadline_s - time.monotonic()
             if left_s <= 0:
                 self.last_errno = errno.ETIMEDOUT
@@ -382,6 +391,50 @@ class Session:
         self.loop.remove(self.upstream)
         self.upstream.close()
         self.upstream = None
+
+    def leave_via_parents(self, host: str) -> bool:
+        """When the rule that let this request through names parents (``via``), the chain
+        takes the connect (chain.py); ``host`` is the name as asked or the address judged."""
+        if self.direct or self.rule < 0:
+            return False
+        settings = self.env.settings
+        rule = settings.policy.rules[self.rule]
+        if not rule.via:
+            return False
+        hops = [DIRECT if name == DIRECT else settings.upstream(name) for name in rule.via]
+        if rule.balance == "round-robin":
+            turn = self.host.next_turn(self.rule) % len(hops)
+            hops = hops[turn:] + hops[:turn]
+        self.candidates = []
+        self.chain = Chain(self, hops, host, self.request.port)
+        self.chain.start()
+        return True
+
+    def go_direct(self, host: str) -> None:
+        """A via's "direct" entry: this session's own connect, as with no parent."""
+        self.chain = None
+        self.direct = True
+        ip_text = host.partition("%")[0]
+        try:
+            ip = ipaddress.ip_address(ip_text)
+        except ValueError:
+            self.resolve(self.connect_to)
+            return
+        self.candidates = [(socket.AF_INET, (host, self.request.port)) if ip.version == 4
+                           else (socket.AF_INET6, (host, self.request.port, 0, 0))]
+        self.try_next_address()
+
+    def chained(self, sock: socket.socket, leftover: bytes, via) -> None:
+        """The parent opened the tunnel: answer the client, give it what the destination
+        already sent, and relay."""
+        self.chain = None
+        self.upstream = sock
+        self.connect_done()
+        host, port = sock.getsockname()[:2]
+        log.debug("%s: via parent %s", self.describe(), via)
+        if self.send(self.conn.send(self.reply_event(Reply.SUCCEEDED, host, port))) and \
+                (not leftover or self.send(leftover)):
+            self.hand_off()
 
     def connect_done(self) -> None:
         """The connect phase is over, connected or not (if it ever began)."""
@@ -505,6 +558,8 @@ class Session:
             self.upstream.close()
         if self.bind_wait is not None:
             self.bind_wait.close()
+        if self.chain is not None:
+            self.chain.close()
         self.host.session_over(self, Failed(reply, why, failed_login))
 
     def internal_error(self, where: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
 
 from fastsocks import privileges
 from fastsocks.errors import ConfigError
@@ -17,6 +18,47 @@ from fastsocks.policy import Policy
 DEFAULT_PORT = 1080
 ACCEPT_MODES = ("reuseport", "shared")
 PROTOCOLS = ("socks4", "socks5", "http")  # what the port speaks: the first byte tells them apart
+
+
+UPSTREAM_SCHEMES = ("socks5", "socks4", "socks4a", "http")  # protocol/client.py speaks each
+UPSTREAM_PORTS = {"socks5": 1080, "socks4": 1080, "socks4a": 1080, "http": 8080}
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """A parent proxy, from ``[[upstreams]]``: ``url`` like socks5://user:pass@host:port."""
+    name: str
+    scheme: str
+    host: str
+    port: int
+    username: bytes = b""
+    password: bytes = field(default=b"", repr=False)  # never in a log line
+
+    @classmethod
+    def parse(cls, name: str, url: str) -> Upstream:
+        """ValueError saying what is wrong with ``url``."""
+        parts = urlsplit(url)
+        if parts.scheme not in UPSTREAM_SCHEMES:
+            raise ValueError(f"{url!r}: expected a scheme of {', '.join(s + '://' for s in UPSTREAM_SCHEMES)}")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"{url!r}: expected scheme://[user:password@]host[:port] and nothing after")
+        try:
+            port = parts.port or UPSTREAM_PORTS[parts.scheme]
+        except ValueError:
+            raise ValueError(f"{url!r}: the port is not 1-65535") from None
+        if not parts.hostname:
+            raise ValueError(f"{url!r}: no host")
+        username = unquote(parts.username or "").encode()
+        password = unquote(parts.password or "").encode()
+        if len(username) > 255 or len(password) > 255:
+            raise ValueError(f"{url!r}: a user name or password longer than 255 bytes")
+        if parts.scheme.startswith("socks4") and password:
+            raise ValueError(f"{url!r}: SOCKS4 has no password (a user name is its USERID)")
+        return cls(name, parts.scheme, parts.hostname, port, username, password)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.name} ({self.scheme}://{host}:{self.port})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +104,7 @@ class Settings:
     users_file: str | None = None       # enables SOCKS5 username/password (RFC 1929)
     auth_methods: tuple[str, ...] = ()  # in order of preference; () -> userpass with users, else none
     protocols: tuple[str, ...] = PROTOCOLS  # socks4 (and 4a), socks5, http (CONNECT and forward requests)
+    upstreams: tuple[Upstream, ...] = ()    # parent proxies, by name: rules send sessions via them
     auth_max_failures: int = 10         # failed logins from one client IP within the window...
     auth_failure_window_s: float = 60.0
     auth_block_s: float = 300.0         # ...block it this long (0: never block)
@@ -80,6 +123,10 @@ class Settings:
     pid_file: str | None = None         # the serving master's pid, for 'fastsocks upgrade' and init scripts
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     config_path: str | None = None
+
+    def upstream(self, name: str) -> Upstream:
+        """The [[upstreams]] entry of this name (config.py checked that each via names one)."""
+        return next(u for u in self.upstreams if u.name == name)
 
     @property
     def methods(self) -> tuple[str, ...]:

@@ -118,6 +118,7 @@ class Worker:
         self.udp_associations: dict[int, UdpAssociation] = {}  # UDP ASSOCIATE sessions, by sid
         self.udp_opened: dict[int, tuple[str | dict, int, access.Timing]] = {}  # ... and their line's opening
         self.udp_relay: UdpRelay | None = None  # their shared datagram relay, made on first use
+        self.turns: dict[int, int] = {}  # round-robin vias: sessions sent, by rule (next_turn)
         self.accepted_at_tick = 0
         self.closed = 0          # sessions that ended, however
         self.heap = Heap()
@@ -343,10 +344,14 @@ class Worker:
         settings, admission = self.settings, self.admission
         self.front_verdict = functools.lru_cache(maxsize=4096)(self.judge_connect)  # new rules: new cache
         methods = bytes(METHODS[name] for name in settings.methods if name != "userpass" or self.auth is not None)
-        if "socks5" not in settings.protocols:
-            methods = b""  # nothing the front door can answer: the session refuses it
+        chaining = any(rule.via for rule in settings.policy.rules)
+        if "socks5" not in settings.protocols or chaining:
+            # Nothing the front door may answer: the session refuses it, or decides which
+            # requests leave through a parent proxy (chain.py).
+            methods = b""
         counting = admission.counting
-        self.engine.front(self, methods=methods, socks4="none" in settings.methods and "socks4" in settings.protocols,
+        self.engine.front(self, methods=methods,
+                          socks4="none" in settings.methods and "socks4" in settings.protocols and not chaining,
                           # Rules (and a default deny) judge at accept too: one flag for both.
                           judge_accept=admission.judges_at_accept,
                           judge_request=admission.judges_at_accept,
@@ -423,6 +428,11 @@ class Worker:
 
     def is_own_listener(self, ip, port: int) -> bool:
         return reaches_listener(self.env.own_addresses, ip, port, _is_local)
+
+    def next_turn(self, rule: int) -> int:
+        turn = self.turns.get(rule, 0)
+        self.turns[rule] = turn + 1
+        return turn
 
     def admit(self, sid: int, user: bytes, command: str, udp_client: str) -> str | None:
         refusal = self.admission.admit(sid, user, command, udp_client)

@@ -51,6 +51,13 @@ def fastsocks_command() -> list[str]:
     return [sys.executable, "-m", "fastsocks"]
 
 
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (bound, then closed: a connect is refused)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.02, what: str = "condition"):
     deadline = time.monotonic() + timeout_s
     while True:

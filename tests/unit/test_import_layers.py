@@ -89,6 +89,7 @@ RANKS = {
     "_relay_py": 2,  # the reference engine reads handshakes with protocol/ and describes them as access does
     "policy": 0, "limits": 1, "config": 2, "access": 1, "host": 1, "rlimit": 0, "heap": 0, "privileges": 0,
     "admission": 2, "bind": 2,  # bind is the session's BIND phase
+    "chain": 2,  # the session's CONNECT through parent proxies, as bind is its BIND
     "systemd": 0,
     "handover": 2,  # the master's reading of the files, as every worker gets it
     "upgrade": 0,  # what a new master inherits from the old: fds and a pipe
