@@ -17,6 +17,15 @@
 # message split anywhere gives the same answer as a whole one. It is stricter than the
 # reference parsers, never looser: whatever it is not sure of, Python decides
 # (tests/unit/test_front_parse.py checks it against both the twin and the reference).
+#
+# Egress (front(egress=...)): with source addresses given, each connect binds first to one
+# of the destination's family, in turn (a counter per family, kept across front()) or, if
+# sticky, by front_fnv1a32() of the client's address, as the session picks (session.py,
+# _relay_types.egress_index), so a client leaves from the same address whichever path
+# serves it. IP_BIND_ADDRESS_NO_PORT leaves the port to connect(), unique per destination:
+# a bind with port 0 alone would take one per socket, and churn would exhaust the range.
+# A destination whose family has none fails like an unreachable network (ENETUNREACH);
+# a bind() error fails the connect with its errno, before any packet is sent.
 
 cdef int front_parse_c(const unsigned char *p, int n, const unsigned char *methods, int nmethods,
                        bint socks4, FrontRequest *out) noexcept nogil:
@@ -144,6 +153,54 @@ cdef int front_reply(unsigned char *out, int proto, int reply, const sockaddr_in
         memcpy(out + 4, &v4.sin_addr, 4)
         memcpy(out + 8, &v4.sin_port, 2)
     return 10
+
+
+cdef inline uint32_t front_fnv1a32(const unsigned char *key, int n) noexcept nogil:
+    """FNV-1a, 32 bits: _relay_types.egress_index before its modulo."""
+    cdef uint32_t h = 2166136261u
+    cdef int i
+    for i in range(n):
+        h = (h ^ key[i]) * 16777619u
+    return h
+
+
+cdef int front_client_key(const sockaddr_in6 *peer, unsigned char *key) noexcept nogil:
+    """The client's address as sticky egress hashes it, into ``key``: 4 bytes for IPv4,
+    an IPv4-mapped IPv6 one too (the same client on a dual-stack listener), else 16; its length."""
+    cdef const unsigned char *ip = <const unsigned char *>&peer.sin6_addr
+    cdef const unsigned char *v4 = <const unsigned char *>&(<const sockaddr_in *>peer).sin_addr
+    if peer.sin6_family != AF_INET6:
+        memcpy(key, v4, 4)
+        return 4
+    if memcmp(ip, b"\0\0\0\0\0\0\0\0\0\0\xff\xff", 12) == 0:
+        memcpy(key, ip + 12, 4)
+        return 4
+    memcpy(key, ip, 16)
+    return 16
+
+
+cdef int front_bind(int fd, int family, const unsigned char *ip) noexcept nogil:
+    """Bind ``fd`` to ``ip`` (4 or 16 bytes, by ``family``), its port left to connect():
+    0, or the errno."""
+    cdef sockaddr_in6 sa
+    cdef sockaddr_in *v4 = <sockaddr_in *>&sa
+    cdef socklen_t length
+    cdef int one = 1
+    # At SOL_IP for an IPv6 socket too: the flag lives in the inet part both families share.
+    if setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one)) < 0:
+        return errno
+    memset(&sa, 0, sizeof(sa))
+    if family == AF_INET:
+        v4.sin_family = AF_INET
+        memcpy(&v4.sin_addr, ip, 4)
+        length = sizeof(sockaddr_in)
+    else:
+        sa.sin6_family = AF_INET6
+        memcpy(&sa.sin6_addr, ip, 16)
+        length = sizeof(sockaddr_in6)
+    if bind(fd, <sockaddr *>&sa, length) < 0:
+        return errno
+    return 0
 
 
 cdef str _front_host(int family, const unsigned char *ip):

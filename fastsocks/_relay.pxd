@@ -57,6 +57,7 @@ cdef enum:
     MAX_LISTENERS = 64
     ACCEPT_BATCH = 64     # accepts per listener wake-up: a flood cannot starve the relays
     REARM_EVERY = 16      # EPOLLEXCLUSIVE: re-register after this many accepts (see listen())
+    MAX_EGRESS = 64       # front(egress=...): source addresses per family
 
 ctypedef struct Direction:
     char *pending          # bytes read but not yet written (copy mode), malloc'd lazily
@@ -85,6 +86,12 @@ ctypedef struct Front:          # a session at the front door; freed once it rel
     int sent               # bytes of 05 00 actually sent
     double deadline_s      # handshake, then connect, timeout
     FrontRequest req
+
+
+ctypedef struct Egress:         # the source addresses of one family the front door connects from
+    unsigned char addr[MAX_EGRESS * 16]  # each in 16 bytes, an IPv4 one in the first 4
+    int count
+    uint64_t turn          # round robin: connects that took one so far (never wraps)
 
 
 ctypedef struct Session:
@@ -183,6 +190,10 @@ cdef class RelayEngine:
     cdef double connect_timeout_s
     cdef FrontCache accept_cache   # clients gate.accepted() let in with a tuple
     cdef FrontCache verdict_cache  # (client, dest, port) that gate.request() let through
+    cdef bint egress_on           # any egress address: the connects bind first
+    cdef bint egress_sticky       # by the client's address, not in turn
+    cdef Egress egress4
+    cdef Egress egress6
     # The shared session counts (limits.SharedLimits, front(counts=...)): each 8-byte word
     # written by one worker only, its row; read as the sum over all rows.
     cdef int64_t[::1] counts_view
@@ -237,6 +248,7 @@ cdef class RelayEngine:
     cdef void _front_open(self, int fd, const sockaddr_in6 *peer) noexcept nogil
     cdef void _front_read(self, int idx) noexcept nogil
     cdef void _front_request(self, int idx) noexcept nogil
+    cdef int _front_egress(self, int idx, int fd) noexcept nogil
     cdef void _front_connected(self, int idx) noexcept nogil
     cdef void _front_fail(self, int idx, int reply, int kind, int err) noexcept nogil
     cdef void _hand_off(self, int idx) noexcept nogil

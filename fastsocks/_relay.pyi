@@ -11,6 +11,7 @@ if sys.version_info >= (3, 12):
     from collections.abc import Buffer
 else:
     from typing_extensions import Buffer
+from collections.abc import Sequence
 from typing import Protocol, type_check_only
 
 from typing_extensions import disjoint_base
@@ -106,6 +107,8 @@ class RelayEngine:
         counts: tuple[Buffer, int, int, int, int, int, int, int] | None = None,
         caps: tuple[int, int, int] = (0, 0, 0),
         check_blocked: bool = False,
+        egress: Sequence[bytes] = (),
+        egress_sticky: bool = False,
     ) -> None:
         """Set (again, on reload) how the engine's handshake answers: every client from its
         next step on (its next read, request or connect; a client keeps the handshake deadline
@@ -118,6 +121,17 @@ class RelayEngine:
         given before, which cannot change while any is). ``caps``: (max sessions in all, per
         worker, per client; 0 none), judged over those counts as limits.py does.
         ``check_blocked``: a remembered client's buckets are checked for a failed-login block.
+        ``egress``: source addresses for the engine's own connects, packed (socket.inet_pton:
+        4 bytes IPv4, 16 IPv6), at most 64 of each family, else ValueError; none (the
+        default): no bind, the kernel picks the source. With some, each connect binds first
+        (IP_BIND_ADDRESS_NO_PORT, port 0: the port is still picked at connect(), per
+        destination) to one of the destination's family: the next in turn (a counter per
+        family, kept across front()), or with ``egress_sticky`` the client's,
+        _relay_types.egress_index(its packed IP: 4 bytes for IPv4 and IPv4-mapped, else 16),
+        as the session picks. No address of that family, or a bind() error, fails the
+        connect with ENETUNREACH, or the bind's errno (EADDRNOTAVAIL for an address not
+        local), answered as any connect failure with that errno (SOCKS5 0x03 network
+        unreachable for those two, SOCKS4 91; Ended "failed", "connect failed: ...").
         The gate's remembered answers are forgotten here."""
     def listen(self, fd: int, exclusive: bool = False) -> None:
         """Accept from this listening socket in run() (after front()); the engine does not own

@@ -194,11 +194,21 @@ cdef class RelayEngine:
 
     def front(self, gate, *, bytes methods=b"\x00", bint socks4=True, bint judge_accept=False,
               bint judge_request=False, own_ports=frozenset(), double handshake_timeout_s=10.0,
-              double connect_timeout_s=10.0, counts=None, caps=(0, 0, 0), bint check_blocked=False):
+              double connect_timeout_s=10.0, counts=None, caps=(0, 0, 0), bint check_blocked=False,
+              egress=(), bint egress_sticky=False):
         """How the front door answers the clients accepted from now on (_relay.pyi)."""
         cdef int i
         cdef int64_t[::1] view
+        cdef bytes address
         ports = sorted(own_ports)
+        addresses = tuple(egress)
+        for a in addresses:
+            if not isinstance(a, bytes) or len(a) not in (4, 16):
+                raise ValueError(f"egress: packed IPv4 (4 bytes) or IPv6 (16 bytes) addresses, not {a!r}")
+        v4 = [a for a in addresses if len(a) == 4]
+        v6 = [a for a in addresses if len(a) == 16]
+        if len(v4) > MAX_EGRESS or len(v6) > MAX_EGRESS:
+            raise ValueError(f"egress: at most {MAX_EGRESS} addresses of each family")
         if len(methods) > 8:
             raise ValueError("at most 8 methods")
         if ports and not (0 <= min(ports) and max(ports) <= 0xFFFF):  # no [-1]: wraparound is off
@@ -239,6 +249,15 @@ cdef class RelayEngine:
             self.own_port_bits[port >> 3] |= 1 << (port & 7)
         self.handshake_timeout_s = handshake_timeout_s
         self.connect_timeout_s = connect_timeout_s
+        # The round robins go on where they were: a reload does not send everyone to the first.
+        for i, address in enumerate(v4):
+            memcpy(self.egress4.addr + 16 * i, <const unsigned char *>address, 4)
+        for i, address in enumerate(v6):
+            memcpy(self.egress6.addr + 16 * i, <const unsigned char *>address, 16)
+        self.egress4.count = len(v4)
+        self.egress6.count = len(v6)
+        self.egress_on = bool(addresses)
+        self.egress_sticky = egress_sticky
         front_cache_clear(&self.accept_cache)  # new rules, new answers
         front_cache_clear(&self.verdict_cache)
 
@@ -1027,7 +1046,13 @@ cdef class RelayEngine:
             sa.sin6_port = htons(<uint16_t>req.port)
             memcpy(&sa.sin6_addr, req.ip, 16)
             length = sizeof(sockaddr_in6)
-        # No bind() first: the kernel picks a port unique per destination (session.py).
+        if self.egress_on:
+            err = self._front_egress(idx, fd)
+            if err:
+                close(fd)
+                self._front_fail(idx, front_reply_for_errno(err), FAIL_CONNECT, err)
+                return
+        # The port is the kernel's, picked at connect() unique per destination (session.py).
         if connect(fd, <sockaddr *>&sa, length) < 0 and errno != EINPROGRESS:
             err = errno
             close(fd)
@@ -1042,6 +1067,22 @@ cdef class RelayEngine:
             return
         s.phase = PHASE_CONNECTING
         f.deadline_s = now + self.connect_timeout_s
+
+    cdef int _front_egress(self, int idx, int fd) noexcept nogil:
+        """Bind the upstream socket to the egress address this session takes: 0, or the
+        errno that fails its connect."""
+        cdef Session *s = &self.slots[idx]
+        cdef Egress *e = &self.egress6 if s.dest_family == AF_INET6 else &self.egress4
+        cdef unsigned char key[16]
+        cdef uint32_t i
+        if e.count == 0:
+            return ENETUNREACH  # egress addresses of the other family only: no way out from here
+        if self.egress_sticky:
+            i = front_fnv1a32(key, front_client_key(&s.peer, key)) % <uint32_t>e.count
+        else:
+            i = <uint32_t>(e.turn % <uint64_t>e.count)
+            e.turn += 1
+        return front_bind(fd, s.dest_family, e.addr + 16 * i)
 
     cdef void _front_connected(self, int idx) noexcept nogil:
         cdef Session *s = &self.slots[idx]

@@ -28,8 +28,11 @@ only::
       │   (the answers that let a client through are remembered until the next front():
       │   per address at accept, per client/destination/port at the request; see _front.pxi)
       │──past handshake_timeout_s (expire_idle)──> closed unanswered, Ended "failed", reply -1
-    CONNECTING: a non-blocking connect; the client is not watched meanwhile
-      │──fails, or past connect_timeout_s──> failure reply, Ended "failed"
+    CONNECTING: a non-blocking connect, from an egress address if front() gave some (bound
+      │         first, the port left to connect(); see _front.pxi); the client is not
+      │         watched meanwhile
+      │──no egress address of the destination's family (ENETUNREACH), bind() fails, the
+      │   connect fails, or past connect_timeout_s──> failure reply, Ended "failed"
     RELAY: the success reply, then the session above, the payload read with the request
            going upstream first; it ends like any other, its Ended described.
 
@@ -57,6 +60,7 @@ import time
 from fastsocks import access, errors
 from fastsocks._relay_types import NO_REPLY, REASONS, Ended
 from fastsocks._relay_types import RULE_DEFAULT as _RULE_DEFAULT, RULE_NONE as _RULE_NONE
+from fastsocks._relay_types import egress_index as _egress_index
 from fastsocks._relay_types import gate_answer as _gate_answer
 from fastsocks.protocol import socks4 as socks4_wire
 from fastsocks.protocol import socks5
@@ -77,6 +81,8 @@ _MAX_LISTENERS = 64
 _ACCEPT_BATCH = 64      # accepts per listener per run(): a flood cannot starve the relays
 _FRONT_CACHE_SIZE = 4096  # answers of the gate remembered, per kind; all forgotten when full
 _DRAIN_READS = 4        # reads after a failure reply, before close (see _close_gently)
+_MAX_EGRESS = 64        # front(egress=...): source addresses per family
+_IP_BIND_ADDRESS_NO_PORT = 24  # Linux, <netinet/in.h>; not in every Python's socket module
 
 # Each rule: (bytes needed, the test they must pass to stay on the engine's path). A byte
 # is judged as soon as it arrives, in wire order; a request that passes every rule is one
@@ -243,6 +249,8 @@ class _FrontRules:
     connect_timeout_s: float
     caps: tuple = (0, 0, 0)     # max sessions in all, per worker, per client (0: none)
     check_blocked: bool = False
+    egress: dict = dataclasses.field(default_factory=dict)  # family -> source addresses, as text
+    egress_sticky: bool = False
 
 
 class _Front:
@@ -332,6 +340,7 @@ class RelayEngine:
         self._counts: _Counts | None = None  # kept without counts: what is counted is uncounted there
         self._count_new = False
         self._n_counted = 0
+        self._egress_turns = {socket.AF_INET: 0, socket.AF_INET6: 0}  # round robin, kept across front()
 
     def fileno(self) -> int:
         return self._epoll.fileno() if self._epoll else -1
@@ -358,8 +367,9 @@ class RelayEngine:
     def front(self, gate, *, methods: bytes = b"\x00", socks4: bool = True, judge_accept: bool = False,
               judge_request: bool = False, own_ports: frozenset = frozenset(), handshake_timeout_s: float = 10.0,
               connect_timeout_s: float = 10.0, counts=None, caps: tuple = (0, 0, 0),
-              check_blocked: bool = False) -> None:
+              check_blocked: bool = False, egress=(), egress_sticky: bool = False) -> None:
         methods, own_ports = bytes(methods), frozenset(own_ports)
+        egress = _egress_by_family(egress)
         if len(methods) > _MAX_METHODS:
             raise ValueError(f"at most {_MAX_METHODS} methods, got {len(methods)}")
         if not all(0 <= port <= 0xFFFF for port in own_ports):
@@ -376,7 +386,7 @@ class RelayEngine:
         self._count_new = counts is not None
         self._rules = _FrontRules(gate, methods, bool(socks4), bool(judge_accept), bool(judge_request),
                                   own_ports, float(handshake_timeout_s), float(connect_timeout_s),
-                                  caps, bool(check_blocked) and counts is not None)
+                                  caps, bool(check_blocked) and counts is not None, egress, bool(egress_sticky))
         self._accept_cache, self._verdict_cache = {}, {}
 
     def listen(self, fd: int, exclusive: bool = False) -> None:
@@ -688,7 +698,8 @@ class RelayEngine:
         upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         front.upstream = upstream
         self._unwatch(front, front.client)  # its payload waits in the kernel until we relay
-        err = upstream.connect_ex((host, port) if family == socket.AF_INET else (host, port, 0, 0))
+        err = self._bind_egress(front, upstream) or upstream.connect_ex(
+            (host, port) if family == socket.AF_INET else (host, port, 0, 0))
         if err == 0:
             self._front_connected(front, batch)
         elif err == errno.EINPROGRESS:
@@ -696,6 +707,30 @@ class RelayEngine:
             self._watch(front, upstream, select.EPOLLOUT)
         else:
             batch.ended.append(self._connect_failed(front, err))
+
+    def _bind_egress(self, front: _Front, upstream: socket.socket) -> int:
+        """Bind to the egress address this session takes (none given: no bind): 0, or the
+        errno that fails its connect. See _front.pxi."""
+        rules = self._rules
+        if not rules.egress:
+            return 0
+        family = front.dest[0]
+        same = rules.egress.get(family, ())
+        if not same:
+            return errno.ENETUNREACH  # egress addresses of the other family only: no way out from here
+        if rules.egress_sticky:
+            mapped = _mapped(front.peer[0].partition("%")[0])  # a link-local client's scope is no part of it
+            index = _egress_index(mapped[12:] if mapped[:12] == _V4_MAPPED else mapped, len(same))
+        else:
+            index = self._egress_turns[family] % len(same)
+            self._egress_turns[family] += 1
+        try:
+            # The port is left to connect(), unique per destination; SOL_IP for IPv6 too.
+            upstream.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+            upstream.bind((same[index], 0))
+        except OSError as exc:
+            return exc.errno or errno.EADDRNOTAVAIL
+        return 0
 
     def _front_connected(self, front: _Front, batch: _Batch) -> None:
         front.connected_s = time.monotonic()
@@ -957,6 +992,22 @@ def _ip16(host: str) -> tuple[int, bytes] | None:
     except (OSError, ValueError):
         return None
     return (socket.AF_INET if ip[:12] == _V4_MAPPED else socket.AF_INET6), ip
+
+
+def _egress_by_family(egress) -> dict:
+    """front()'s egress, checked: {family: the addresses as text}, for the families given."""
+    addresses = tuple(egress)
+    for a in addresses:
+        if not isinstance(a, bytes) or len(a) not in (4, 16):
+            raise ValueError(f"egress: packed IPv4 (4 bytes) or IPv6 (16 bytes) addresses, not {a!r}")
+    by_family = {}
+    for family, size in ((socket.AF_INET, 4), (socket.AF_INET6, 16)):
+        same = tuple(socket.inet_ntop(family, a) for a in addresses if len(a) == size)
+        if len(same) > _MAX_EGRESS:
+            raise ValueError(f"egress: at most {_MAX_EGRESS} addresses of each family")
+        if same:
+            by_family[family] = same
+    return by_family
 
 
 def _mapped(host: str) -> bytes:

@@ -53,3 +53,13 @@ def gate_answer(answer) -> tuple[int, str, int]:
     if not (isinstance(rule, int) and rule >= RULE_NONE):
         raise ValueError(f"a refusal's rule is an index, {RULE_DEFAULT} or {RULE_NONE}, not {rule!r}")
     return code, why, rule
+
+
+def egress_index(key: bytes, count: int) -> int:
+    """Which of ``count`` egress addresses a sticky session takes: FNV-1a (32 bits) of
+    ``key`` (the client's packed address, or the user name), modulo ``count``. The engine
+    computes the same, so a client keeps its address whichever path serves it."""
+    h = 2166136261
+    for byte in key:
+        h = ((h ^ byte) * 16777619) & 0xFFFFFFFF
+    return h % count

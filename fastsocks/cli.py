@@ -9,7 +9,7 @@ import sys
 
 from fastsocks import __version__, config, logs
 from fastsocks.errors import BootError, ConfigError
-from fastsocks.settings import ACCEPT_MODES, PROTOCOLS, Settings, parse_listen, parse_networks
+from fastsocks.settings import ACCEPT_MODES, EGRESS_ROTATIONS, PROTOCOLS, Settings, parse_listen, parse_networks
 
 log = logging.getLogger("fastsocks")
 
@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--allow-open-proxy", action="store_true",
         help="start even when listening on a non-loopback address with no authentication and no "
              "client rule (refused otherwise)")
+    add("--egress", action="append", type=_egress, metavar="ADDR|IFACE",
+        help="connect out from this address (or each address of this interface); repeatable: "
+             "sessions take them in turn (--egress-rotation)")
+    add("--egress-rotation", choices=EGRESS_ROTATIONS,
+        help="round-robin (default), sticky-client (a client keeps one address), sticky-user")
     add("--protocols", type=_protocols, metavar="LIST",
         help="what the port speaks, comma-separated: socks4 (and 4a), socks5, http (CONNECT and "
              "absolute-form forward requests); default all three")
@@ -121,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
              "(the config and users files must be readable by it: SIGHUP re-reads them)")
     add("--group", metavar="NAME", help="with --user: this group instead of the user's own")
     return parser
+
+
+def _egress(text: str) -> tuple[str, ...]:
+    try:
+        return config.egress_addresses(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _protocols(text: str) -> tuple[str, ...]:
@@ -158,6 +170,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         given["listen"] = tuple(dict.fromkeys(given["listen"]))
     if "trusted_proxies" in given:
         given["trusted_proxies"] = tuple(dict.fromkeys(given["trusted_proxies"]))
+    if "egress" in given:
+        given["egress"] = tuple(dict.fromkeys(a for addresses in given["egress"] for a in addresses))
     return given
 
 

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 import tomllib
 from dataclasses import replace
 from pathlib import Path
+
+import psutil
 
 from fastsocks.errors import ConfigError
 from fastsocks.policy import ACTIONS, BALANCES, COMMANDS, DIRECT, Destination, Policy, Rule, parse_ports
@@ -43,6 +46,8 @@ FIELDS: dict[tuple[str, str], tuple[str, object]] = {
     ("server", "metrics"): ("metrics", "address"),
     ("server", "pid_file"): ("pid_file", str),
     ("server", "protocols"): ("protocols", "protocols"),
+    ("server", "egress"): ("egress", "egress"),
+    ("server", "egress_rotation"): ("egress_rotation", str),
     ("server", "group"): ("group", str),
     ("auth", "users_file"): ("users_file", str),
     ("auth", "methods"): ("auth_methods", "methods"),
@@ -73,7 +78,7 @@ FIELDS: dict[tuple[str, str], tuple[str, object]] = {
 }
 TABLES = sorted({table for table, _ in FIELDS} | {"policy"})
 POLICY_KEYS = ("default",)
-RULE_KEYS = ("action", "client", "user", "command", "dest", "port", "via", "balance")
+RULE_KEYS = ("action", "client", "user", "command", "dest", "port", "via", "balance", "egress")
 UPSTREAM_KEYS = ("name", "url")
 AUTH_METHODS = ("none", "userpass")
 
@@ -186,6 +191,11 @@ class _Reader:
                 return parse_networks(value)
             except ConfigError as exc:
                 raise self.error(table, key, exc.msg) from None
+        if kind == "egress":
+            try:
+                return egress_addresses(value)
+            except ValueError as exc:
+                raise self.error(table, key, str(exc)) from None
         if kind == "protocols":
             if not isinstance(value, list) or not value or any(v not in PROTOCOLS for v in value):
                 raise self.error(table, key, f"expected a list of {', '.join(repr(p) for p in PROTOCOLS)}")
@@ -234,7 +244,16 @@ class _Reader:
             ports=self.items(i, body, "port", parse_ports),
         )
         via, balance = self.via(i, body, upstreams, action, fields_["commands"])
-        return Rule(action, origin=f"{self.path}:{line}" if line else self.path, via=via, balance=balance, **fields_)
+        egress = ()
+        if "egress" in body:
+            if action != "allow" or via:
+                raise self.error("rules", "egress", "only an allow rule without via connects from somewhere", i)
+            try:
+                egress = egress_addresses(body["egress"])
+            except ValueError as exc:
+                raise self.error("rules", "egress", str(exc), i) from None
+        return Rule(action, origin=f"{self.path}:{line}" if line else self.path, via=via, balance=balance,
+                    egress=egress, **fields_)
 
     def via(self, i: int, body: dict, upstreams: set[str], action: str, commands: tuple) -> tuple[tuple, str]:
         """A rule's parents: names of [[upstreams]] (or "direct"), and how to pick among them."""
@@ -287,6 +306,30 @@ _KIND_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "tru
 def _toml_type(value) -> str:
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
             list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def egress_addresses(value) -> tuple[str, ...]:
+    """Egress entries (addresses, or interface names for each of their addresses) as the
+    address texts outbound sockets bind to. ValueError naming what is wrong."""
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(v, str) for v in items):
+        raise ValueError('expected addresses or interface names, like ["192.0.2.10", "eth1"]')
+    out: list[str] = []
+    for item in items:
+        try:
+            out.append(str(ipaddress.ip_address(item)))
+            continue
+        except ValueError:
+            pass
+        interfaces = psutil.net_if_addrs()
+        if item not in interfaces:
+            raise ValueError(f"{item!r} is neither an address nor an interface here ({', '.join(sorted(interfaces))})")
+        found = [a.address for a in interfaces[item] if a.family in (socket.AF_INET, socket.AF_INET6)
+                 and "%" not in a.address and not ipaddress.ip_address(a.address).is_link_local]
+        if not found:
+            raise ValueError(f"interface {item!r} has no address to connect from")
+        out.extend(found)
+    return tuple(dict.fromkeys(out))
 
 
 def _client_network(text):

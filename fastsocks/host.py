@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -78,8 +78,9 @@ class SessionHost(Protocol):
         """Why this request is over a cap, or None; ``command`` as the rules name it, and for
         UDP ASSOCIATE the client's IP, by which the association caps count."""
 
-    def next_turn(self, rule: int) -> int:
-        """0, 1, 2, ... per rule: where a round-robin via starts for the next session."""
+    def next_turn(self, key: Hashable) -> int:
+        """0, 1, 2, ... per key: where a round robin (a rule's via, egress addresses) is
+        for the next session."""
 
     def session_over(self, session, outcome: Outcome) -> None:
         """The session's one last call: what became of it."""

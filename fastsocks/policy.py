@@ -148,6 +148,7 @@ class Rule:
     origin: str = ""                           # "fastsocks.toml:42", for logs and explain
     via: tuple[str, ...] = ()                  # allowed: leave through these parents (names), in order
     balance: str = "failover"                  # or "round-robin": each session starts at the next one
+    egress: tuple[str, ...] = ()               # allowed: connect from one of these addresses
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:

@@ -6,9 +6,10 @@ Theory of operation
 events: a greeting gets a method selection, a request ends the handshake. The whole
 handshake has one deadline, so a client trickling a byte a second is cut too.
 
-``connect()`` then resolves the destination (off-loop, see resolver.py), tries each
-address in turn with a non-blocking connect, each attempt getting an equal share of the
-time left before the connect deadline, and maps the last failure to a SOCKS reply code.
+``connect()`` then resolves the destination (off-loop, see resolver.py) and races its
+addresses, each through the rules, within one connect deadline (RFC 8305, eyeballs.py);
+the last failure maps to a SOCKS reply code. When the rule that lets it through names
+parent proxies, chain.py connects through them instead.
 
 ``bind()`` (RFC 1928 §4 BIND, SOCKS4 "2) BIND") resolves the expected peer and hands
 the wait for it to ``BindWait`` (bind.py), which answers twice and gives the session its
@@ -27,15 +28,15 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
-import os
 import socket
 import time
 from dataclasses import replace
 
 from fastsocks import access
-from fastsocks._relay_types import RULE_DEFAULT, RULE_NONE
+from fastsocks._relay_types import RULE_DEFAULT, RULE_NONE, egress_index
 from fastsocks.bind import BindWait
 from fastsocks.chain import Chain
+from fastsocks.eyeballs import AddressRace
 from fastsocks.errors import ProtocolError
 from fastsocks.host import Environment, Failed, Relay, SessionHost, StartUdp, entry_point
 from fastsocks.policy import DIRECT, Query, Verdict, forbidden_destination, normal_name, unmapped
@@ -45,6 +46,7 @@ from fastsocks.protocol.socks5 import AddressType, Command, Method, Reply
 log = logging.getLogger(__name__)
 
 RECV_BYTES = 4096
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # <linux/in.h>
 UDP_SOCKET_FLAGS = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
 METHODS = {"none": Method.NO_AUTH, "userpass": Method.USERNAME_PASSWORD}
@@ -67,6 +69,12 @@ def close_gently(sock: socket.socket, max_reads: int = 4) -> None:
     sock.close()
 
 
+def literal_address(host: str, port: int) -> tuple[int, tuple]:
+    """(family, sockaddr) of an IP address literal; ValueError for anything else."""
+    ip = ipaddress.ip_address(host.partition("%")[0])
+    return (socket.AF_INET, (host, port)) if ip.version == 4 else (socket.AF_INET6, (host, port, 0, 0))
+
+
 def kernel_text(host: str) -> tuple[int, str]:
     """(family, text) of an IP address, unmapped and written as recvfrom() reports it."""
     ip = ipaddress.ip_address(host.partition("%")[0])
@@ -78,8 +86,8 @@ def kernel_text(host: str) -> tuple[int, str]:
 
 class Session:
     __slots__ = ("host", "env", "loop", "sid", "client", "peer", "conn", "upstream", "request",
-                 "candidates", "timer", "last_errno", "deadline_s", "started_s", "over", "bind_wait",
-                 "username", "client_ip", "denial", "replay", "answered", "requested_s", "auth_s", "dns_s",
+                 "race", "timer", "deadline_s", "started_s", "over", "bind_wait",
+                 "username", "client_ip", "replay", "answered", "requested_s", "auth_s", "dns_s",
                  "connecting_s", "connect_s", "rule", "chain", "direct")
 
     def __init__(self, host: SessionHost, env: Environment, sid: int, client: socket.socket, peer: str,
@@ -96,11 +104,9 @@ class Session:
         self.bind_wait: BindWait | None = None          # BIND only, while it waits for the peer
         self.username = b""                             # SOCKS5 user, once authenticated
         self.client_ip = client_ip                      # ipaddress, unmapped, once parsed
-        self.denial: str | None = None                  # why the last address was refused
         self.request: socks5.Request | socks4.Request | None = None
-        self.candidates: list = []
+        self.race: AddressRace | None = None            # the direct connect's attempts (eyeballs.py)
         self.timer = None
-        self.last_errno = 0
         self.deadline_s = 0.0
         self.started_s = time.monotonic() if started_s is None else started_s
         self.over = False                               # it ended: failed, or its sockets handed on
@@ -287,11 +293,7 @@ class Session:
                     return  # the parent resolves the name
             self.resolve(self.connect_to)
             return
-        if request.address_type == socks5.AddressType.IPV6:
-            self.candidates = [(socket.AF_INET6, (request.host, request.port, 0, 0))]
-        else:
-            self.candidates = [(socket.AF_INET, (request.host, request.port))]
-        self.try_next_address()
+        self.connect_to([literal_address(request.host, request.port)])
 
     def resolve(self, then) -> None:
         """Look the name up off the loop, within the connect deadline (a slow resolver
@@ -320,77 +322,41 @@ class Session:
         then(addresses)
 
     def connect_to(self, addresses) -> None:
-        self.candidates = list(addresses)  # ours to consume; the resolver's value is shared
-        self.try_next_address()
+        """Race the addresses (eyeballs.py; one, for a literal), each through the rules."""
+        self.race = AddressRace(self, list(addresses))  # ours to consume; the resolver's value is shared
+        self.race.start()
 
-    def try_next_address(self) -> None:
-        while self.candidates:
-            family, sockaddr = self.candidates.pop(0)
-            denial = self.screen(sockaddr[0], sockaddr[1])
-            if denial is not None:
-                self.denial = denial
-                continue
-            if self.leave_via_parents(sockaddr[0]):
-                return
-            left_s = self.deadline_s - time.monotonic()
-            if left_s <= 0:
-                self.last_errno = errno.ETIMEDOUT
-                break
-            if self.start_connect(family, sockaddr, left_s / (len(self.candidates) + 1)):
-                return
-        if self.denial is not None and not self.last_errno:
-            self.fail(Reply.CONNECTION_NOT_ALLOWED, self.denial)  # every address was refused
-            return
-        self.connect_done()
-        err = self.last_errno or errno.EHOSTUNREACH
-        self.fail(Reply.for_errno(err), f"connect failed: {os.strerror(err)}")
-
-    def start_connect(self, family: int, sockaddr: tuple, timeout_s: float) -> bool:
-        """Begin one attempt; False when it failed at once (last_errno says why)."""
-        if not self.connecting_s:
-            self.connecting_s = time.monotonic()
+    def bind_egress(self, sock: socket.socket, family: int) -> int:
+        """Bind to the egress address this session takes (its rule's, else the server's),
+        if any: 0, or the errno that fails this attempt."""
+        settings = self.env.settings
+        rule = settings.policy.rules[self.rule] if self.rule >= 0 else None
+        addresses = rule.egress if rule is not None and rule.egress else settings.egress
+        if not addresses:
+            return 0
+        same = [a for a in addresses if (":" in a) == (family == socket.AF_INET6)]
+        if not same:
+            return errno.ENETUNREACH  # egress of the other family only: not from here
+        rotation = settings.egress_rotation
+        if rotation == "round-robin":
+            index = self.host.next_turn(("egress", self.rule if rule is not None and rule.egress else None,
+                                         family)) % len(same)
+        elif rotation == "sticky-user" and self.username:
+            index = egress_index(self.username, len(same))
+        else:  # sticky-client, and a sticky-user session without a user
+            index = egress_index(self.client_address_packed(), len(same))
         try:
-            upstream = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        except OSError as exc:  # EMFILE/ENFILE, or no IPv6 on this host (EAFNOSUPPORT)
-            self.last_errno = exc.errno or errno.EIO
-            return False
-        upstream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # No bind() before connect(): the kernel picks a port unique per destination,
-        # so churn cannot exhaust the ephemeral range the way bind-first servers do.
-        err = upstream.connect_ex(sockaddr)
-        if err not in (0, errno.EINPROGRESS):
-            upstream.close()
-            self.last_errno = err
-            return False
-        self.upstream = upstream
-        self.loop.add_writer(upstream, self.on_upstream_writable)
-        self.timer = self.loop.call_later(timeout_s, self.on_connect_timeout)
-        return True
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((same[index], 0))
+        except OSError as exc:
+            return exc.errno or errno.EADDRNOTAVAIL
+        return 0
 
-    @entry_point
-    def on_upstream_writable(self) -> None:
-        if self.over:
-            return
-        self.timer.cancel()
-        err = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if err:
-            self.drop_upstream(err)
-            self.try_next_address()
-            return
-        self.established()
-
-    @entry_point
-    def on_connect_timeout(self) -> None:
-        if self.over:
-            return
-        self.drop_upstream(errno.ETIMEDOUT)
-        self.try_next_address()
-
-    def drop_upstream(self, err: int) -> None:
-        self.last_errno = err
-        self.loop.remove(self.upstream)
-        self.upstream.close()
-        self.upstream = None
+    def client_address_packed(self) -> bytes:
+        """The client's IP as the engine hashes it: 4 bytes for IPv4 (mapped ones too), else 16."""
+        if self.client_ip is None:
+            self.query()  # parses it
+        return self.client_ip.packed
 
     def leave_via_parents(self, host: str) -> bool:
         """When the rule that let this request through names parents (``via``), the chain
@@ -405,7 +371,6 @@ class Session:
         if rule.balance == "round-robin":
             turn = self.host.next_turn(self.rule) % len(hops)
             hops = hops[turn:] + hops[:turn]
-        self.candidates = []
         self.chain = Chain(self, hops, host, self.request.port)
         self.chain.start()
         return True
@@ -414,15 +379,12 @@ class Session:
         """A via's "direct" entry: this session's own connect, as with no parent."""
         self.chain = None
         self.direct = True
-        ip_text = host.partition("%")[0]
         try:
-            ip = ipaddress.ip_address(ip_text)
+            address = literal_address(host, self.request.port)
         except ValueError:
             self.resolve(self.connect_to)
             return
-        self.candidates = [(socket.AF_INET, (host, self.request.port)) if ip.version == 4
-                           else (socket.AF_INET6, (host, self.request.port, 0, 0))]
-        self.try_next_address()
+        self.connect_to([address])
 
     def chained(self, sock: socket.socket, leftover: bytes, via) -> None:
         """The parent opened the tunnel: answer the client, give it what the destination
@@ -440,6 +402,12 @@ class Session:
         """The connect phase is over, connected or not (if it ever began)."""
         if self.connecting_s:
             self.connect_s = time.monotonic() - self.connecting_s
+
+    def connected(self, sock: socket.socket) -> None:
+        """The race's winner (eyeballs.py): the destination answers."""
+        self.race = None
+        self.upstream = sock
+        self.established()
 
     def established(self) -> None:
         self.connect_done()
@@ -560,6 +528,8 @@ class Session:
             self.bind_wait.close()
         if self.chain is not None:
             self.chain.close()
+        if self.race is not None:
+            self.race.close()
         self.host.session_over(self, Failed(reply, why, failed_login))
 
     def internal_error(self, where: str) -> None:

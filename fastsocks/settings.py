@@ -18,6 +18,7 @@ from fastsocks.policy import Policy
 DEFAULT_PORT = 1080
 ACCEPT_MODES = ("reuseport", "shared")
 PROTOCOLS = ("socks4", "socks5", "http")  # what the port speaks: the first byte tells them apart
+EGRESS_ROTATIONS = ("round-robin", "sticky-client", "sticky-user")
 
 
 UPSTREAM_SCHEMES = ("socks5", "socks4", "socks4a", "http")  # protocol/client.py speaks each
@@ -105,6 +106,8 @@ class Settings:
     auth_methods: tuple[str, ...] = ()  # in order of preference; () -> userpass with users, else none
     protocols: tuple[str, ...] = PROTOCOLS  # socks4 (and 4a), socks5, http (CONNECT and forward requests)
     upstreams: tuple[Upstream, ...] = ()    # parent proxies, by name: rules send sessions via them
+    egress: tuple[str, ...] = ()            # connect from these addresses (none: the kernel's choice)
+    egress_rotation: str = "round-robin"    # or sticky-client, sticky-user: which one a session takes
     auth_max_failures: int = 10         # failed logins from one client IP within the window...
     auth_failure_window_s: float = 60.0
     auth_block_s: float = 300.0         # ...block it this long (0: never block)
@@ -142,6 +145,8 @@ class Settings:
             ("accept_mode", self.accept_mode in ACCEPT_MODES, f"expected one of {', '.join(ACCEPT_MODES)}"),
             ("protocols", bool(self.protocols) and set(self.protocols) <= set(PROTOCOLS),
              f"expected a list of {', '.join(PROTOCOLS)}"),
+            ("egress_rotation", self.egress_rotation in EGRESS_ROTATIONS,
+             f"expected one of {', '.join(EGRESS_ROTATIONS)}"),
             ("backlog", 1 <= self.backlog <= 65535, "expected 1-65535"),
             ("graceful_timeout", self.graceful_timeout_s >= 0, "expected a number of seconds >= 0"),
             ("handshake_timeout", self.handshake_timeout_s > 0, "expected a number of seconds > 0"),

@@ -118,7 +118,7 @@ class Worker:
         self.udp_associations: dict[int, UdpAssociation] = {}  # UDP ASSOCIATE sessions, by sid
         self.udp_opened: dict[int, tuple[str | dict, int, access.Timing]] = {}  # ... and their line's opening
         self.udp_relay: UdpRelay | None = None  # their shared datagram relay, made on first use
-        self.turns: dict[int, int] = {}  # round-robin vias: sessions sent, by rule (next_turn)
+        self.turns: dict = {}  # round robins (vias, egress addresses): sessions sent, by key (next_turn)
         self.accepted_at_tick = 0
         self.closed = 0          # sessions that ended, however
         self.heap = Heap()
@@ -344,10 +344,11 @@ class Worker:
         settings, admission = self.settings, self.admission
         self.front_verdict = functools.lru_cache(maxsize=4096)(self.judge_connect)  # new rules: new cache
         methods = bytes(METHODS[name] for name in settings.methods if name != "userpass" or self.auth is not None)
-        chaining = any(rule.via for rule in settings.policy.rules)
+        # Rules that send sessions through a parent proxy (chain.py) or from addresses of
+        # their own: the session decides which requests those are, so the front door answers
+        # nothing (the server-wide egress it takes itself).
+        chaining = any(rule.via or rule.egress for rule in settings.policy.rules)
         if "socks5" not in settings.protocols or chaining:
-            # Nothing the front door may answer: the session refuses it, or decides which
-            # requests leave through a parent proxy (chain.py).
             methods = b""
         counting = admission.counting
         self.engine.front(self, methods=methods,
@@ -362,7 +363,12 @@ class Worker:
                           counts=admission.limits.for_engine(self.slot) if counting else None,
                           caps=(settings.max_sessions, settings.max_sessions_per_worker,
                                 settings.max_sessions_per_client) if counting else (0, 0, 0),
-                          check_blocked=counting and "userpass" in settings.methods)
+                          check_blocked=counting and "userpass" in settings.methods,
+                          # The server-wide egress: the engine's sessions have no user, so
+                          # sticky-user sticks by client there, as the session does without one.
+                          egress=[socket.inet_pton(socket.AF_INET6 if ":" in a else socket.AF_INET, a)
+                                  for a in settings.egress],
+                          egress_sticky=settings.egress_rotation != "round-robin")
 
     def accepted(self, tag: int, host: str, port: int) -> bool | tuple[int, ...]:
         """Let this client in? The engine remembers a tuple answer (the buckets to count its
@@ -429,9 +435,9 @@ class Worker:
     def is_own_listener(self, ip, port: int) -> bool:
         return reaches_listener(self.env.own_addresses, ip, port, _is_local)
 
-    def next_turn(self, rule: int) -> int:
-        turn = self.turns.get(rule, 0)
-        self.turns[rule] = turn + 1
+    def next_turn(self, key) -> int:
+        turn = self.turns.get(key, 0)
+        self.turns[key] = turn + 1
         return turn
 
     def admit(self, sid: int, user: bytes, command: str, udp_client: str) -> str | None:

@@ -25,7 +25,7 @@ import pytest
 from support import echo_handler, require_ipv6, socks5_request_bytes
 
 from fastsocks import _relay, _relay_py
-from fastsocks._relay_types import RULE_DEFAULT, RULE_NONE, Ended
+from fastsocks._relay_types import RULE_DEFAULT, RULE_NONE, Ended, egress_index
 from fastsocks.limits import SharedLimits
 
 ENGINES = {"cython": _relay, "python": _relay_py}
@@ -874,5 +874,165 @@ def test_front_refuses_what_it_cannot_honour(engine):
             made.front(object(), counts=words._replace(workers=4, slot=3))
         with pytest.raises(ValueError, match="front"):
             ENGINES[engine].RelayEngine().listen(0)  # no gate to hand clients to yet
+    finally:
+        made.close()
+
+
+# --------------------------------------------------------------------- egress addresses
+
+
+def packed(*hosts: str) -> tuple[bytes, ...]:
+    return tuple(socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host) for host in hosts)
+
+
+def connect_from(d: FrontDoor, source: str, address: tuple | None = None) -> socket.socket:
+    """A client of the engine from ``source`` (any 127/8 address is loopback's)."""
+    client = socket.create_connection(address or d.address, timeout=5, source_address=(source, 0))
+    d.clients.append(client)
+    return client
+
+
+def recording(peers: list):
+    """A target's handler that records where each connection comes from."""
+
+    def handle(conn: socket.socket) -> None:
+        peers.append(conn.getpeername())
+        echo_handler(conn)
+
+    return handle
+
+
+def egress_of(d: FrontDoor, target, peers: list, client: socket.socket, proto: int = 5) -> str:
+    """One CONNECT of ``client`` through the engine to the recording target: the source
+    address the target saw (and the reply said)."""
+    seen = len(peers)
+    if proto == 5:
+        client.sendall(GREETING + socks5_request_bytes("127.0.0.1", target.port))
+        answer = d.recv_exact(client, 12)
+        assert answer[:2] == SELECTED
+        bound = bound_of(answer[2:])
+    else:
+        client.sendall(request4("127.0.0.1", target.port))
+        answer = d.recv_exact(client, 8)
+        assert answer[:2] == b"\x00\x5a", answer
+        bound = (socket.inet_ntoa(answer[4:]), struct.unpack("!H", answer[2:4])[0])
+    d.run_until(lambda: len(peers) > seen, "the target's accept")
+    assert peers[seen] == bound
+    client.close()
+    return bound[0]
+
+
+def test_egress_addresses_are_taken_in_turn_per_family(door, tcp_target):
+    peers: list = []
+    target = tcp_target(recording(peers))
+    d = door(egress=packed("127.0.0.2", "::1", "127.0.0.3"))  # ::1 is IPv6's turn, not IPv4's
+    sources = [egress_of(d, target, peers, d.connect(), proto) for proto in (5, 4, 5, 4)]
+    assert sources == ["127.0.0.2", "127.0.0.3", "127.0.0.2", "127.0.0.3"]
+
+
+EGRESS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+CLIENTS = tuple(f"127.0.0.{n}" for n in range(5, 11))
+
+
+def sticky_egress(client: str) -> str:
+    """Where the session would send this client (the Python path's choice)."""
+    return EGRESS[egress_index(socket.inet_aton(client), len(EGRESS))]
+
+
+def test_sticky_egress_is_the_client_addresss_as_the_session_picks_it(door, tcp_target):
+    assert len({sticky_egress(client) for client in CLIENTS}) > 1  # not one answer for all
+    peers: list = []
+    target = tcp_target(recording(peers))
+    d = door(egress=packed(*EGRESS), egress_sticky=True)
+    for _ in range(2):  # taken in turn, the second round would differ
+        for client in CLIENTS:
+            assert egress_of(d, target, peers, connect_from(d, client)) == sticky_egress(client), client
+
+
+def test_sticky_egress_takes_an_ipv4_mapped_client_as_its_ipv4_address(door, tcp_target):
+    require_ipv6()
+    peers: list = []
+    target = tcp_target(recording(peers))
+    d = door(egress=packed(*EGRESS), egress_sticky=True)
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as dual:  # IPv4 clients as ::ffff:a.b.c.d
+        dual.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        dual.bind(("::ffff:127.0.0.1", 0))
+        dual.listen()
+        dual.setblocking(False)
+        d.engine.unlisten()
+        d.engine.listen(dual.fileno())
+        for client in CLIENTS:
+            sock = connect_from(d, client, ("127.0.0.1", dual.getsockname()[1]))
+            assert egress_of(d, target, peers, sock) == sticky_egress(client), client
+        d.close()
+
+
+def failed_as(ended: Ended) -> tuple:
+    return ended.reason, ended.errno, ended.reply, ended.why
+
+
+@pytest.mark.parametrize(("proto", "request_bytes", "reply"), [
+    ("socks5", lambda port: GREETING + socks5_request_bytes("127.0.0.1", port), SELECTED + failure5(3)),
+    ("socks4", lambda port: request4("127.0.0.1", port), FAILURE4),
+], ids=["socks5", "socks4"])
+def test_with_egress_of_the_other_family_only_the_network_is_unreachable(door, tcp_target, proto,
+                                                                          request_bytes, reply):
+    target = tcp_target()
+    d = door(egress=packed("::1"))
+    client = d.connect()
+    client.sendall(request_bytes(target.port))
+    assert d.recv_to_eof(client) == reply
+    ended = d.ended_one()
+    assert ended.described == described(client, proto, f"127.0.0.1:{target.port}")
+    assert failed_as(ended) == ("failed", errno.ENETUNREACH, 3, "connect failed: Network is unreachable")
+    assert target.connections == 0
+
+
+def test_an_ipv6_destination_with_ipv4_egress_only_is_unreachable(door):
+    # Not ::1: the engine hands ::/80 to the session. A documentation address, never
+    # reached: the engine fails it before any connect().
+    d = door(egress=packed("127.0.0.2"))
+    client = d.connect()
+    client.sendall(GREETING + socks5_request_bytes("2001:db8::1", 80))
+    assert d.recv_to_eof(client) == SELECTED + failure5(3)
+    ended = d.ended_one()
+    assert ended.described == described(client, "socks5", "[2001:db8::1]:80")
+    assert failed_as(ended) == ("failed", errno.ENETUNREACH, 3, "connect failed: Network is unreachable")
+
+
+@pytest.mark.parametrize(("egress", "dest"), [("192.0.2.1", "127.0.0.1"), ("2001:db8::5", "2001:db8::1")],
+                         ids=["ipv4", "ipv6"])
+def test_an_egress_address_that_is_not_local_fails_the_connect_before_it_leaves(door, tcp_target, egress, dest):
+    """TEST-NET-1 and the IPv6 documentation prefix: configured nowhere, so bind() fails
+    (EADDRNOTAVAIL), and nothing is sent; the destination is never reached."""
+    family = socket.AF_INET6 if ":" in egress else socket.AF_INET
+    if family == socket.AF_INET6:
+        require_ipv6()
+    with socket.socket(family) as probe, contextlib.suppress(OSError):
+        probe.bind((egress, 0))
+        pytest.skip(f"{egress} is an address of this host")
+    target = tcp_target()
+    port = target.port if family == socket.AF_INET else 80
+    before = set(os.listdir("/proc/self/fd"))
+    d = door(egress=packed(egress))
+    client = d.connect()
+    client.sendall(GREETING + socks5_request_bytes(dest, port))
+    assert d.recv_to_eof(client) == SELECTED + failure5(3)
+    assert failed_as(d.ended_one()) == (
+        "failed", errno.EADDRNOTAVAIL, 3, "connect failed: Cannot assign requested address")
+    assert target.connections == 0
+    d.close()
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+@pytest.mark.parametrize("egress", [["127.0.0.1"], [b"\x7f\0\0"], [bytearray(4)], packed("127.0.0.1") * 65,
+                                    packed("::1") * 65], ids=["text", "3 bytes", "bytearray", "65 IPv4", "65 IPv6"])
+def test_front_refuses_egress_it_cannot_bind(engine, egress):
+    made = ENGINES[engine].RelayEngine()
+    try:
+        with pytest.raises(ValueError, match="egress"):
+            made.front(object(), egress=egress)
+        made.front(object(), egress=packed("127.0.0.1") * 64 + packed("::1") * 64)  # 64 of each
     finally:
         made.close()

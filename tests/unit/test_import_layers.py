@@ -90,6 +90,7 @@ RANKS = {
     "policy": 0, "limits": 1, "config": 2, "access": 1, "host": 1, "rlimit": 0, "heap": 0, "privileges": 0,
     "admission": 2, "bind": 2,  # bind is the session's BIND phase
     "chain": 2,  # the session's CONNECT through parent proxies, as bind is its BIND
+    "eyeballs": 2,  # the session's direct connect, its addresses raced (RFC 8305)
     "systemd": 0,
     "handover": 2,  # the master's reading of the files, as every worker gets it
     "upgrade": 0,  # what a new master inherits from the old: fds and a pipe
