@@ -21,21 +21,87 @@ any case (on that file, or on stderr beside the root's) that writes the message 
 line one JSON object, which carries its own time (access.py).
 
 A worker batches its INFO and DEBUG lines: ``flush()``, which the worker calls at the end
-of every loop turn, writes them with one write() per 4 KiB at most, whole lines only, so
-that lines from several workers sharing one stderr pipe never interleave (a write of up
-to PIPE_BUF bytes to a pipe is atomic). A WARNING or worse is written at once, with what
-was batched before it. A worker killed with SIGKILL loses at most one loop turn of lines.
+of every loop turn, hands them on in batches of 4 KiB at most, whole lines only, so that
+lines from several workers sharing one stderr pipe never interleave (a write of up to
+PIPE_BUF bytes to a pipe is atomic). A WARNING or worse goes at once, with what was
+batched before it. The worker's event loop never writes itself: a thread of the handler
+(``_Writer``) does, so a log reader that stalls (a full pipe, a slow disk) cannot stop
+the relay. While it stalls, batches wait, up to MAX_QUEUED_BYTES; past that they are
+dropped and counted, and the first batch kept afterwards opens with a warning saying how
+many lines were lost there. A worker killed with SIGKILL loses what was waiting.
 """
 
 from __future__ import annotations
 
+import collections
+import json
 import logging
 import sys
+import threading
 import time
 
 FORMAT = "%(asctime)s %(levelname)s [%(process_name)s] %(name)s: %(message)s"
 BARE_FORMAT = "%(message)s"  # the JSON access lines: nothing around the object
 BATCH_BYTES = 4096  # PIPE_BUF: one write of whole lines is never interleaved with another's
+MAX_QUEUED_BYTES = 1 << 20  # a worker's lines waiting for a stalled reader; then they are dropped
+STOP_WAIT_S = 2.0  # at exit, how long the writer may take to write what waits
+
+
+class _Writer:
+    """A worker handler's writing thread: batches in order, each in one write()."""
+
+    def __init__(self, name: str, drop_line) -> None:
+        self._drop_line = drop_line  # (lines dropped) -> the line that says so, in the handler's format
+        self._queue: collections.deque = collections.deque()  # (stream, text or None: close it)
+        self._queued_bytes = 0
+        self._dropped_lines = 0
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"log writer {name}", daemon=True)
+        self._thread.start()
+
+    def put(self, stream, text: str) -> None:
+        with self._lock:
+            if self._queued_bytes + len(text) > MAX_QUEUED_BYTES:
+                self._dropped_lines += text.count("\n")
+                return
+            if self._dropped_lines:  # said where the gap is: before the first batch kept after it
+                text = self._drop_line(self._dropped_lines) + text
+                self._dropped_lines = 0
+            self._queue.append((stream, text))
+            self._queued_bytes += len(text)
+            self._lock.notify()
+
+    def close_later(self, stream) -> None:
+        """Close ``stream`` once what was queued for it is written (a reopen's old file)."""
+        with self._lock:
+            self._queue.append((stream, None))
+            self._lock.notify()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        self._thread.join(STOP_WAIT_S)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._stopping:
+                    self._lock.wait()
+                if not self._queue:
+                    return
+                stream, text = self._queue.popleft()
+                if text is not None:
+                    self._queued_bytes -= len(text)
+            if text is None:
+                stream.close()
+                continue
+            try:
+                stream.write(text)
+                stream.flush()
+            except Exception:
+                pass  # stderr gone: nowhere left to say so
 
 
 class _ProcessNameFilter(logging.Filter):
@@ -75,6 +141,7 @@ class _Handler(logging.StreamHandler):
         super().__init__(stream)
         self.path = path  # a file's name, for reopen(); None for stderr
         self.batching = False
+        self.writer: _Writer | None = None  # a worker's: batches are written off its event loop
         self._lines: list[str] = []
         self._size = 0
 
@@ -112,10 +179,34 @@ class _Handler(logging.StreamHandler):
         self.flush()
         new = open_log(self.path)
         old, self.stream = self.stream, new
-        old.close()
+        if self.writer is not None:
+            self.writer.close_later(old)
+        else:
+            old.close()
+
+    def drop_line(self, dropped: int) -> str:
+        """The line that tells of lines the writer dropped, in this handler's format."""
+        record = logging.LogRecord("fastsocks.logs", logging.WARNING, __file__, 0,
+                                   "%d log lines dropped: the log's reader did not keep up", (dropped,), None)
+        if self.formatter is not None and self.formatter._fmt == BARE_FORMAT:  # JSON lines: one more object
+            return json.dumps({"ts": round(record.created, 3), "dropped_log_lines": dropped}) + self.terminator
+        for flt in self.filters:
+            flt.filter(record)
+        return self.format(record) + self.terminator
+
+    def close(self) -> None:
+        """At exit: what is batched goes, and the writer writes what waits (a moment at most)."""
+        self.flush()
+        if self.writer is not None:
+            self.writer.stop()
+            self.writer = None
+        super().close()
 
     def _write(self) -> None:
         text, self._lines, self._size = "".join(self._lines), [], 0
+        if self.writer is not None:
+            self.writer.put(self.stream, text)
+            return
         try:
             self.stream.write(text)
             self.stream.flush()
@@ -215,6 +306,14 @@ def set_process_name(name: str, batching: bool = False) -> None:
                 flt.process_name = name
         if isinstance(handler, _Handler):
             handler.batching = batching
+
+
+def write_off_loop(name: str) -> None:
+    """A worker's batches from now on are written by a thread of each handler, never by
+    its event loop (no thread survives a fork: each worker starts its own here)."""
+    for handler in _handlers():
+        if isinstance(handler, _Handler) and handler.writer is None:
+            handler.writer = _Writer(name, handler.drop_line)
 
 
 def flush() -> None:
