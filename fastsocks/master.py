@@ -510,7 +510,6 @@ class Master:
             if self.notifier is not None:
                 self.notifier.close()  # only the master speaks to systemd (NotifyAccess=main)
             logs.set_process_name(f"worker {slot}", batching=True)  # the worker flushes
-            logs.write_off_loop(f"worker {slot}")  # ...and a thread writes: a stalled reader stalls no session
             listeners = self.listeners.for_slot(slot)
             keep = {sock.fileno() for sock in listeners}
             for sock in self.listeners.all():

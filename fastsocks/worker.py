@@ -172,6 +172,7 @@ class Worker:
 
     def boot(self) -> None:
         self.heap.one_arena()  # before any thread allocates: see heap.py
+        logs.write_off_loop(f"worker {self.slot}")  # a thread writes the log: a stalled reader stalls no session
         self.engine = load_relay_engine(self.settings)
         self.resolver = Resolver(self.settings.resolver_threads, self.settings.dns_cache_ttl_s,
                                  self.settings.dns_cache_size)
