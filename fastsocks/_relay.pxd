@@ -69,6 +69,19 @@ ctypedef struct Direction:
     int streak             # consecutive full reads (copy) or short reads (splice)
     int flags
     uint64_t nbytes        # bytes delivered to the destination
+    # A rate limit (add()/front() rate_*_bytes_per_s; 0: none): a token bucket, _relay.pyx "Rates".
+    double rate_bytes_per_s
+    double burst_bytes     # the bucket's size
+    double tokens          # bytes it may read now, as of refilled_s
+    double refilled_s
+    double resume_s        # throttled: it reads again from this time on (0: not throttled)
+    int timer_at           # 1 + its place in RelayEngine.timers while throttled, else 0
+
+
+ctypedef struct Timer:         # a throttled direction, in the engine's min-heap by resume_s
+    double resume_s
+    int idx                # its session's slot
+    int d                  # its direction
 
 
 ctypedef struct FrontRequest:   # what front_parse_c() read
@@ -152,6 +165,8 @@ cdef class RelayEngine:
     cdef uint64_t *runq          # (gen << 32 | idx) of sessions that ran out of budget
     cdef uint64_t *runq_work
     cdef int runq_len
+    cdef Timer *timers            # min-heap of the throttled directions: 2 per slot at most
+    cdef int n_timers
     cdef int finished_head
     cdef int n_active
     cdef char *buf
@@ -188,6 +203,7 @@ cdef class RelayEngine:
     cdef unsigned char own_port_bits[8192]  # a bit per port: a CONNECT there goes to the session
     cdef double handshake_timeout_s
     cdef double connect_timeout_s
+    cdef double front_rate_bytes_per_s[2]  # the front door's sessions' limits, up and down
     cdef FrontCache accept_cache   # clients gate.accepted() let in with a tuple
     cdef FrontCache verdict_cache  # (client, dest, port) that gate.request() let through
     cdef bint egress_on           # any egress address: the connects bind first
@@ -234,6 +250,13 @@ cdef class RelayEngine:
     cdef int _pump_dir(self, Session *s, int d) noexcept nogil
     cdef int _flush(self, Session *s, int d) noexcept nogil
     cdef int _read(self, Session *s, int d) noexcept nogil
+    cdef ssize_t _allowance(self, Session *s, int d, ssize_t size) noexcept nogil
+    cdef void _resume_due(self) noexcept nogil
+    cdef int _resume_in_ms(self) noexcept nogil
+    cdef void _timer_push(self, int idx, int d) noexcept nogil
+    cdef void _timer_remove(self, int pos) noexcept nogil
+    cdef void _timer_place(self, int pos, Timer t) noexcept nogil
+    cdef void _timer_sift(self, int pos) noexcept nogil
     cdef int _start_splice(self, Direction *dr) noexcept nogil
     cdef void _stop_splice(self, Direction *dr) noexcept nogil
     cdef void _trim_pool(self) noexcept nogil

@@ -109,6 +109,8 @@ class RelayEngine:
         check_blocked: bool = False,
         egress: Sequence[bytes] = (),
         egress_sticky: bool = False,
+        rate_up_bytes_per_s: int = 0,
+        rate_down_bytes_per_s: int = 0,
     ) -> None:
         """Set (again, on reload) how the engine's handshake answers: every client from its
         next step on (its next read, request or connect; a client keeps the handshake deadline
@@ -132,6 +134,8 @@ class RelayEngine:
         connect with ENETUNREACH, or the bind's errno (EADDRNOTAVAIL for an address not
         local), answered as any connect failure with that errno (SOCKS5 0x03 network
         unreachable for those two, SOCKS4 91; Ended "failed", "connect failed: ...").
+        ``rate_up_bytes_per_s``/``rate_down_bytes_per_s``: the limit of each of the sessions
+        it relays from their connect on, as add()'s (0: none; ValueError unless an int >= 0).
         The gate's remembered answers are forgotten here."""
     def listen(self, fd: int, exclusive: bool = False) -> None:
         """Accept from this listening socket in run() (after front()); the engine does not own
@@ -156,8 +160,22 @@ class RelayEngine:
     def pending(self) -> bool: ...
     def counters(self) -> tuple[int, int, int, int, int]:
         """(bytes_up, bytes_down, sessions_total, splice_switches, pipes_open)"""
-    def add(self, client_fd: int, upstream_fd: int, tag: int, initial_up: Buffer | None = None) -> None:
-        """Relay a session; the engine owns both (non-blocking) fds from now on, also on failure."""
+    def add(
+        self,
+        client_fd: int,
+        upstream_fd: int,
+        tag: int,
+        initial_up: Buffer | None = None,
+        *,
+        rate_up_bytes_per_s: int = 0,
+        rate_down_bytes_per_s: int = 0,
+    ) -> None:
+        """Relay a session; the engine owns both (non-blocking) fds from now on, also on failure.
+        ``rate_up_bytes_per_s`` (client -> upstream) and ``rate_down_bytes_per_s``: each
+        direction's limit, 0 none (ValueError unless an int >= 0). A limited direction reads
+        through a token bucket: max(0.1 s of the rate, 16 KiB), full at the start; once empty
+        it waits until max(0.01 s of the rate, 16 KiB) has accrued (_relay_types.bucket_bytes);
+        wait() sleeps no longer than the earliest such resume, run() resumes what is due."""
     def run(self) -> list[Ended]: ...
     def expire_idle(self) -> list[Ended]:
         """End the sessions idle for idle_timeout_s and the handshakes and connects past their

@@ -41,6 +41,21 @@ Fairness: a direction moves at most BUDGET chunks per call; a session that is st
 goes on a run queue served first by the next ``run()``, and ``pending`` tells the worker
 to poll again at once instead of sleeping.
 
+Rates: a direction given a limit (add() or front() ``rate_*_bytes_per_s``) reads through a
+token bucket of its own, refilled from the monotonic clock at the rate and holding
+max(100 ms of it, 16 KiB): enough that a resume woken a few ms late loses nothing of the
+rate (the bucket keeps what accrued meanwhile), small enough that a session idle for a
+while gets only a tenth of a second at full speed before the limit holds again, and never
+so small that a slow limit moves bytes in syscalls of a few dozen. Each recv() and each
+splice() from the source asks for at most the tokens there are, so spliced directions
+obey too, and bytes are charged when read (what is pending or in the pipe is paid for).
+An empty bucket throttles the direction until max(10 ms of the rate, 16 KiB) has accrued,
+so that a fast limit wakes at most ~100 times a second and a slow one moves 16 KiB at a
+time. Its socket stays readable but, edge-triggered, brings no new event: a throttled
+direction sits in a min-heap of resume times (``timers``, two entries per slot at most,
+removed when the session ends), every pass resumes the due ones, and epoll_wait never
+sleeps past the earliest. An unlimited direction pays one branch per read.
+
 UDP ASSOCIATE has a relay of its own, with its own epoll set: UdpRelay and UdpFlow, in
 _udp_relay.pxi (included at the end), over the SOCKS5 UDP header codec below.
 """
@@ -63,6 +78,13 @@ cdef uint32_t EV_FLAGS = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 
 from fastsocks._relay_types import NO_REPLY, REASONS, Ended  # REPLY_NONE is REPLY_NONE
 from fastsocks._relay_types import gate_answer as _gate_answer
+from fastsocks._relay_types import rate_checked as _rate_checked
+from fastsocks import _relay_types
+
+cdef double RATE_BURST_S = _relay_types.RATE_BURST_S
+cdef double RATE_MIN_BURST_BYTES = _relay_types.RATE_MIN_BURST_BYTES
+cdef double RATE_RESUME_S = _relay_types.RATE_RESUME_S
+cdef double RATE_MIN_RESUME_BYTES = _relay_types.RATE_MIN_RESUME_BYTES
 
 cdef uint64_t LISTENER_BIT = (<uint64_t>1) << 63  # epoll data of a listening socket: the bit | its index
 cdef uint64_t WAKE_TAG = (<uint64_t>1) << 62      # epoll data of the fd watch() names
@@ -93,6 +115,22 @@ cdef inline double _monotonic() noexcept nogil:
     return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
+cdef inline void _limit(Direction *dr, double rate_bytes_per_s, double now_s) noexcept nogil:
+    """Give a direction its bucket (rate 0: none), full: a session starts with its burst."""
+    dr.rate_bytes_per_s = rate_bytes_per_s
+    dr.burst_bytes = rate_bytes_per_s * RATE_BURST_S
+    if dr.burst_bytes < RATE_MIN_BURST_BYTES:
+        dr.burst_bytes = RATE_MIN_BURST_BYTES
+    dr.tokens = dr.burst_bytes
+    dr.refilled_s = now_s
+
+
+cdef inline double _resume_bytes(double rate_bytes_per_s) noexcept nogil:
+    """What an empty bucket waits for (bucket_bytes() in _relay_types)."""
+    cdef double n = rate_bytes_per_s * RATE_RESUME_S
+    return n if n > RATE_MIN_RESUME_BYTES else RATE_MIN_RESUME_BYTES
+
+
 cdef inline object _span(double since_s, double until_s):
     """Seconds from one phase mark to the next; None when the later one never came."""
     return until_s - since_s if until_s != 0 else None
@@ -109,6 +147,7 @@ cdef class RelayEngine:
         self.events = NULL
         self.runq = NULL
         self.runq_work = NULL
+        self.timers = NULL
         self.handoffq = NULL
         self.n_listen = 0
         self.wake_fd = -1
@@ -167,6 +206,7 @@ cdef class RelayEngine:
         free(self.pipe_pool)
         free(self.runq)
         free(self.runq_work)
+        free(self.timers)
         free(self.handoffq)
         front_cache_clear(&self.accept_cache)
         front_cache_clear(&self.verdict_cache)
@@ -195,7 +235,7 @@ cdef class RelayEngine:
     def front(self, gate, *, bytes methods=b"\x00", bint socks4=True, bint judge_accept=False,
               bint judge_request=False, own_ports=frozenset(), double handshake_timeout_s=10.0,
               double connect_timeout_s=10.0, counts=None, caps=(0, 0, 0), bint check_blocked=False,
-              egress=(), bint egress_sticky=False):
+              egress=(), bint egress_sticky=False, rate_up_bytes_per_s=0, rate_down_bytes_per_s=0):
         """How the front door answers the clients accepted from now on (_relay.pyi)."""
         cdef int i
         cdef int64_t[::1] view
@@ -213,6 +253,8 @@ cdef class RelayEngine:
             raise ValueError("at most 8 methods")
         if ports and not (0 <= min(ports) and max(ports) <= 0xFFFF):  # no [-1]: wraparound is off
             raise ValueError("own_ports: each 0-65535")
+        rates = (_rate_checked("rate_up_bytes_per_s", rate_up_bytes_per_s),
+                 _rate_checked("rate_down_bytes_per_s", rate_down_bytes_per_s))
         cap_total, cap_worker, cap_client = caps
         if min(cap_total, cap_worker, cap_client) < 0:
             raise ValueError("caps: each 0 (none) or more")
@@ -249,6 +291,7 @@ cdef class RelayEngine:
             self.own_port_bits[port >> 3] |= 1 << (port & 7)
         self.handshake_timeout_s = handshake_timeout_s
         self.connect_timeout_s = connect_timeout_s
+        self.front_rate_bytes_per_s[0], self.front_rate_bytes_per_s[1] = rates
         # The round robins go on where they were: a reload does not send everyone to the first.
         for i, address in enumerate(v4):
             memcpy(self.egress4.addr + 16 * i, <const unsigned char *>address, 4)
@@ -364,21 +407,29 @@ cdef class RelayEngine:
         return (self.total_up, self.total_down, self.total_sessions,
                 self.splice_switches, self.pipes_open)
 
-    def add(self, int client_fd, int upstream_fd, int64_t tag, const unsigned char[:] initial_up=None):
+    def add(self, int client_fd, int upstream_fd, int64_t tag, const unsigned char[:] initial_up=None,
+            *, rate_up_bytes_per_s=0, rate_down_bytes_per_s=0):
         """Relay a session. The engine owns both fds from here on (also on failure).
 
         ``initial_up`` is data the client sent before the session was established
-        (pipelined after its request); it goes upstream first.
+        (pipelined after its request); it goes upstream first. The rates limit each
+        direction (0: no limit; see "Rates" in the module docstring).
         """
         cdef int idx, side, err
         cdef uint32_t gen
         cdef Session *s
         cdef epoll_event ev
         cdef Py_ssize_t n = 0 if initial_up is None else initial_up.shape[0]
-        if self.epfd < 0:
+        cdef double up_bytes_per_s, down_bytes_per_s
+        try:
+            if self.epfd < 0:
+                raise ValueError("engine is closed")
+            up_bytes_per_s = _rate_checked("rate_up_bytes_per_s", rate_up_bytes_per_s)
+            down_bytes_per_s = _rate_checked("rate_down_bytes_per_s", rate_down_bytes_per_s)
+        except ValueError:
             close(client_fd)
             close(upstream_fd)
-            raise ValueError("engine is closed")
+            raise
         if self.free_head < 0:
             self._grow()
         idx = self.free_head
@@ -394,6 +445,10 @@ cdef class RelayEngine:
         s.last_active_s = _monotonic()
         s.dir[0].pipe_r = s.dir[0].pipe_w = -1
         s.dir[1].pipe_r = s.dir[1].pipe_w = -1
+        if up_bytes_per_s:
+            _limit(&s.dir[0], up_bytes_per_s, s.last_active_s)
+        if down_bytes_per_s:
+            _limit(&s.dir[1], down_bytes_per_s, s.last_active_s)
         s.state = SLOT_ACTIVE
         self.n_active += 1
         self.total_sessions += 1
@@ -490,6 +545,10 @@ cdef class RelayEngine:
         if q == NULL:
             raise MemoryError()
         self.runq_work = q
+        cdef Timer *t = <Timer *>realloc(self.timers, sizeof(Timer) * 2 * new)
+        if t == NULL:
+            raise MemoryError()
+        self.timers = t
         cdef int *h = <int *>realloc(self.handoffq, sizeof(int) * new)
         if h == NULL:
             raise MemoryError()
@@ -523,7 +582,13 @@ cdef class RelayEngine:
                 if s.state == SLOT_ACTIVE and s.gen == <uint32_t>(work[i] >> 32):
                     s.queued = 0
                     self._pump(idx)
-        n = epoll_wait(self.epfd, self.events, self.max_events, 0 if nq or self.runq_len else timeout_ms)
+        if self.n_timers:
+            self._resume_due()
+        if nq or self.runq_len or self.finished_head >= 0:  # a resumed session may have ended
+            timeout_ms = 0
+        elif self.n_timers and (timeout_ms < 0 or timeout_ms > self._resume_in_ms()):
+            timeout_ms = self._resume_in_ms()  # nothing throttled is left stranded
+        n = epoll_wait(self.epfd, self.events, self.max_events, timeout_ms)
         if n < 0:
             return -1  # EINTR: back to Python, which runs the signal's handler
         for i in range(n):
@@ -647,18 +712,27 @@ cdef class RelayEngine:
         cdef int src = s.fd[d]
         cdef int dst = s.fd[1 - d]
         cdef ssize_t n, w
+        cdef ssize_t want = self.splice_len if dr.flags & DIR_SPLICE else self.buf_size
+        if dr.rate_bytes_per_s:
+            want = self._allowance(s, d, want)
+            if want == 0:
+                return 0  # throttled: the timer heap resumes it
         if dr.flags & DIR_SPLICE:
-            n = splice(src, NULL, dr.pipe_w, NULL, self.splice_len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            n = splice(src, NULL, dr.pipe_w, NULL, want, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             if n <= 0:
                 return self._read_end(s, d, n)
+            if dr.rate_bytes_per_s:
+                dr.tokens -= n
             dr.in_pipe = n
-            dr.streak = dr.streak + 1 if n < SHORT_SPLICE else 0
+            dr.streak = dr.streak + 1 if n < SHORT_SPLICE and n < want else 0
             # A short splice read does not prove the socket drained (the pipe may be
             # out of slots), so the readable bit stays until EAGAIN.
             return -1 if self._flush(s, d) < 0 else 1
-        n = recv(src, self.buf, self.buf_size, 0)
+        n = recv(src, self.buf, want, 0)
         if n <= 0:
             return self._read_end(s, d, n)
+        if dr.rate_bytes_per_s:
+            dr.tokens -= n
         w = send(dst, self.buf, n, MSG_NOSIGNAL)
         if w < 0:
             if errno != EAGAIN and errno != EINTR:
@@ -678,7 +752,7 @@ cdef class RelayEngine:
                 return -1
             memcpy(dr.pending, self.buf + w, n - w)
             dr.pending_len = n - w
-        if <size_t>n == self.buf_size:
+        if n == want:  # a full read (of the bucket's allowance, for a limited direction)
             dr.streak += 1
             if dr.streak >= STREAK_TO_SPLICE and self.use_splice and not dr.pending_len:
                 if self._start_splice(dr):
@@ -690,6 +764,80 @@ cdef class RelayEngine:
             if not (s.ready & _hbit(d)):
                 s.ready &= ~_rbit(d)
         return 1
+
+    cdef ssize_t _allowance(self, Session *s, int d, ssize_t size) noexcept nogil:
+        """What a limited direction may read now, at most ``size``; 0: it is throttled and
+        on the timer heap."""
+        cdef Direction *dr = &s.dir[d]
+        cdef double now = self.now_s
+        if now < dr.resume_s:
+            return 0  # woken by another event before its time: the heap has it
+        if dr.timer_at:
+            self._timer_remove(dr.timer_at - 1)  # due, and pumped before the heap got to it
+        dr.resume_s = 0
+        dr.tokens += (now - dr.refilled_s) * dr.rate_bytes_per_s
+        if dr.tokens > dr.burst_bytes:
+            dr.tokens = dr.burst_bytes
+        dr.refilled_s = now
+        if dr.tokens >= 1:
+            return size if dr.tokens >= size else <ssize_t>dr.tokens
+        dr.resume_s = now + (_resume_bytes(dr.rate_bytes_per_s) - dr.tokens) / dr.rate_bytes_per_s
+        self._timer_push(<int>(s - self.slots), d)
+        return 0
+
+    cdef void _resume_due(self) noexcept nogil:
+        """Pump the sessions whose throttled directions may read again."""
+        cdef int idx
+        while self.n_timers and self.timers[0].resume_s <= self.now_s:
+            idx = self.timers[0].idx
+            self._timer_remove(0)
+            self._pump(idx)  # throttled again: back on the heap, for later than now
+
+    cdef int _resume_in_ms(self) noexcept nogil:
+        """Milliseconds until the earliest resume, rounded up: epoll_wait never wakes early
+        and spins."""
+        cdef double left_s = self.timers[0].resume_s - self.now_s
+        return 0 if left_s <= 0 else <int>(left_s * 1000) + 1
+
+    cdef void _timer_push(self, int idx, int d) noexcept nogil:
+        cdef Timer t
+        t.resume_s = self.slots[idx].dir[d].resume_s
+        t.idx = idx
+        t.d = d
+        self._timer_place(self.n_timers, t)
+        self.n_timers += 1
+        self._timer_sift(self.n_timers - 1)
+
+    cdef void _timer_remove(self, int pos) noexcept nogil:
+        cdef Timer *gone = &self.timers[pos]
+        self.slots[gone.idx].dir[gone.d].timer_at = 0
+        self.n_timers -= 1
+        if pos < self.n_timers:
+            self._timer_place(pos, self.timers[self.n_timers])
+            self._timer_sift(pos)
+
+    cdef void _timer_place(self, int pos, Timer t) noexcept nogil:
+        self.timers[pos] = t
+        self.slots[t.idx].dir[t.d].timer_at = pos + 1
+
+    cdef void _timer_sift(self, int pos) noexcept nogil:
+        """Move the entry at ``pos`` up or down to where the heap order wants it."""
+        cdef Timer t = self.timers[pos]
+        cdef int child
+        while pos > 0 and self.timers[(pos - 1) >> 1].resume_s > t.resume_s:
+            self._timer_place(pos, self.timers[(pos - 1) >> 1])
+            pos = (pos - 1) >> 1
+        while True:
+            child = 2 * pos + 1
+            if child >= self.n_timers:
+                break
+            if child + 1 < self.n_timers and self.timers[child + 1].resume_s < self.timers[child].resume_s:
+                child += 1
+            if self.timers[child].resume_s >= t.resume_s:
+                break
+            self._timer_place(pos, self.timers[child])
+            pos = child
+        self._timer_place(pos, t)
 
     cdef int _read_end(self, Session *s, int d, ssize_t n) noexcept nogil:
         if n == 0:
@@ -783,6 +931,8 @@ cdef class RelayEngine:
         close(s.fd[0])
         close(s.fd[1])
         for d in range(2):
+            if s.dir[d].timer_at:
+                self._timer_remove(s.dir[d].timer_at - 1)
             free(s.dir[d].pending)
             s.dir[d].pending = NULL
             if s.dir[d].flags & DIR_SPLICE:
@@ -1122,6 +1272,10 @@ cdef class RelayEngine:
         self.n_active += 1
         self.total_sessions += 1
         s.last_active_s = self.now_s
+        if self.front_rate_bytes_per_s[0]:
+            _limit(&s.dir[0], self.front_rate_bytes_per_s[0], self.now_s)
+        if self.front_rate_bytes_per_s[1]:
+            _limit(&s.dir[1], self.front_rate_bytes_per_s[1], self.now_s)
         self._pump(idx)
 
     cdef void _front_fail(self, int idx, int reply, int kind, int err) noexcept nogil:

@@ -14,6 +14,12 @@ on the destination once everything read is written (half-close). A session ends 
 directions have forwarded EOF (eof), on the first error (error), after ``idle_timeout_s``
 without an event (idle, by expire_idle) or at close_all (shutdown).
 
+A direction with a rate limit reads through a token bucket, as the compiled engine does
+(its "Rates", the numbers in _relay_types): each recv asks for at most the tokens there
+are; an empty bucket throttles it until enough has accrued, and meanwhile its source is
+not watched for reading (level-triggered: it would be reported again and again) and the
+poll sleeps no longer than the earliest resume.
+
 The front door (``front()``, ``listen()``) adds the steps before that, for the common case
 only::
 
@@ -60,6 +66,7 @@ import time
 from fastsocks import access, errors
 from fastsocks._relay_types import NO_REPLY, REASONS, Ended
 from fastsocks._relay_types import RULE_DEFAULT as _RULE_DEFAULT, RULE_NONE as _RULE_NONE
+from fastsocks._relay_types import bucket_bytes as _bucket_bytes, rate_checked as _rate_checked
 from fastsocks._relay_types import egress_index as _egress_index
 from fastsocks._relay_types import gate_answer as _gate_answer
 from fastsocks.protocol import socks4 as socks4_wire
@@ -172,13 +179,39 @@ def _connect(proto: int, request, data: bytes, trailing: bytes, sent: bytes):
 
 
 class _Direction:
-    __slots__ = ("src", "dst", "pending", "eof", "done", "nbytes")
+    __slots__ = ("src", "dst", "pending", "eof", "done", "nbytes", "limit")
 
-    def __init__(self, src: socket.socket, dst: socket.socket, pending: bytes) -> None:
+    def __init__(self, src: socket.socket, dst: socket.socket, pending: bytes, rate_bytes_per_s: int) -> None:
         self.src, self.dst = src, dst
         self.pending = pending
         self.eof = self.done = False
         self.nbytes = 0
+        self.limit = _TokenBucket(rate_bytes_per_s) if rate_bytes_per_s else None
+
+
+class _TokenBucket:
+    """A limited direction's token bucket (_relay.pyx, "Rates"), full at the start."""
+
+    __slots__ = ("rate_bytes_per_s", "burst_bytes", "resume_bytes", "tokens", "refilled_s", "resume_s")
+
+    def __init__(self, rate_bytes_per_s: int) -> None:
+        self.rate_bytes_per_s = float(rate_bytes_per_s)
+        self.burst_bytes, self.resume_bytes = _bucket_bytes(self.rate_bytes_per_s)
+        self.tokens = self.burst_bytes
+        self.refilled_s = time.monotonic()
+        self.resume_s = 0.0  # throttled until then (0: not throttled)
+
+    def allowance(self, size: int, now: float) -> int:
+        """What may be read now, at most ``size``; 0: throttled until resume_s."""
+        if now < self.resume_s:
+            return 0
+        self.resume_s = 0.0
+        self.tokens = min(self.burst_bytes, self.tokens + (now - self.refilled_s) * self.rate_bytes_per_s)
+        self.refilled_s = now
+        if self.tokens >= 1:
+            return min(size, int(self.tokens))
+        self.resume_s = now + (self.resume_bytes - self.tokens) / self.rate_bytes_per_s
+        return 0
 
 
 class _Session:
@@ -187,10 +220,10 @@ class _Session:
 
     def __init__(self, tag: int, client: socket.socket, upstream: socket.socket, initial: bytes,
                  described: str = "", started_s: float = 0.0, bucket: tuple | None = None,
-                 marks: tuple = (_RULE_NONE, None, None)) -> None:
+                 marks: tuple = (_RULE_NONE, None, None), rates: tuple = (0, 0)) -> None:
         self.tag = tag
         self.socks = (client, upstream)
-        self.dirs = (_Direction(client, upstream, initial), _Direction(upstream, client, b""))
+        self.dirs = (_Direction(client, upstream, initial, rates[0]), _Direction(upstream, client, b"", rates[1]))
         self.last_active_s = time.monotonic()
         self.registered = {client.fileno(): 0, upstream.fileno(): 0}
         self.described, self.started_s = described, started_s
@@ -251,6 +284,7 @@ class _FrontRules:
     check_blocked: bool = False
     egress: dict = dataclasses.field(default_factory=dict)  # family -> source addresses, as text
     egress_sticky: bool = False
+    rates: tuple = (0, 0)       # each session's limits, bytes/s up and down (0: none)
 
 
 class _Front:
@@ -322,6 +356,7 @@ class RelayEngine:
         self._max_events = max_events
         self._by_fd: dict[int, _Session] = {}
         self._sessions: set[_Session] = set()
+        self._throttled: set[_Session] = set()  # with a direction waiting for its bucket
         self._total = [0, 0, 0]
         # The front door.
         self._rules: _FrontRules | None = None
@@ -367,8 +402,11 @@ class RelayEngine:
     def front(self, gate, *, methods: bytes = b"\x00", socks4: bool = True, judge_accept: bool = False,
               judge_request: bool = False, own_ports: frozenset = frozenset(), handshake_timeout_s: float = 10.0,
               connect_timeout_s: float = 10.0, counts=None, caps: tuple = (0, 0, 0),
-              check_blocked: bool = False, egress=(), egress_sticky: bool = False) -> None:
+              check_blocked: bool = False, egress=(), egress_sticky: bool = False, rate_up_bytes_per_s: int = 0,
+              rate_down_bytes_per_s: int = 0) -> None:
         methods, own_ports = bytes(methods), frozenset(own_ports)
+        rates = (_rate_checked("rate_up_bytes_per_s", rate_up_bytes_per_s),
+                 _rate_checked("rate_down_bytes_per_s", rate_down_bytes_per_s))
         egress = _egress_by_family(egress)
         if len(methods) > _MAX_METHODS:
             raise ValueError(f"at most {_MAX_METHODS} methods, got {len(methods)}")
@@ -386,7 +424,8 @@ class RelayEngine:
         self._count_new = counts is not None
         self._rules = _FrontRules(gate, methods, bool(socks4), bool(judge_accept), bool(judge_request),
                                   own_ports, float(handshake_timeout_s), float(connect_timeout_s),
-                                  caps, bool(check_blocked) and counts is not None, egress, bool(egress_sticky))
+                                  caps, bool(check_blocked) and counts is not None, egress, bool(egress_sticky),
+                                  rates)
         self._accept_cache, self._verdict_cache = {}, {}
 
     def listen(self, fd: int, exclusive: bool = False) -> None:
@@ -405,14 +444,20 @@ class RelayEngine:
                 self._epoll.unregister(fd)
         self._listen_fds = []
 
-    def add(self, client_fd: int, upstream_fd: int, tag: int, initial_up=None) -> None:
+    def add(self, client_fd: int, upstream_fd: int, tag: int, initial_up=None, *, rate_up_bytes_per_s: int = 0,
+            rate_down_bytes_per_s: int = 0) -> None:
         client = socket.socket(fileno=client_fd)
         upstream = socket.socket(fileno=upstream_fd)
-        if self._epoll is None:
+        try:
+            if self._epoll is None:
+                raise ValueError("engine is closed")
+            rates = (_rate_checked("rate_up_bytes_per_s", rate_up_bytes_per_s),
+                     _rate_checked("rate_down_bytes_per_s", rate_down_bytes_per_s))
+        except ValueError:
             client.close()
             upstream.close()
-            raise ValueError("engine is closed")
-        self._relay(_Session(tag, client, upstream, bytes(initial_up or b"")))
+            raise
+        self._relay(_Session(tag, client, upstream, bytes(initial_up or b""), rates=rates))
 
     def run(self) -> list:
         return self._run_once(0.0)
@@ -454,6 +499,8 @@ class RelayEngine:
             return self._report([])
         batch = _Batch(self._report([]))
         touched = {}
+        if self._throttled:  # sleep no longer than the earliest resume
+            timeout_s = min(timeout_s, max(0.0, min(_resume_s(s) for s in self._throttled) - time.monotonic()))
         for fd, _events in self._epoll.poll(timeout_s, self._max_events):
             if fd == self._wake_fd:
                 self._woke = True
@@ -466,12 +513,20 @@ class RelayEngine:
             elif (session := self._by_fd.get(fd)) is not None:
                 touched[id(session)] = session
         now = time.monotonic()
+        for session in [s for s in self._throttled if _resume_s(s) <= now]:
+            self._throttled.discard(session)
+            for direction in session.dirs:
+                if direction.limit is not None and direction.limit.resume_s <= now:
+                    direction.limit.resume_s = 0.0  # due: it reads again once it may write
+            touched[id(session)] = session
         for session in touched.values():
             session.last_active_s = now
             reason, err = self._pump(session)
             if reason is not None:
                 batch.ended.append(self._finish(session, reason, err))
             else:
+                if _resume_s(session) < float("inf"):
+                    self._throttled.add(session)
                 self._update_interest(session)
         self._serve_gate(batch)
         return self._report_batch(batch)
@@ -532,12 +587,19 @@ class RelayEngine:
                 direction.dst.shutdown(socket.SHUT_WR)
                 direction.done = True
                 return
+            size = self._buf_size
+            if direction.limit is not None:
+                size = direction.limit.allowance(size, time.monotonic())
+                if not size:
+                    return  # throttled: _run_once resumes it
             try:
-                data = direction.src.recv(self._buf_size)
+                data = direction.src.recv(size)
             except (BlockingIOError, InterruptedError):
                 return
             if not data:
                 direction.eof = True
+            elif direction.limit is not None:
+                direction.limit.tokens -= len(data)
             direction.pending = data
 
     def _write(self, d: int, direction: _Direction) -> bool:
@@ -558,7 +620,7 @@ class RelayEngine:
                 continue
             if direction.pending:
                 wanted[direction.dst.fileno()] |= select.EPOLLOUT  # backpressure: no reads
-            elif not direction.eof:
+            elif not direction.eof and not (direction.limit is not None and direction.limit.resume_s):
                 wanted[direction.src.fileno()] |= select.EPOLLIN | select.EPOLLRDHUP
         for fd, mask in wanted.items():
             if session.registered[fd] != mask:
@@ -567,6 +629,7 @@ class RelayEngine:
 
     def _finish(self, session: _Session, reason: str, err: int):
         self._sessions.discard(session)
+        self._throttled.discard(session)
         self._uncount(session)
         for sock in session.socks:
             self._by_fd.pop(sock.fileno(), None)
@@ -747,7 +810,7 @@ class RelayEngine:
         client, upstream = front.client, front.upstream
         self._forget(front)
         self._relay(_Session(front.tag, client, upstream, front.data[front.consumed:],
-                             front.described, front.started_s, front.bucket, front.marks()))
+                             front.described, front.started_s, front.bucket, front.marks(), self._rules.rates))
 
     def _connect_failed(self, front: _Front, err: int) -> Ended:
         front.connected_s = time.monotonic()  # how long the connect took to fail
@@ -871,6 +934,12 @@ class RelayEngine:
             return batch.ended
         self._unreported = batch.ended
         raise batch.error
+
+
+def _resume_s(session: _Session) -> float:
+    """When the session's earliest throttled direction may read again (inf: none is)."""
+    return min((d.limit.resume_s for d in session.dirs if d.limit is not None and d.limit.resume_s),
+               default=float("inf"))
 
 
 def _span(since_s: float, until_s: float) -> float | None:

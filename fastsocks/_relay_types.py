@@ -38,6 +38,27 @@ class Ended(NamedTuple):
     connect_s: float | None = None
 
 
+# A limited direction's token bucket (add()/front() rate_*_bytes_per_s; the theory is in
+# _relay.pyx, "Rates"); both engines take these numbers from here.
+RATE_BURST_S = 0.1             # the bucket holds 100 ms of the rate...
+RATE_MIN_BURST_BYTES = 16384   # ...and never less than 16 KiB
+RATE_RESUME_S = 0.01           # an empty bucket waits for 10 ms of the rate...
+RATE_MIN_RESUME_BYTES = 16384  # ...and never less than 16 KiB (never more than the bucket)
+
+
+def bucket_bytes(rate_bytes_per_s: float) -> tuple[float, float]:
+    """(burst, resume) of a bucket at this rate: its size, and what an empty one waits for."""
+    return (max(rate_bytes_per_s * RATE_BURST_S, RATE_MIN_BURST_BYTES),
+            max(rate_bytes_per_s * RATE_RESUME_S, RATE_MIN_RESUME_BYTES))
+
+
+def rate_checked(name: str, value) -> int:
+    """A rate_*_bytes_per_s argument, checked: an int >= 0 (0: no limit); else ValueError."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name}: bytes per second, 0 (no limit) or more, not {value!r}")
+    return value
+
+
 def gate_answer(answer) -> tuple[int, str, int]:
     """A FrontGate.request() answer (_relay.pyi), checked, as (reply code, why, rule): code
     0 goes on. Raises ValueError for anything else: the engine refuses that session."""

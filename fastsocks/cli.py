@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-sessions-per-worker", type=int, metavar="N", help="sessions of one worker (0: no cap)")
     add("--max-sessions-per-client", type=int, metavar="N", help="sessions of one client IP (0: no cap)")
     add("--max-sessions-per-user", type=int, metavar="N", help="sessions of one user name (0: no cap)")
+    add("--rate-up", dest="rate_up_bytes_per_s", type=int, metavar="BYTES_PER_S",
+        help="each session's limit, client to destination (0: none; a rule's own overrides it)")
+    add("--rate-down", dest="rate_down_bytes_per_s", type=int, metavar="BYTES_PER_S",
+        help="each session's limit, destination to client (0: none; a rule's own overrides it)")
     add("--worker-timeout", type=float, metavar="S", help="kill and replace a worker silent this long")
     add("--no-splice", dest="splice", action="store_false", help="relay with recv/send only, never splice()")
     add("--pipe-size", type=int, metavar="BYTES", help="size asked for splice pipes (F_SETPIPE_SZ)")

@@ -67,6 +67,8 @@ FIELDS: dict[tuple[str, str], tuple[str, object]] = {
     ("limits", "max_sessions_per_user"): ("max_sessions_per_user", int),
     ("limits", "max_udp_associations_per_client"): ("max_udp_per_client", int),
     ("limits", "max_udp_associations_per_worker"): ("max_udp_per_worker", int),
+    ("limits", "rate_up_bytes_per_s"): ("rate_up_bytes_per_s", int),
+    ("limits", "rate_down_bytes_per_s"): ("rate_down_bytes_per_s", int),
     ("bind", "any_peer"): ("bind_any_peer", bool),
     ("relay", "splice"): ("splice", bool),
     ("relay", "pipe_size"): ("pipe_size", int),
@@ -78,7 +80,8 @@ FIELDS: dict[tuple[str, str], tuple[str, object]] = {
 }
 TABLES = sorted({table for table, _ in FIELDS} | {"policy"})
 POLICY_KEYS = ("default",)
-RULE_KEYS = ("action", "client", "user", "command", "dest", "port", "via", "balance", "egress")
+RULE_KEYS = ("action", "client", "user", "command", "dest", "port", "via", "balance", "egress",
+             "rate_up_bytes_per_s", "rate_down_bytes_per_s")
 UPSTREAM_KEYS = ("name", "url")
 AUTH_METHODS = ("none", "userpass")
 
@@ -252,8 +255,19 @@ class _Reader:
                 egress = egress_addresses(body["egress"])
             except ValueError as exc:
                 raise self.error("rules", "egress", str(exc), i) from None
+        rates = {key: self.rate(i, body, key, action) for key in ("rate_up_bytes_per_s", "rate_down_bytes_per_s")
+                 if key in body}
         return Rule(action, origin=f"{self.path}:{line}" if line else self.path, via=via, balance=balance,
-                    egress=egress, **fields_)
+                    egress=egress, **fields_, **rates)
+
+    def rate(self, i: int, body: dict, key: str, action: str) -> int:
+        """A rule's own limit for the sessions it allows (0: none, whatever [limits] says)."""
+        value = body[key]
+        if action != "allow":
+            raise self.error("rules", key, "only an allow rule's sessions move bytes", i)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise self.error("rules", key, f"expected bytes per second >= 0 (0: no limit), not {value!r}", i)
+        return value
 
     def via(self, i: int, body: dict, upstreams: set[str], action: str, commands: tuple) -> tuple[tuple, str]:
         """A rule's parents: names of [[upstreams]] (or "direct"), and how to pick among them."""

@@ -149,6 +149,8 @@ class Rule:
     via: tuple[str, ...] = ()                  # allowed: leave through these parents (names), in order
     balance: str = "failover"                  # or "round-robin": each session starts at the next one
     egress: tuple[str, ...] = ()               # allowed: connect from one of these addresses
+    rate_up_bytes_per_s: int | None = None     # allowed: each session's limit (0: none; None: [limits]'s)
+    rate_down_bytes_per_s: int | None = None
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:

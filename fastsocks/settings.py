@@ -115,6 +115,8 @@ class Settings:
     max_sessions_per_worker: int = 0    # one worker,
     max_sessions_per_client: int = 0    # one client IP (all workers),
     max_sessions_per_user: int = 0      # one user name (all workers)
+    rate_up_bytes_per_s: int = 0        # each relayed session's limit, client -> destination (0: none)
+    rate_down_bytes_per_s: int = 0      # ... and destination -> client; a rule's own overrides these
     policy: Policy = field(default_factory=Policy)
     allow_open_proxy: bool = False
     user: str | None = None             # run as this user once the sockets are bound (privileges.py)
@@ -130,6 +132,14 @@ class Settings:
     def upstream(self, name: str) -> Upstream:
         """The [[upstreams]] entry of this name (config.py checked that each via names one)."""
         return next(u for u in self.upstreams if u.name == name)
+
+    def session_rates(self, rule: int) -> tuple[int, int]:
+        """(up, down) bytes/s limits of a session that ``rule`` allowed (an index into the
+        policy's rules; negative: the default action or none): the rule's own, else [limits]."""
+        own = self.policy.rules[rule] if rule >= 0 else None
+        up = own.rate_up_bytes_per_s if own is not None and own.rate_up_bytes_per_s is not None else None
+        down = own.rate_down_bytes_per_s if own is not None and own.rate_down_bytes_per_s is not None else None
+        return (self.rate_up_bytes_per_s if up is None else up, self.rate_down_bytes_per_s if down is None else down)
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -174,6 +184,8 @@ class Settings:
             ("max_sessions_per_worker", self.max_sessions_per_worker >= 0, "expected >= 0 (0: no cap)"),
             ("max_sessions_per_client", self.max_sessions_per_client >= 0, "expected >= 0 (0: no cap)"),
             ("max_sessions_per_user", self.max_sessions_per_user >= 0, "expected >= 0 (0: no cap)"),
+            ("rate_up_bytes_per_s", self.rate_up_bytes_per_s >= 0, "expected bytes per second >= 0 (0: no limit)"),
+            ("rate_down_bytes_per_s", self.rate_down_bytes_per_s >= 0, "expected bytes per second >= 0 (0: no limit)"),
         ]
         ports = [(a.host, a.port) for a in self.listen if a.port]
         checks += [

@@ -345,10 +345,11 @@ class Worker:
         settings, admission = self.settings, self.admission
         self.front_verdict = functools.lru_cache(maxsize=4096)(self.judge_connect)  # new rules: new cache
         methods = bytes(METHODS[name] for name in settings.methods if name != "userpass" or self.auth is not None)
-        # Rules that send sessions through a parent proxy (chain.py) or from addresses of
-        # their own: the session decides which requests those are, so the front door answers
-        # nothing (the server-wide egress it takes itself).
-        chaining = any(rule.via or rule.egress for rule in settings.policy.rules)
+        # Rules that send sessions through a parent proxy (chain.py), from addresses of their
+        # own or at rates of their own: the session decides which requests those are, so the
+        # front door answers nothing (the server-wide egress and rates it takes itself).
+        chaining = any(rule.via or rule.egress or rule.rate_up_bytes_per_s is not None
+                       or rule.rate_down_bytes_per_s is not None for rule in settings.policy.rules)
         if "socks5" not in settings.protocols or chaining:
             methods = b""
         counting = admission.counting
@@ -369,7 +370,9 @@ class Worker:
                           # sticky-user sticks by client there, as the session does without one.
                           egress=[socket.inet_pton(socket.AF_INET6 if ":" in a else socket.AF_INET, a)
                                   for a in settings.egress],
-                          egress_sticky=settings.egress_rotation != "round-robin")
+                          egress_sticky=settings.egress_rotation != "round-robin",
+                          rate_up_bytes_per_s=settings.rate_up_bytes_per_s,
+                          rate_down_bytes_per_s=settings.rate_down_bytes_per_s)
 
     def accepted(self, tag: int, host: str, port: int) -> bool | tuple[int, ...]:
         """Let this client in? The engine remembers a tuple answer (the buckets to count its
@@ -475,8 +478,10 @@ class Worker:
         # The access line is the only reader: with it off (--log-level warning), skip the string.
         opening = session.opening(self.access_log) if access.enabled() else ""
         self.relayed[session.sid] = (opening, session.started_s, session.rule, timing)
+        up_bytes_per_s, down_bytes_per_s = session.env.settings.session_rates(session.rule)  # its rules' own
         try:
-            self.engine.add(relay.client_fd, relay.upstream_fd, session.sid, relay.initial)
+            self.engine.add(relay.client_fd, relay.upstream_fd, session.sid, relay.initial,
+                            rate_up_bytes_per_s=up_bytes_per_s, rate_down_bytes_per_s=down_bytes_per_s)
         except OSError as exc:
             # The engine closed both fds: the session ends here.
             self.closed += 1

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from fastsocks import _relay, _relay_py
-from fastsocks._relay_types import Ended
+from fastsocks._relay_types import Ended, bucket_bytes
 
 ENGINES = {"cython": _relay.RelayEngine, "python": _relay_py.RelayEngine}
 
@@ -36,14 +36,14 @@ def tcp_pair() -> tuple[socket.socket, socket.socket]:
 class Relay:
     """app_client <-> [client_fd  engine  upstream_fd] <-> app_upstream"""
 
-    def __init__(self, engine, initial: bytes = b"", tag: int = 7) -> None:
+    def __init__(self, engine, initial: bytes = b"", tag: int = 7, **rates: int) -> None:
         self.engine = engine
         self.app_client, client_side = tcp_pair()
         upstream_side, self.app_upstream = tcp_pair()
         for sock in (client_side, upstream_side):
             sock.setblocking(False)
         self.ended: list = []  # Ended values
-        engine.add(client_side.detach(), upstream_side.detach(), tag, initial)
+        engine.add(client_side.detach(), upstream_side.detach(), tag, initial, **rates)
 
     def pump(self, until, timeout_s: float = 20.0) -> None:
         """Run the engine on this thread until ``until()`` is true."""
@@ -405,3 +405,141 @@ def test_wait_comes_back_for_the_watched_fd_and_not_without_it(engine_cls):
         engine.close()
         readable.close()
         writer.close()
+
+
+# --------------------------------------------------------------------- rate limits
+# A limit promises a lower bound on a transfer's duration (and a bound on bytes moved by
+# any moment): a slow machine only makes it longer, so the tests check those, never how fast.
+
+RATE_BYTES_PER_S = 200_000
+RATE_BURST_BYTES = bucket_bytes(RATE_BYTES_PER_S)[0]
+LIMITED_ENGINES = {"cython-splice": lambda: _relay.RelayEngine(splice=True),
+                   "cython-copy": lambda: _relay.RelayEngine(splice=False),
+                   "python": lambda: _relay_py.RelayEngine()}
+
+
+@pytest.fixture(params=sorted(LIMITED_ENGINES))
+def limited_engine(request):
+    engine = LIMITED_ENGINES[request.param]()
+    yield engine
+    engine.close()
+
+
+class OneWay:
+    """``payload`` sent from one app socket to the other, then EOF; the other way is closed
+    at once. ``received`` and ``digest`` fill in as the bytes arrive."""
+
+    def __init__(self, relay: Relay, direction: str, payload: bytes) -> None:
+        source, sink = ((relay.app_client, relay.app_upstream) if direction == "up"
+                        else (relay.app_upstream, relay.app_client))
+        sink.shutdown(socket.SHUT_WR)
+        self.received = 0
+        self.digest = None
+        self.threads = [threading.Thread(target=self._send, args=(source, payload)),
+                        threading.Thread(target=self._drain, args=(sink,))]
+        for t in self.threads:
+            t.start()
+
+    def _send(self, sock: socket.socket, payload: bytes) -> None:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+
+    def _drain(self, sock: socket.socket) -> None:
+        h = hashlib.sha256()
+        while chunk := sock.recv(1 << 16):
+            h.update(chunk)
+            self.received += len(chunk)
+        self.digest = h.hexdigest()
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(timeout=20)
+
+
+def bucket_bound(started_s: float, rate_bytes_per_s: int = RATE_BYTES_PER_S) -> float:
+    """The most a bucket full at ``started_s`` can have let through by now."""
+    return bucket_bytes(rate_bytes_per_s)[0] + rate_bytes_per_s * (time.monotonic() - started_s)
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_a_limited_direction_moves_all_its_bytes_in_order_no_faster_than_its_bucket(limited_engine, direction):
+    engine, payload = limited_engine, os.urandom(300_000)
+    started_s = time.monotonic()
+    relay = Relay(engine, **{f"rate_{direction}_bytes_per_s": RATE_BYTES_PER_S})
+    flow = OneWay(relay, direction, payload)
+    moved = 0 if direction == "up" else 1
+    deadline = time.monotonic() + 20
+    while not relay.ended:
+        assert time.monotonic() < deadline, "relay made no progress in time"
+        relay.ended += engine.wait(0.02)
+        # The engine's own counter, sampled at every turn: never ahead of the bucket.
+        assert engine.counters()[moved] <= bucket_bound(started_s)
+    flow.join()
+    elapsed_s = time.monotonic() - started_s
+    assert flow.digest == hashlib.sha256(payload).hexdigest() and flow.received == len(payload)
+    assert relay.ended == [Ended(7, *((len(payload), 0) if direction == "up" else (0, len(payload))), "eof", 0)]
+    assert elapsed_s >= (len(payload) - RATE_BURST_BYTES) / RATE_BYTES_PER_S
+    relay.close_apps()
+
+
+def test_a_limited_stream_is_spliced_and_still_limited():
+    engine = _relay.RelayEngine(splice=True)
+    relay = Relay(engine, rate_down_bytes_per_s=RATE_BYTES_PER_S)
+    started_s = time.monotonic()
+    flow = OneWay(relay, "down", os.urandom(150_000))
+    relay.pump(lambda: relay.ended)
+    flow.join()
+    # Full reads of the bucket's allowance count as streaming: the direction was spliced.
+    assert engine.counters()[3] >= 1
+    assert flow.received == 150_000 and time.monotonic() - started_s >= (150_000 - RATE_BURST_BYTES) / RATE_BYTES_PER_S
+    relay.close_apps()
+    engine.close()
+
+
+def test_a_throttled_session_is_not_stranded_by_a_long_wait(limited_engine):
+    """Edge-triggered: the throttled socket brings no new event, so wait() must wake for
+    the resume itself; the compiled engine's single long wait() returns the ended session."""
+    engine = limited_engine
+    relay = Relay(engine, rate_down_bytes_per_s=RATE_BYTES_PER_S)
+    flow = OneWay(relay, "down", os.urandom(100_000))
+    waits = 0
+    while not relay.ended:
+        relay.ended += engine.wait(30.0)
+        waits += 1
+    flow.join()
+    assert flow.received == 100_000 and relay.ended[0].bytes_down == 100_000
+    if isinstance(engine, _relay.RelayEngine):
+        assert waits == 1
+    relay.close_apps()
+
+
+def test_an_unlimited_session_beside_a_limited_one_is_not_held_back(limited_engine):
+    engine, slow_bytes_per_s = limited_engine, 1000
+    started_s = time.monotonic()
+    limited = Relay(engine, tag=1, rate_down_bytes_per_s=slow_bytes_per_s)
+    unlimited = Relay(engine, tag=2, rate_down_bytes_per_s=0)
+    slow = OneWay(limited, "down", os.urandom(200_000))
+    fast = OneWay(unlimited, "down", os.urandom(1 << 20))
+    unlimited.pump(lambda: unlimited.ended)
+    fast.join()
+    assert fast.received == 1 << 20 and unlimited.ended[0].bytes_down == 1 << 20
+    assert slow.received <= bucket_bound(started_s, slow_bytes_per_s)
+    ended = engine.close_all()
+    assert [e.tag for e in ended] == [1] and ended[0].bytes_down <= bucket_bound(started_s, slow_bytes_per_s)
+    slow.join()
+    limited.close_apps()
+    unlimited.close_apps()
+
+
+@pytest.mark.parametrize("rates", [{"rate_up_bytes_per_s": -1}, {"rate_down_bytes_per_s": 1.5},
+                                   {"rate_down_bytes_per_s": True}])
+def test_a_bad_rate_is_refused_and_its_fds_closed(engine_cls, rates):
+    engine = engine_cls()
+    before = fd_count()
+    a, b = tcp_pair()
+    with pytest.raises(ValueError, match="bytes per second"):
+        engine.add(a.detach(), b.detach(), 1, None, **rates)
+    assert fd_count() == before
+    with pytest.raises(ValueError, match="bytes per second"):
+        engine.front(object(), **rates)
+    engine.close()

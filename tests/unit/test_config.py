@@ -79,6 +79,16 @@ def test_flags_override_the_file(tmp_path):
     ("[auth]\nmethods = [\"password\"]\n", "fastsocks.toml:2: auth.methods: expected a list of 'none' and/or 'userpass'"),
     ("[auth]\nmethods = [\"userpass\"]\n", "fastsocks.toml:2: auth.methods: userpass needs a users file"),
     ("[limits]\nmax_sessions = -3\n", "fastsocks.toml:2: limits.max_sessions: expected >= 0 (0: no cap)"),
+    ("[limits]\nrate_down_bytes_per_s = -1\n",
+     "fastsocks.toml:2: limits.rate_down_bytes_per_s: expected bytes per second >= 0 (0: no limit)"),
+    ("[limits]\n\nrate_up_bytes_per_s = 1.5\n",
+     "fastsocks.toml:3: limits.rate_up_bytes_per_s: expected an integer, not a number"),
+    ("[[rules]]\naction = \"allow\"\nrate_up_bytes_per_s = -5\n",
+     "fastsocks.toml:3: rules[1].rate_up_bytes_per_s: expected bytes per second >= 0 (0: no limit), not -5"),
+    ("[[rules]]\naction = \"allow\"\n\nrate_down_bytes_per_s = true\n",
+     "fastsocks.toml:4: rules[1].rate_down_bytes_per_s: expected bytes per second >= 0 (0: no limit), not True"),
+    ("[[rules]]\naction = \"deny\"\nrate_down_bytes_per_s = 1000\n",
+     "fastsocks.toml:3: rules[1].rate_down_bytes_per_s: only an allow rule's sessions move bytes"),
     ("[policy]\ndefault = \"maybe\"\n", "fastsocks.toml:2: policy.default: expected 'allow' or 'deny'"),
     ("[policy]\ndefualt = \"deny\"\n", "fastsocks.toml:2: policy.defualt: unknown key"),
     ("workers = 3\n", "workers: unknown table"),
@@ -157,3 +167,38 @@ def test_the_access_log_format_is_read_and_takes_a_restart(tmp_path):
     path.write_text("[server]\n")
     new, restart_only = config.reloaded(old, lambda: config.load(path))
     assert restart_only == ["access_log_format"] and new.access_log_format == "json"
+
+
+def test_rates_come_from_limits_and_a_rule_overrides_them(tmp_path):
+    s = load_text(tmp_path, """
+[limits]
+rate_up_bytes_per_s = 1000
+rate_down_bytes_per_s = 2000
+[policy]
+default = "allow"
+[[rules]]
+action = "allow"
+port = [80]
+rate_down_bytes_per_s = 50000
+[[rules]]
+action = "allow"
+port = [81]
+rate_up_bytes_per_s = 0
+""")
+    assert (s.rate_up_bytes_per_s, s.rate_down_bytes_per_s) == (1000, 2000)
+    assert s.session_rates(0) == (1000, 50000)  # its own down, [limits]' up
+    assert s.session_rates(1) == (0, 2000)      # 0: this rule's sessions are not limited up
+    assert s.session_rates(-1) == s.session_rates(-2) == (1000, 2000)  # the default action, none
+    assert "rate_up_bytes_per_s" not in config.RESTART_FIELDS  # SIGHUP: new sessions follow it
+
+
+def test_rate_flags_override_the_file_and_are_checked(tmp_path):
+    from fastsocks import cli
+
+    args = cli.build_parser().parse_args(["--rate-up", "300", "--rate-down", "200000"])
+    assert {k: v for k, v in cli.overrides_from_args(args).items() if k.startswith("rate")} == {
+        "rate_up_bytes_per_s": 300, "rate_down_bytes_per_s": 200000}
+    s = load_text(tmp_path, "[limits]\nrate_down_bytes_per_s = 5\n", cli.overrides_from_args(args))
+    assert (s.rate_up_bytes_per_s, s.rate_down_bytes_per_s) == (300, 200000)
+    with pytest.raises(ConfigError, match="rate_down_bytes_per_s: expected bytes per second >= 0"):
+        cli.settings_from_args(cli.build_parser().parse_args(["--rate-down", "-1"]))
