@@ -124,7 +124,7 @@ class Master:
         self.counters = SharedCounters(self.settings.workers)
         self.serve_metrics()  # bound before the privileges go, like the listeners
         if self.inheritance is None:
-            self.write_pid_file()  # an upgraded master writes it once it serves (announce_ready)
+            self.write_pid_file(at_start=True)  # an upgraded master writes it once it serves (announce_ready)
         self.become_user()
         self.install_signals()
         self.notifier = notifier_from_environ()
@@ -446,12 +446,21 @@ class Master:
 
     # ------------------------------------------------------------------ pid file
 
-    def write_pid_file(self) -> None:
+    def write_pid_file(self, at_start: bool = False) -> None:
         """--pid-file: this master's pid; made the --user's (an upgrade runs as that user and
-        writes its own pid into it)."""
+        writes its own pid into it). At start a failure stops the start; later (an upgrade
+        served, or refused) it is logged and serving goes on."""
         path = self.settings.pid_file
         if path is None:
             return
+        try:
+            self._write_pid_file(path)
+        except BootError as exc:
+            if at_start:
+                raise
+            log.error("%s", exc)
+
+    def _write_pid_file(self, path: str) -> None:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             with os.fdopen(fd, "w") as file:

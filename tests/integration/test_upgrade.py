@@ -149,3 +149,9 @@ def test_an_activated_master_under_systemd_hands_over_its_main_pid(start_server,
         assert message()["RELOADING"] == "1"
         assert message()["READY"] == "1"
         wait_until(lambda: len(psutil.Process(new_pid).children()) == 2, what="the new master's workers")
+
+
+def test_a_pid_file_that_cannot_be_written_stops_the_start_naming_it(start_server, tmp_path):
+    missing = tmp_path / "no-such-dir" / "fastsocks.pid"
+    with pytest.raises(AssertionError, match=rf"{missing}: pid_file: cannot write it: No such file or directory"):
+        start_server("--pid-file", str(missing))
