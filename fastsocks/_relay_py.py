@@ -69,6 +69,7 @@ from fastsocks._relay_types import RULE_DEFAULT as _RULE_DEFAULT, RULE_NONE as _
 from fastsocks._relay_types import bucket_bytes as _bucket_bytes, rate_checked as _rate_checked
 from fastsocks._relay_types import egress_index as _egress_index
 from fastsocks._relay_types import gate_answer as _gate_answer
+from fastsocks.outbound import bind_source as _bind_source
 from fastsocks.protocol import socks4 as socks4_wire
 from fastsocks.protocol import socks5
 
@@ -89,7 +90,6 @@ _ACCEPT_BATCH = 64      # accepts per listener per run(): a flood cannot starve 
 _FRONT_CACHE_SIZE = 4096  # answers of the gate remembered, per kind; all forgotten when full
 _DRAIN_READS = 4        # reads after a failure reply, before close (see _close_gently)
 _MAX_EGRESS = 64        # front(egress=...): source addresses per family
-_IP_BIND_ADDRESS_NO_PORT = 24  # Linux, <netinet/in.h>; not in every Python's socket module
 
 # Each rule: (bytes needed, the test they must pass to stay on the engine's path). A byte
 # is judged as soon as it arrives, in wire order; a request that passes every rule is one
@@ -787,13 +787,7 @@ class RelayEngine:
         else:
             index = self._egress_turns[family] % len(same)
             self._egress_turns[family] += 1
-        try:
-            # The port is left to connect(), unique per destination; SOL_IP for IPv6 too.
-            upstream.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
-            upstream.bind((same[index], 0))
-        except OSError as exc:
-            return exc.errno or errno.EADDRNOTAVAIL
-        return 0
+        return _bind_source(upstream, same[index])
 
     def _front_connected(self, front: _Front, batch: _Batch) -> None:
         front.connected_s = time.monotonic()

@@ -20,7 +20,6 @@ A part of its session, as BindWait is: it ends only through the session.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import os
@@ -29,6 +28,7 @@ import time
 from typing import TYPE_CHECKING
 
 from fastsocks.host import entry_point
+from fastsocks.outbound import connect_nonblocking
 from fastsocks.policy import DIRECT
 from fastsocks.protocol.client import handshake_for
 from fastsocks.protocol.socks5 import Reply
@@ -100,15 +100,8 @@ class Chain:
         if left_s <= 0:
             self.hop_failed("no time left before the connect deadline")
             return
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        except OSError as exc:
-            self.hop_failed(exc.strerror or str(exc))
-            return
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        err = sock.connect_ex(sockaddr)
-        if err not in (0, errno.EINPROGRESS):
-            sock.close()
+        sock, err = connect_nonblocking(family, sockaddr)
+        if sock is None:
             self.hop_failed(os.strerror(err))
             return
         self.sock = sock

@@ -26,6 +26,7 @@ import time
 from typing import TYPE_CHECKING
 
 from fastsocks.host import entry_point
+from fastsocks.outbound import connect_nonblocking
 from fastsocks.protocol.socks5 import Reply
 
 if TYPE_CHECKING:
@@ -94,18 +95,8 @@ class AddressRace:
         session = self.session
         if not session.connecting_s:
             session.connecting_s = time.monotonic()
-        try:
-            sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        except OSError as exc:  # EMFILE/ENFILE, or no IPv6 on this host (EAFNOSUPPORT)
-            self.last_errno = exc.errno or errno.EIO
-            return False
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # No port of our own: the kernel picks one unique per destination at connect(),
-        # also from an egress address (IP_BIND_ADDRESS_NO_PORT), so churn cannot exhaust
-        # the ephemeral range the way bind-first servers do.
-        err = session.bind_egress(sock, family) or sock.connect_ex(sockaddr)
-        if err not in (0, errno.EINPROGRESS):
-            sock.close()
+        sock, err = connect_nonblocking(family, sockaddr, lambda s: session.bind_egress(s, family))
+        if sock is None:
             self.last_errno = err
             return False
         self.attempts[sock] = session.rule

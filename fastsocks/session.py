@@ -39,6 +39,7 @@ from fastsocks.chain import Chain
 from fastsocks.eyeballs import AddressRace
 from fastsocks.errors import ProtocolError
 from fastsocks.host import Environment, Failed, Relay, SessionHost, StartUdp, entry_point
+from fastsocks.outbound import bind_source
 from fastsocks.policy import DIRECT, Query, Verdict, forbidden_destination, normal_name, unmapped
 from fastsocks.protocol import http, socks4, socks5, userpass
 from fastsocks.protocol.socks5 import AddressType, Command, Method, Reply
@@ -46,7 +47,6 @@ from fastsocks.protocol.socks5 import AddressType, Command, Method, Reply
 log = logging.getLogger(__name__)
 
 RECV_BYTES = 4096
-IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # <linux/in.h>
 UDP_SOCKET_FLAGS = socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
 
 METHODS = {"none": Method.NO_AUTH, "userpass": Method.USERNAME_PASSWORD}
@@ -345,12 +345,7 @@ class Session:
             index = egress_index(self.username, len(same))
         else:  # sticky-client, and a sticky-user session without a user
             index = egress_index(self.client_address_packed(), len(same))
-        try:
-            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-            sock.bind((same[index], 0))
-        except OSError as exc:
-            return exc.errno or errno.EADDRNOTAVAIL
-        return 0
+        return bind_source(sock, same[index])
 
     def client_address_packed(self) -> bytes:
         """The client's IP as the engine hashes it: 4 bytes for IPv4 (mapped ones too), else 16."""

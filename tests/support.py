@@ -58,6 +58,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def accepts(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something listens on ``host:port`` (a connect is accepted)."""
+    try:
+        socket.create_connection((host, port), timeout=0.2).close()
+    except OSError:
+        return False
+    return True
+
+
+def hash_line(user: str, password: str) -> str:
+    """A users-file line for ``user``, made by the real ``fastsocks hash-password``."""
+    out = subprocess.run(fastsocks_command() + ["hash-password", "--user", user], input=password + "\n",
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def wait_until(predicate, timeout_s: float = 10.0, interval_s: float = 0.02, what: str = "condition"):
     deadline = time.monotonic() + timeout_s
     while True:

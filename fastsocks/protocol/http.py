@@ -113,13 +113,11 @@ class ServerConnection:
     def receive_data(self, data: bytes) -> None:
         if not data:
             self._eof = True
-        elif self._head is None:
-            self._buffer += data
-        else:
-            self._buffer += data  # a tunnel's or a body's first bytes, sent before our answer
-            if len(self._buffer) - self._head_bytes > 1 << 20:
-                raise self._fail(ProtocolError("client sent more than 1 MiB before the answer"), 413,
-                                 b"Content Too Large")
+            return
+        self._buffer += data  # the head (its cap is _read_head's), or the bytes sent behind it
+        if self._head is not None and len(self._buffer) - self._head_bytes > 1 << 20:
+            raise self._fail(ProtocolError("client sent more than 1 MiB before the answer"), 413,
+                             b"Content Too Large")
 
     def next_event(self) -> userpass.Credentials | Request | _NeedData:
         if self._error is not None:

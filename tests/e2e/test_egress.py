@@ -15,7 +15,7 @@ import threading
 import pytest
 
 from fastsocks._relay_types import egress_index
-from support import fastsocks_command, read_socks5_reply, recv_exact, require_tool, socks5_request_bytes
+from support import hash_line, read_socks5_reply, recv_exact, require_tool, socks5_request_bytes
 
 TIMEOUT_S = 10
 
@@ -84,12 +84,7 @@ def test_sticky_client_keeps_each_client_on_one_address_on_both_paths(start_serv
 
 def test_sticky_user_keeps_each_user_on_one_address(start_server, sources, tmp_path):
     users = tmp_path / "users.txt"
-    lines = []
-    for name in ("alice", "bob", "carol"):
-        out = subprocess.run(fastsocks_command() + ["hash-password", "--user", name], input="pw\n",
-                             capture_output=True, text=True, timeout=60)
-        lines.append(out.stdout)
-    users.write_text("".join(lines))
+    users.write_text("".join(hash_line(name, "pw") for name in ("alice", "bob", "carol")))
     server = start_server("--users", str(users), "--egress", "127.0.0.2", "--egress", "127.0.0.3",
                           "--egress-rotation", "sticky-user")
     for name in (b"alice", b"bob", b"carol"):

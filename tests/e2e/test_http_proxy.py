@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from support import (HTTP_BODY, fastsocks_command, read_head, require_client, require_tool, socks5_connect,
+from support import (HTTP_BODY, hash_line, read_head, require_client, require_tool, socks5_connect,
                      wait_until)
 
 TIMEOUT_S = 20
@@ -130,11 +130,8 @@ def test_urllib_and_httpx_forward_plain_http(start_server, http_target):
 
 @pytest.fixture
 def users_file(tmp_path):
-    out = subprocess.run(fastsocks_command() + ["hash-password", "--user", "alice"], input="correct horse\n",
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
     path = tmp_path / "users.txt"
-    path.write_text(out.stdout)
+    path.write_text(hash_line("alice", "correct horse"))
     return path
 
 

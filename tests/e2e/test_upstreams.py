@@ -7,7 +7,6 @@ round-robin spreads sessions; clients speak SOCKS5 (curl) or HTTP (curl -x)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from support import HTTP_BODY, fastsocks_command, free_port, require_tool, socks5_connect, wait_until
+from support import HTTP_BODY, accepts, free_port, hash_line, require_tool, socks5_connect, wait_until
 
 TIMEOUT_S = 20
 
@@ -60,21 +59,13 @@ def parents():
     def start(argv: list[str], port: int) -> Parent:
         parent = Parent(argv)
         started.append(parent)
-        wait_until(lambda: port_open(port) or parent.proc.poll() is not None, what=f"{argv[0]} listening")
+        wait_until(lambda: accepts(port) or parent.proc.poll() is not None, what=f"{argv[0]} listening")
         assert parent.proc.poll() is None, parent.text()
         return parent
 
     yield start
     for parent in started:
         parent.stop()
-
-
-def port_open(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-    except OSError:
-        return False
-    return True
 
 
 def write_config(tmp_path: Path, upstreams: dict[str, str], rules: str) -> Path:
@@ -94,18 +85,11 @@ def fetch(child, port: int, host: str = "127.0.0.1") -> subprocess.CompletedProc
     return curl("--socks5-hostname", f"127.0.0.1:{child.port}", f"http://{host}:{port}/")
 
 
-def hash_line(user: str, password: str) -> str:
-    out = subprocess.run(fastsocks_command() + ["hash-password", "--user", user], input=password + "\n",
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
-
-
 @pytest.mark.parametrize("kind", ["socks5", "socks5-password", "socks4a", "http"])
 def test_fastsocks_through_a_fastsocks_parent_and_a_direct_destination_beside(start_server, tmp_path,
                                                                              http_target, tcp_target, kind):
     other = tcp_target(lambda conn: conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 6\r\n\r\ndirect"))
-    parent_args, url = ["--protocols", "socks4,socks5,http"], f"127.0.0.1:{{port}}"
+    parent_args, url = ["--protocols", "socks4,socks5,http"], "127.0.0.1:{port}"
     if kind == "socks5-password":
         users = tmp_path / "users.txt"
         users.write_text(hash_line("chain", "s3cret pass"))

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import threading
 
 import psutil
 
 from fastsocks import logs
-from support import fastsocks_command, free_port, socks5_connect, wait_until
+from support import accepts, fastsocks_command, free_port, socks5_connect, wait_until
 
 SESSIONS = 3000  # some 450 KB of access lines: the pipe holds 64 KiB
 
@@ -23,7 +22,7 @@ def test_sessions_go_on_while_nobody_reads_the_log(echo_target):
     proc = subprocess.Popen(fastsocks_command() + ["--listen", f"127.0.0.1:{port}", "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        wait_until(lambda: _accepts(port), what="the server listening")
+        wait_until(lambda: accepts(port), what="the server listening")
         for n in range(SESSIONS):
             sock, (code, _, _) = socks5_connect(("127.0.0.1", port), "127.0.0.1", echo_target.port, timeout_s=10)
             with sock:
@@ -42,14 +41,6 @@ def test_sessions_go_on_while_nobody_reads_the_log(echo_target):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
-
-
-def _accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-    except OSError:
-        return False
-    return True
 
 
 class StalledStream:

@@ -91,6 +91,7 @@ RANKS = {
     "admission": 2, "bind": 2,  # bind is the session's BIND phase
     "chain": 2,  # the session's CONNECT through parent proxies, as bind is its BIND
     "eyeballs": 2,  # the session's direct connect, its addresses raced (RFC 8305)
+    "outbound": 0,  # a non-blocking outbound connect, and its egress bind
     "systemd": 0,
     "handover": 2,  # the master's reading of the files, as every worker gets it
     "upgrade": 0,  # what a new master inherits from the old: fds and a pipe
