@@ -36,6 +36,8 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
+import stat
 import sys
 import threading
 import time
@@ -309,11 +311,21 @@ def set_process_name(name: str, batching: bool = False) -> None:
 
 
 def write_off_loop(name: str) -> None:
-    """A worker's batches from now on are written by a thread of each handler, never by
-    its event loop (no thread survives a fork: each worker starts its own here)."""
+    """A worker's batches from now on are written by a thread of each handler writing to a
+    pipe, a socket or a terminal, never by its event loop (no thread survives a fork: each
+    worker starts its own here). A regular file has no reader to stall: its writes go to
+    the page cache, and the loop makes them itself, sparing every batch a thread's wake-up
+    (measured: some 30 us of proxy CPU per connection on fastsocks bench cps)."""
     for handler in _handlers():
-        if isinstance(handler, _Handler) and handler.writer is None:
+        if isinstance(handler, _Handler) and handler.writer is None and not _regular_file(handler.stream):
             handler.writer = _Writer(name, handler.drop_line)
+
+
+def _regular_file(stream) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):  # no fd of its own (a test's stream): not a file
+        return False
 
 
 def flush() -> None:

@@ -4,6 +4,7 @@ queue's cap are dropped, counted, and said to be dropped once the reader is back
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -88,6 +89,9 @@ def test_a_worker_writes_its_lines_off_its_loop():
     logs.configure("info")
     try:
         logs.set_process_name("worker 9", batching=True)
+        read_end, write_end = os.pipe()  # stderr as a service manager gives it: a pipe
+        pipe = os.fdopen(write_end, "w")
+        logs._handlers()[0].stream = pipe
         logs.write_off_loop("worker 9")
         handler = logs._handlers()[0]
         assert handler.writer is not None and threading.active_count() == before + 1
@@ -95,5 +99,27 @@ def test_a_worker_writes_its_lines_off_its_loop():
         logs.set_process_name("master", batching=False)
         for handler in logs._handlers():
             handler.close()
+        pipe.close()
+        os.close(read_end)
         logs.configure("info")
     assert psutil.Process().num_threads() >= 1
+
+
+def test_a_log_file_is_written_by_the_loop_itself(tmp_path):
+    """A regular file has no reader to stall: no thread, no wake-up per batch."""
+    before = threading.active_count()
+    logs.configure("info", str(tmp_path / "access.log"))
+    try:
+        logs.set_process_name("worker 9", batching=True)
+        logs.write_off_loop("worker 9")
+        access = logging.getLogger("fastsocks.access").handlers[0]
+        assert access.writer is None
+        logs.info(logging.getLogger("fastsocks.access"), "client=%s reply=succeeded", "127.0.0.1:1")
+        logs.flush()
+        assert "client=127.0.0.1:1 reply=succeeded" in (tmp_path / "access.log").read_text()
+    finally:
+        logs.set_process_name("master", batching=False)
+        for handler in logs._handlers():
+            handler.close()
+        logs.configure("info")
+    assert threading.active_count() <= before + 1  # the root's (stderr here) may have one
