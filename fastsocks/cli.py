@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                "'fastsocks explain --config FILE --client IP --command connect --dest HOST:PORT' "
                "says which rule decides; 'fastsocks bench --help' load-tests any SOCKS5 proxy; "
                "'fastsocks hash-password --user NAME' makes a line for --users; "
-               "'fastsocks status --metrics HOST:PORT' shows a running server at a glance.",
+               "'fastsocks status --metrics HOST:PORT' shows a running server at a glance; "
+               "'fastsocks quota show --config FILE' shows each user's traffic against the quota "
+               "('fastsocks quota reset USER' sets it to 0).",
         formatter_class=_HelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
@@ -194,6 +196,7 @@ SUBCOMMANDS = {  # fastsocks SUBCOMMAND ...: module and function, imported only 
     "example-config": ("fastsocks.commands.config_files", "example_main"),
     "explain": ("fastsocks.commands.explain", "main"),
     "status": ("fastsocks.commands.status", "main"),
+    "quota": ("fastsocks.commands.quota", "main"),
     "upgrade": ("fastsocks.commands.upgrade", "main"),
 }
 

@@ -95,6 +95,8 @@ RANKS = {
     "systemd": 0,
     "handover": 2,  # the master's reading of the files, as every worker gets it
     "upgrade": 0,  # what a new master inherits from the old: fds and a pipe
+    "quota": 0,
+    "accounts": 2,  # the shared accounts' entries a session holds, and their counts to and from quota  # the SQLite usage counts: stdlib and errors only (commands/quota.py ranks as commands)
     "metrics": 2,  # the shared counters the worker adds to and the master's scrape reads
     "proxied": 3,  # a PROXY listener's header stage, before the session: beside session
     "listeners": 3, "session": 3, "udp": 3,  # udp sits beside session: only the worker imports it
