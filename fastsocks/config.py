@@ -24,7 +24,7 @@ import psutil
 
 from fastsocks.errors import ConfigError
 from fastsocks.policy import ACTIONS, BALANCES, COMMANDS, DIRECT, Destination, Policy, Rule, parse_ports
-from fastsocks.settings import PROTOCOLS, Settings, Upstream, parse_listen, parse_networks
+from fastsocks.settings import PROTOCOLS, SHARED_RATES, Settings, Upstream, parse_listen, parse_networks
 
 # (table, key) -> (Settings field, expected type). Types: int, float (int accepted), str,
 # bool, "listen" (a string or a list of them, each a "HOST:PORT" or a table
@@ -69,6 +69,13 @@ FIELDS: dict[tuple[str, str], tuple[str, object]] = {
     ("limits", "max_udp_associations_per_worker"): ("max_udp_per_worker", int),
     ("limits", "rate_up_bytes_per_s"): ("rate_up_bytes_per_s", int),
     ("limits", "rate_down_bytes_per_s"): ("rate_down_bytes_per_s", int),
+    ("limits", "user_rate_up_bytes_per_s"): ("user_rate_up_bytes_per_s", int),
+    ("limits", "user_rate_down_bytes_per_s"): ("user_rate_down_bytes_per_s", int),
+    ("limits", "client_rate_up_bytes_per_s"): ("client_rate_up_bytes_per_s", int),
+    ("limits", "client_rate_down_bytes_per_s"): ("client_rate_down_bytes_per_s", int),
+    ("limits", "quota_bytes"): ("quota_bytes", int),
+    ("limits", "quota_period"): ("quota_period", str),
+    ("limits", "quota_db"): ("quota_db", str),
     ("bind", "any_peer"): ("bind_any_peer", bool),
     ("relay", "splice"): ("splice", bool),
     ("relay", "pipe_size"): ("pipe_size", int),
@@ -81,7 +88,7 @@ FIELDS: dict[tuple[str, str], tuple[str, object]] = {
 TABLES = sorted({table for table, _ in FIELDS} | {"policy"})
 POLICY_KEYS = ("default",)
 RULE_KEYS = ("action", "client", "user", "command", "dest", "port", "via", "balance", "egress",
-             "rate_up_bytes_per_s", "rate_down_bytes_per_s")
+             "rate_up_bytes_per_s", "rate_down_bytes_per_s", *SHARED_RATES)
 UPSTREAM_KEYS = ("name", "url")
 AUTH_METHODS = ("none", "userpass")
 
@@ -211,7 +218,7 @@ class _Reader:
             return float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise self.error(table, key, f"expected {_KIND_NAMES[kind]}, not {_toml_type(value)}")
-        if key in ("users_file", "access_log", "pid_file"):
+        if key in ("users_file", "access_log", "pid_file", "quota_db"):
             return str(self.base_dir / value)
         return value
 
@@ -255,8 +262,8 @@ class _Reader:
                 egress = egress_addresses(body["egress"])
             except ValueError as exc:
                 raise self.error("rules", "egress", str(exc), i) from None
-        rates = {key: self.rate(i, body, key, action) for key in ("rate_up_bytes_per_s", "rate_down_bytes_per_s")
-                 if key in body}
+        rates = {key: self.rate(i, body, key, action)
+                 for key in ("rate_up_bytes_per_s", "rate_down_bytes_per_s", *SHARED_RATES) if key in body}
         return Rule(action, origin=f"{self.path}:{line}" if line else self.path, via=via, balance=balance,
                     egress=egress, **fields_, **rates)
 

@@ -151,6 +151,10 @@ class Rule:
     egress: tuple[str, ...] = ()               # allowed: connect from one of these addresses
     rate_up_bytes_per_s: int | None = None     # allowed: each session's limit (0: none; None: [limits]'s)
     rate_down_bytes_per_s: int | None = None
+    user_rate_up_bytes_per_s: int | None = None     # allowed: all sessions of its user share these...
+    user_rate_down_bytes_per_s: int | None = None
+    client_rate_up_bytes_per_s: int | None = None   # ...and of its client address (accounts.py)
+    client_rate_down_bytes_per_s: int | None = None
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:

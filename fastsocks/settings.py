@@ -19,6 +19,11 @@ DEFAULT_PORT = 1080
 ACCEPT_MODES = ("reuseport", "shared")
 PROTOCOLS = ("socks4", "socks5", "http")  # what the port speaks: the first byte tells them apart
 EGRESS_ROTATIONS = ("round-robin", "sticky-client", "sticky-user")
+# Limits shared by all sessions of one user, or of one client address, in every worker
+# (the same names in [limits] and in a rule; accounts.py keeps their buckets).
+SHARED_RATES = ("user_rate_up_bytes_per_s", "user_rate_down_bytes_per_s",
+                "client_rate_up_bytes_per_s", "client_rate_down_bytes_per_s")
+QUOTA_PERIODS = ("day", "month")
 
 
 UPSTREAM_SCHEMES = ("socks5", "socks4", "socks4a", "http")  # protocol/client.py speaks each
@@ -117,6 +122,14 @@ class Settings:
     max_sessions_per_user: int = 0      # one user name (all workers)
     rate_up_bytes_per_s: int = 0        # each relayed session's limit, client -> destination (0: none)
     rate_down_bytes_per_s: int = 0      # ... and destination -> client; a rule's own overrides these
+    # Shared by all of a user's (a client address's) sessions, in every worker (accounts.py):
+    user_rate_up_bytes_per_s: int = 0
+    user_rate_down_bytes_per_s: int = 0
+    client_rate_up_bytes_per_s: int = 0
+    client_rate_down_bytes_per_s: int = 0
+    quota_bytes: int = 0                # bytes (both ways) per user per quota_period (0: none)
+    quota_period: str = "day"           # or "month": calendar periods in UTC
+    quota_db: str | None = None         # the SQLite file the counts survive restarts in
     policy: Policy = field(default_factory=Policy)
     allow_open_proxy: bool = False
     user: str | None = None             # run as this user once the sockets are bound (privileges.py)
@@ -140,6 +153,13 @@ class Settings:
         up = own.rate_up_bytes_per_s if own is not None and own.rate_up_bytes_per_s is not None else None
         down = own.rate_down_bytes_per_s if own is not None and own.rate_down_bytes_per_s is not None else None
         return (self.rate_up_bytes_per_s if up is None else up, self.rate_down_bytes_per_s if down is None else down)
+
+    def shared_rates(self, rule: int) -> tuple[int, int, int, int]:
+        """The limits that all sessions of one user (up, down) and of one client address (up,
+        down) share, for a session ``rule`` allowed: the rule's own, else [limits]'s."""
+        own = self.policy.rules[rule] if rule >= 0 else None
+        return tuple(getattr(self, name) if own is None or getattr(own, name) is None else getattr(own, name)
+                     for name in SHARED_RATES)
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -186,6 +206,11 @@ class Settings:
             ("max_sessions_per_user", self.max_sessions_per_user >= 0, "expected >= 0 (0: no cap)"),
             ("rate_up_bytes_per_s", self.rate_up_bytes_per_s >= 0, "expected bytes per second >= 0 (0: no limit)"),
             ("rate_down_bytes_per_s", self.rate_down_bytes_per_s >= 0, "expected bytes per second >= 0 (0: no limit)"),
+            *((name, getattr(self, name) >= 0, "expected bytes per second >= 0 (0: no limit)") for name in SHARED_RATES),
+            ("quota_bytes", self.quota_bytes >= 0, "expected bytes >= 0 (0: no quota)"),
+            ("quota_period", self.quota_period in QUOTA_PERIODS, f"expected one of {', '.join(QUOTA_PERIODS)}"),
+            ("quota_bytes", not self.quota_bytes or bool(self.quota_db),
+             "a quota needs a file to keep its counts in: set quota_db in [limits]"),
         ]
         ports = [(a.host, a.port) for a in self.listen if a.port]
         checks += [

@@ -89,6 +89,14 @@ def test_flags_override_the_file(tmp_path):
      "fastsocks.toml:4: rules[1].rate_down_bytes_per_s: expected bytes per second >= 0 (0: no limit), not True"),
     ("[[rules]]\naction = \"deny\"\nrate_down_bytes_per_s = 1000\n",
      "fastsocks.toml:3: rules[1].rate_down_bytes_per_s: only an allow rule's sessions move bytes"),
+    ("[[rules]]\naction = \"deny\"\nuser_rate_down_bytes_per_s = 1000\n",
+     "fastsocks.toml:3: rules[1].user_rate_down_bytes_per_s: only an allow rule's sessions move bytes"),
+    ("[limits]\n\nclient_rate_up_bytes_per_s = -1\n",
+     "fastsocks.toml:3: limits.client_rate_up_bytes_per_s: expected bytes per second >= 0 (0: no limit)"),
+    ("[limits]\nquota_bytes = 1000\n",
+     "fastsocks.toml:2: limits.quota_bytes: a quota needs a file to keep its counts in: set quota_db in [limits]"),
+    ("[limits]\nquota_period = \"week\"\n", "fastsocks.toml:2: limits.quota_period: expected one of day, month"),
+    ("[limits]\nquota_db = 5\n", "fastsocks.toml:2: limits.quota_db: expected a string, not an integer"),
     ("[policy]\ndefault = \"maybe\"\n", "fastsocks.toml:2: policy.default: expected 'allow' or 'deny'"),
     ("[policy]\ndefualt = \"deny\"\n", "fastsocks.toml:2: policy.defualt: unknown key"),
     ("workers = 3\n", "workers: unknown table"),
@@ -202,3 +210,11 @@ def test_rate_flags_override_the_file_and_are_checked(tmp_path):
     assert (s.rate_up_bytes_per_s, s.rate_down_bytes_per_s) == (300, 200000)
     with pytest.raises(ConfigError, match="rate_down_bytes_per_s: expected bytes per second >= 0"):
         cli.settings_from_args(cli.build_parser().parse_args(["--rate-down", "-1"]))
+
+
+def test_a_rules_shared_rates_override_the_limits_ones_and_zero_lifts_them():
+    settings = config.parse("[limits]\nuser_rate_down_bytes_per_s = 1000\nclient_rate_up_bytes_per_s = 50\n"
+                            "[[rules]]\naction = \"allow\"\nuser = [\"alice\"]\nuser_rate_down_bytes_per_s = 0\n"
+                            "client_rate_down_bytes_per_s = 7\n", "fastsocks.toml", {})
+    assert settings.shared_rates(0) == (0, 0, 50, 7)      # the rule's own; [limits] where it says none
+    assert settings.shared_rates(-1) == (0, 1000, 50, 0)  # the default action: [limits]
