@@ -12,6 +12,12 @@ cdef enum:
     DIR_DONE = 2       # EOF forwarded: shutdown(SHUT_WR) sent to the destination
     DIR_SPLICE = 4     # data goes source -> pipe -> destination
 
+# What limits a direction's reads (Direction.limits).
+cdef enum:
+    LIM_RATE = 1       # its own bucket (rate_bytes_per_s)
+    LIM_SHARED = 2     # shared buckets (shared[])
+    LIM_QUOTA = 4      # its session's quota (Session.quota_entry)
+
 # Readiness bits of a session: readable/writable for side 0 (client) and side 1 (upstream).
 cdef enum:
     READABLE0 = 1
@@ -32,6 +38,7 @@ cdef enum:
     END_IDLE = 2
     END_SHUTDOWN = 3
     END_FAILED = 4        # an accepted client that never relayed (see _front.pxi)
+    END_QUOTA = 5         # its user's quota was used up (add(quota=...))
 
 # Where a session slot is (Session.phase): relaying, or still at the engine's front door.
 cdef enum:
@@ -76,6 +83,12 @@ ctypedef struct Direction:
     double refilled_s
     double resume_s        # throttled: it reads again from this time on (0: not throttled)
     int timer_at           # 1 + its place in RelayEngine.timers while throttled, else 0
+    int limits             # LIM_* bits: what _allowance() asks before a read (0: nothing)
+    # Shared buckets (add(shared=...); _accounts.pxi): the entries it also reads through,
+    # at these rates, and what the last allowance took from each (settled by _charge()).
+    int shared[2]          # -1: none
+    double shared_rate[2]
+    double granted[2]
 
 
 ctypedef struct Timer:         # a throttled direction, in the engine's min-heap by resume_s
@@ -136,6 +149,36 @@ ctypedef struct Session:
     int dest_port
     bint counted           # in the shared counts (bucket[]) until the slot is released
     uint16_t bucket[2]
+    int quota_entry        # add(quota=...): the account its bytes count in (-1: none)...
+    int64_t quota_bytes    # ...up to this many
+    bint over_quota        # the count reached it: the session ends as END_QUOTA
+
+
+# The accounts all workers share (_accounts.pxi): fixed-size entries after a head.
+ctypedef struct AccountsHead:
+    int64_t lock           # claiming and freeing entries: the holder's pid, else 0
+    int64_t claimed
+    int64_t pad[6]
+
+ctypedef struct Account:
+    int64_t lock           # its buckets: the holder's pid, else 0
+    uint64_t key           # FNV-1a of (kind, name)
+    int64_t refs           # sessions holding it, in all workers
+    int64_t used           # bytes counted against a quota this period
+    double tokens[2]       # the shared buckets, up and down
+    double refilled_s[2]   # 0: not yet used (full)
+    int32_t kind           # ACCOUNT_USER, ACCOUNT_CLIENT; 0: free
+    int32_t name_len
+    unsigned char name[256]
+
+
+cdef class Accounts:
+    cdef AccountsHead *head
+    cdef Account *table
+    cdef int entries
+    cdef size_t size
+    cdef int64_t me               # this process's pid: what its locks hold
+    cdef Account *_entry(self, int index) except NULL
 
 
 # The front door's memory of its gate's answers (_front.pxi): direct-mapped, a colliding
@@ -243,6 +286,7 @@ cdef class RelayEngine:
     cdef bint woke                # wake_fd was ready in the last wait()
     cdef object udp               # a UdpRelay, or None
     cdef bint udp_ready
+    cdef Accounts accounts        # the shared accounts add(shared=, quota=) name entries of
 
     cdef int _grow(self) except -1
     cdef int _process(self, int timeout_ms) noexcept nogil
@@ -251,6 +295,8 @@ cdef class RelayEngine:
     cdef int _flush(self, Session *s, int d) noexcept nogil
     cdef int _read(self, Session *s, int d) noexcept nogil
     cdef ssize_t _allowance(self, Session *s, int d, ssize_t size) noexcept nogil
+    cdef void _charge(self, Session *s, int d, ssize_t n) noexcept nogil
+    cdef object _shares_checked(self, shared, quota)
     cdef void _resume_due(self) noexcept nogil
     cdef int _resume_in_ms(self) noexcept nogil
     cdef void _timer_push(self, int idx, int d) noexcept nogil

@@ -160,6 +160,9 @@ class RelayEngine:
     def pending(self) -> bool: ...
     def counters(self) -> tuple[int, int, int, int, int]:
         """(bytes_up, bytes_down, sessions_total, splice_switches, pipes_open)"""
+    def use_accounts(self, accounts: Accounts) -> None:
+        """The shared accounts add()'s ``shared`` and ``quota`` name entries of (once; the
+        same object again is fine, another is ValueError)."""
     def add(
         self,
         client_fd: int,
@@ -169,8 +172,15 @@ class RelayEngine:
         *,
         rate_up_bytes_per_s: int = 0,
         rate_down_bytes_per_s: int = 0,
+        shared: Sequence[tuple[int, int, int]] = (),
+        quota: tuple[int, int] | None = None,
     ) -> None:
         """Relay a session; the engine owns both (non-blocking) fds from now on, also on failure.
+        ``shared``: up to two (entry, up bytes/s, down bytes/s) of use_accounts()' table: the
+        session also reads through those entries' buckets (0: not that way), which every
+        session naming them shares, in every process. ``quota``: (entry, bytes): each byte
+        moved counts in the entry's count, and the session ends ("quota") once the count
+        reaches the bytes; a read asks for no more than is left.
         ``rate_up_bytes_per_s`` (client -> upstream) and ``rate_down_bytes_per_s``: each
         direction's limit, 0 none (ValueError unless an int >= 0). A limited direction reads
         through a token bucket: max(0.1 s of the rate, 16 KiB), full at the start; once empty
@@ -183,6 +193,41 @@ class RelayEngine:
         session took for pipe_idle_s, but pipe_reserve of them (at most every pipe_idle_s)."""
     def close_all(self) -> list[Ended]: ...
     def close(self) -> list[Ended]: ...
+
+# ---------------------------------------------------------------------- shared accounts
+# _accounts.pxi: a table in shared memory (made before the fork) of entries per user or
+# client address: token buckets that sessions in every worker share, and a quota count.
+
+ACCOUNT_USER: int
+ACCOUNT_CLIENT: int
+ACCOUNT_NAME_MAX: int  # bytes of a name
+
+@disjoint_base
+class Accounts:
+    def __init__(self, entries: int = 16384) -> None: ...
+    def forked(self) -> None:
+        """In a forked process: its pid is what its locks hold (unlock_dead frees them)."""
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def in_use(self) -> int:
+        """Entries claimed now."""
+    def open(self, kind: int, name: Buffer) -> int:
+        """The entry of (kind, name), claimed if new, one more session holding it; -1: full."""
+    def close(self, index: int) -> None: ...
+    def used(self, index: int) -> int:
+        """The entry's quota count (IndexError: no such entry)."""
+    def add_used(self, index: int, delta: int) -> int: ...
+    def swap_used(self, index: int, value: int) -> int: ...
+    def take(self, index: int, d: int, rate: float, want: float) -> tuple[int, float]:
+        """(bytes granted, seconds to wait when none) from the entry's bucket of direction d."""
+    def refund(self, index: int, d: int, n: float) -> None: ...
+    def claimed(self) -> list[tuple[int, int, bytes, int, int]]:
+        """(index, kind, name, sessions holding it, count) of every claimed entry."""
+    def reclaim(self, keep_used: bool) -> int:
+        """Free the entries no session holds (with keep_used, only those counting 0)."""
+    def unlock_dead(self, pid: int) -> int:
+        """Release the locks a dead process held; how many."""
 
 # ---------------------------------------------------------------------- SOCKS5 UDP header
 # RFC 1928 §7: RSV(2) FRAG(1) ATYP(1) DST.ADDR DST.PORT(2) DATA. Also in _relay_py.

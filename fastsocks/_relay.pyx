@@ -123,6 +123,7 @@ cdef inline void _limit(Direction *dr, double rate_bytes_per_s, double now_s) no
         dr.burst_bytes = RATE_MIN_BURST_BYTES
     dr.tokens = dr.burst_bytes
     dr.refilled_s = now_s
+    dr.limits |= LIM_RATE
 
 
 cdef inline double _resume_bytes(double rate_bytes_per_s) noexcept nogil:
@@ -407,15 +408,26 @@ cdef class RelayEngine:
         return (self.total_up, self.total_down, self.total_sessions,
                 self.splice_switches, self.pipes_open)
 
+    def use_accounts(self, Accounts accounts):
+        """The shared accounts (_accounts.pxi) that add()'s ``shared`` and ``quota`` name
+        entries of; once, before the first such add()."""
+        if self.accounts is not None and self.accounts is not accounts:
+            raise ValueError("the engine already uses other accounts")
+        self.accounts = accounts
+
     def add(self, int client_fd, int upstream_fd, int64_t tag, const unsigned char[:] initial_up=None,
-            *, rate_up_bytes_per_s=0, rate_down_bytes_per_s=0):
+            *, rate_up_bytes_per_s=0, rate_down_bytes_per_s=0, shared=(), quota=None):
         """Relay a session. The engine owns both fds from here on (also on failure).
 
         ``initial_up`` is data the client sent before the session was established
         (pipelined after its request); it goes upstream first. The rates limit each
-        direction (0: no limit; see "Rates" in the module docstring).
+        direction (0: no limit; see "Rates" in the module docstring). ``shared``: up to
+        two (entry, up bytes/s, down bytes/s) of use_accounts()' table whose buckets the
+        session also reads through, with every other session naming them (0: not that
+        way). ``quota``: (entry, bytes): every byte it moves counts in the entry, and it
+        ends ("quota") once the count reaches the bytes.
         """
-        cdef int idx, side, err
+        cdef int idx, side, err, k
         cdef uint32_t gen
         cdef Session *s
         cdef epoll_event ev
@@ -426,7 +438,8 @@ cdef class RelayEngine:
                 raise ValueError("engine is closed")
             up_bytes_per_s = _rate_checked("rate_up_bytes_per_s", rate_up_bytes_per_s)
             down_bytes_per_s = _rate_checked("rate_down_bytes_per_s", rate_down_bytes_per_s)
-        except ValueError:
+            shares = self._shares_checked(shared, quota)
+        except (ValueError, TypeError, IndexError):
             close(client_fd)
             close(upstream_fd)
             raise
@@ -449,6 +462,22 @@ cdef class RelayEngine:
             _limit(&s.dir[0], up_bytes_per_s, s.last_active_s)
         if down_bytes_per_s:
             _limit(&s.dir[1], down_bytes_per_s, s.last_active_s)
+        if shares is not None:
+            entries, quota_entry, quota_bytes = shares
+            for entry, up, down in entries:
+                for side, rate in ((0, up), (1, down)):
+                    if rate:
+                        k = 1 if s.dir[side].limits & LIM_SHARED else 0
+                        s.dir[side].shared[k] = entry
+                        s.dir[side].shared_rate[k] = rate
+                        if not k:
+                            s.dir[side].shared[1] = -1
+                        s.dir[side].limits |= LIM_SHARED
+            if quota_entry >= 0:
+                s.quota_entry = quota_entry
+                s.quota_bytes = quota_bytes
+                s.dir[0].limits |= LIM_QUOTA
+                s.dir[1].limits |= LIM_QUOTA
         s.state = SLOT_ACTIVE
         self.n_active += 1
         self.total_sessions += 1
@@ -468,6 +497,27 @@ cdef class RelayEngine:
                 self._finish(idx, END_ERROR, err)
                 self._collect()
                 raise OSError(err, "epoll_ctl(ADD) failed")
+
+    cdef object _shares_checked(self, shared, quota):
+        """add()'s shared and quota, checked: None (neither), or (entries, quota entry or
+        -1, quota bytes)."""
+        if not shared and quota is None:
+            return None
+        if self.accounts is None:
+            raise ValueError("add(shared=, quota=) needs use_accounts() first")
+        entries = []
+        for entry, up, down in shared:
+            self.accounts._entry(entry)
+            entries.append((entry, _rate_checked("shared up rate", up), _rate_checked("shared down rate", down)))
+        if len(entries) > 2:
+            raise ValueError("add(shared=): two entries at most")
+        if quota is None:
+            return entries, -1, 0
+        entry, limit = quota
+        self.accounts._entry(entry)
+        if not isinstance(limit, int) or limit <= 0:
+            raise ValueError(f"add(quota=): bytes > 0, not {limit!r}")
+        return entries, entry, limit
 
     def run(self):
         """Move the data of every ready session; return the sessions that ended.
@@ -628,11 +678,11 @@ cdef class RelayEngine:
         cdef Session *s = &self.slots[idx]
         cdef int up = self._pump_dir(s, 0)
         if up < 0:
-            self._finish(idx, END_ERROR, s.end_errno)
+            self._finish(idx, END_QUOTA if s.over_quota else END_ERROR, s.end_errno)
             return
         cdef int down = self._pump_dir(s, 1)
         if down < 0:
-            self._finish(idx, END_ERROR, s.end_errno)
+            self._finish(idx, END_QUOTA if s.over_quota else END_ERROR, s.end_errno)
             return
         if up == 2 and down == 2:
             self._finish(idx, END_EOF, 0)
@@ -713,26 +763,26 @@ cdef class RelayEngine:
         cdef int dst = s.fd[1 - d]
         cdef ssize_t n, w
         cdef ssize_t want = self.splice_len if dr.flags & DIR_SPLICE else self.buf_size
-        if dr.rate_bytes_per_s:
+        if dr.limits:
             want = self._allowance(s, d, want)
-            if want == 0:
-                return 0  # throttled: the timer heap resumes it
+            if want <= 0:
+                return <int>want  # 0: throttled (the timer heap resumes it); -1: over quota
         if dr.flags & DIR_SPLICE:
             n = splice(src, NULL, dr.pipe_w, NULL, want, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            if dr.limits:
+                self._charge(s, d, n)
             if n <= 0:
                 return self._read_end(s, d, n)
-            if dr.rate_bytes_per_s:
-                dr.tokens -= n
             dr.in_pipe = n
             dr.streak = dr.streak + 1 if n < SHORT_SPLICE and n < want else 0
             # A short splice read does not prove the socket drained (the pipe may be
             # out of slots), so the readable bit stays until EAGAIN.
             return -1 if self._flush(s, d) < 0 else 1
         n = recv(src, self.buf, want, 0)
+        if dr.limits:
+            self._charge(s, d, n)
         if n <= 0:
             return self._read_end(s, d, n)
-        if dr.rate_bytes_per_s:
-            dr.tokens -= n
         w = send(dst, self.buf, n, MSG_NOSIGNAL)
         if w < 0:
             if errno != EAGAIN and errno != EINTR:
@@ -766,24 +816,72 @@ cdef class RelayEngine:
         return 1
 
     cdef ssize_t _allowance(self, Session *s, int d, ssize_t size) noexcept nogil:
-        """What a limited direction may read now, at most ``size``; 0: it is throttled and
-        on the timer heap."""
+        """What a limited direction may read now, at most ``size``: its quota's rest, its
+        own bucket's tokens, then what each shared bucket grants (taken now, settled by
+        _charge() after the read). 0: it is throttled and on the timer heap; -1: its
+        quota is used up (over_quota set)."""
         cdef Direction *dr = &s.dir[d]
         cdef double now = self.now_s
+        cdef double wait_s = 0, got
+        cdef int64_t left
+        cdef int k
         if now < dr.resume_s:
             return 0  # woken by another event before its time: the heap has it
         if dr.timer_at:
             self._timer_remove(dr.timer_at - 1)  # due, and pumped before the heap got to it
         dr.resume_s = 0
-        dr.tokens += (now - dr.refilled_s) * dr.rate_bytes_per_s
-        if dr.tokens > dr.burst_bytes:
-            dr.tokens = dr.burst_bytes
-        dr.refilled_s = now
-        if dr.tokens >= 1:
-            return size if dr.tokens >= size else <ssize_t>dr.tokens
-        dr.resume_s = now + (_resume_bytes(dr.rate_bytes_per_s) - dr.tokens) / dr.rate_bytes_per_s
-        self._timer_push(<int>(s - self.slots), d)
-        return 0
+        if dr.limits & LIM_QUOTA:
+            left = s.quota_bytes - fs_load(&self.accounts.table[s.quota_entry].used)
+            if left <= 0:
+                s.over_quota = 1
+                return -1
+            if size > left:
+                size = <ssize_t>left
+        if dr.limits & LIM_RATE:
+            dr.tokens += (now - dr.refilled_s) * dr.rate_bytes_per_s
+            if dr.tokens > dr.burst_bytes:
+                dr.tokens = dr.burst_bytes
+            dr.refilled_s = now
+            if dr.tokens < 1:
+                dr.resume_s = now + (_resume_bytes(dr.rate_bytes_per_s) - dr.tokens) / dr.rate_bytes_per_s
+                self._timer_push(<int>(s - self.slots), d)
+                return 0
+            if size > dr.tokens:
+                size = <ssize_t>dr.tokens
+        if dr.limits & LIM_SHARED:
+            dr.granted[0] = dr.granted[1] = 0
+            for k in range(2):
+                if k == 1 and dr.shared[1] < 0:
+                    break
+                got = _account_take(&self.accounts.table[dr.shared[k]], self.accounts.me, d,
+                                    dr.shared_rate[k], <double>size, now, &wait_s)
+                if got == 0:
+                    if k == 1:  # the first one granted: it gets that back
+                        _account_refund(&self.accounts.table[dr.shared[0]], self.accounts.me, d, dr.granted[0])
+                        dr.granted[0] = 0
+                    dr.resume_s = now + wait_s
+                    self._timer_push(<int>(s - self.slots), d)
+                    return 0
+                dr.granted[k] = got
+                size = <ssize_t>got
+        return size
+
+    cdef void _charge(self, Session *s, int d, ssize_t n) noexcept nogil:
+        """A limited direction read ``n`` bytes (<= 0: none): its own bucket pays, the
+        shared ones get back what they granted beyond that, its quota counts them."""
+        cdef Direction *dr = &s.dir[d]
+        cdef double moved = n if n > 0 else 0
+        cdef int k
+        if dr.limits & LIM_RATE:
+            dr.tokens -= moved
+        if dr.limits & LIM_SHARED:
+            for k in range(2):
+                if dr.granted[k] > moved:
+                    _account_refund(&self.accounts.table[dr.shared[k]], self.accounts.me, d,
+                                    dr.granted[k] - moved)
+                dr.granted[k] = 0
+        if dr.limits & LIM_QUOTA and n > 0:
+            fs_add(&self.accounts.table[s.quota_entry].used, n)
 
     cdef void _resume_due(self) noexcept nogil:
         """Pump the sessions whose throttled directions may read again."""
@@ -1643,3 +1741,4 @@ include "_udp_relay.pxi"
 # front_parse_c() and the replies: the pure parts of RelayEngine's own handshake.
 
 include "_front.pxi"
+include "_accounts.pxi"

@@ -64,6 +64,9 @@ import socket
 import time
 
 from fastsocks import access, errors
+# The shared accounts live in shared memory and need atomic instructions: one table, the
+# compiled one (_accounts.pxi), which this engine reads through as the compiled engine does.
+from fastsocks._relay import ACCOUNT_CLIENT, ACCOUNT_NAME_MAX, ACCOUNT_USER, Accounts
 from fastsocks._relay_types import NO_REPLY, REASONS, Ended
 from fastsocks._relay_types import RULE_DEFAULT as _RULE_DEFAULT, RULE_NONE as _RULE_NONE
 from fastsocks._relay_types import bucket_bytes as _bucket_bytes, rate_checked as _rate_checked
@@ -75,7 +78,7 @@ from fastsocks.protocol import socks5
 
 # Only modules and the stub's names are imported: the twin's public names are the stub's.
 
-_EOF, _ERROR, _IDLE, _SHUTDOWN, _FAILED = REASONS
+_EOF, _ERROR, _IDLE, _SHUTDOWN, _FAILED, _QUOTA = REASONS
 
 # ====================================================================== front_parse
 # What the engine makes of a client's first bytes: "more", "connect" or "python".
@@ -181,12 +184,69 @@ def _connect(proto: int, request, data: bytes, trailing: bytes, sent: bytes):
 class _Direction:
     __slots__ = ("src", "dst", "pending", "eof", "done", "nbytes", "limit")
 
-    def __init__(self, src: socket.socket, dst: socket.socket, pending: bytes, rate_bytes_per_s: int) -> None:
+    def __init__(self, src: socket.socket, dst: socket.socket, pending: bytes, rate_bytes_per_s: int,
+                 limits: _Limits | None = None) -> None:
         self.src, self.dst = src, dst
         self.pending = pending
         self.eof = self.done = False
         self.nbytes = 0
-        self.limit = _TokenBucket(rate_bytes_per_s) if rate_bytes_per_s else None
+        self.limit = limits if limits is not None else _TokenBucket(rate_bytes_per_s) if rate_bytes_per_s else None
+
+
+class _OverQuota(Exception):
+    """A direction's session used up its quota (the session ends "quota")."""
+
+
+class _Limits:
+    """What a direction reads through besides, or as well as, its own bucket: the shared
+    accounts' buckets (add(shared=)) and its session's quota (add(quota=)), as the compiled
+    engine's _allowance() and _charge() do them."""
+
+    __slots__ = ("own", "accounts", "d", "shared", "quota", "granted", "resume_s")
+
+    def __init__(self, own: _TokenBucket | None, accounts, d: int, shared: list, quota) -> None:
+        self.own, self.accounts, self.d = own, accounts, d
+        self.shared = shared   # [(entry, rate)]
+        self.quota = quota     # (entry, bytes) or None
+        self.granted: list[tuple[int, int]] = []
+        self.resume_s = 0.0
+
+    def allowance(self, size: int, now: float) -> int:
+        if now < self.resume_s:
+            return 0
+        self.resume_s = 0.0
+        if self.quota is not None:
+            left = self.quota[1] - self.accounts.used(self.quota[0])
+            if left <= 0:
+                raise _OverQuota
+            size = min(size, left)
+        if self.own is not None:
+            size = self.own.allowance(size, now)
+            if not size:
+                self.resume_s = self.own.resume_s
+                return 0
+        self.granted = []
+        for entry, rate in self.shared:
+            got, wait_s = self.accounts.take(entry, self.d, rate, size)
+            if not got:
+                for taken_entry, taken in self.granted:
+                    self.accounts.refund(taken_entry, self.d, taken)
+                self.granted = []
+                self.resume_s = now + wait_s
+                return 0
+            self.granted.append((entry, got))
+            size = got
+        return size
+
+    def charge(self, n: int) -> None:
+        if self.own is not None:
+            self.own.tokens -= n
+        for entry, got in self.granted:
+            if got > n:
+                self.accounts.refund(entry, self.d, got - n)
+        self.granted = []
+        if self.quota is not None and n:
+            self.accounts.add_used(self.quota[0], n)
 
 
 class _TokenBucket:
@@ -213,6 +273,10 @@ class _TokenBucket:
         self.resume_s = now + (self.resume_bytes - self.tokens) / self.rate_bytes_per_s
         return 0
 
+    def charge(self, n: int) -> None:
+        """A read moved ``n`` bytes."""
+        self.tokens -= n
+
 
 class _Session:
     __slots__ = ("tag", "socks", "dirs", "last_active_s", "registered", "described", "started_s", "bucket",
@@ -220,10 +284,11 @@ class _Session:
 
     def __init__(self, tag: int, client: socket.socket, upstream: socket.socket, initial: bytes,
                  described: str = "", started_s: float = 0.0, bucket: tuple | None = None,
-                 marks: tuple = (_RULE_NONE, None, None), rates: tuple = (0, 0)) -> None:
+                 marks: tuple = (_RULE_NONE, None, None), rates: tuple = (0, 0), limits: tuple = (None, None)) -> None:
         self.tag = tag
         self.socks = (client, upstream)
-        self.dirs = (_Direction(client, upstream, initial, rates[0]), _Direction(upstream, client, b"", rates[1]))
+        self.dirs = (_Direction(client, upstream, initial, rates[0], limits[0]),
+                     _Direction(upstream, client, b"", rates[1], limits[1]))
         self.last_active_s = time.monotonic()
         self.registered = {client.fileno(): 0, upstream.fileno(): 0}
         self.described, self.started_s = described, started_s
@@ -357,6 +422,7 @@ class RelayEngine:
         self._by_fd: dict[int, _Session] = {}
         self._sessions: set[_Session] = set()
         self._throttled: set[_Session] = set()  # with a direction waiting for its bucket
+        self._accounts = None  # use_accounts(): the shared accounts add(shared=, quota=) name entries of
         self._total = [0, 0, 0]
         # The front door.
         self._rules: _FrontRules | None = None
@@ -444,8 +510,13 @@ class RelayEngine:
                 self._epoll.unregister(fd)
         self._listen_fds = []
 
+    def use_accounts(self, accounts) -> None:
+        if self._accounts is not None and self._accounts is not accounts:
+            raise ValueError("the engine already uses other accounts")
+        self._accounts = accounts
+
     def add(self, client_fd: int, upstream_fd: int, tag: int, initial_up=None, *, rate_up_bytes_per_s: int = 0,
-            rate_down_bytes_per_s: int = 0) -> None:
+            rate_down_bytes_per_s: int = 0, shared=(), quota=None) -> None:
         client = socket.socket(fileno=client_fd)
         upstream = socket.socket(fileno=upstream_fd)
         try:
@@ -453,11 +524,35 @@ class RelayEngine:
                 raise ValueError("engine is closed")
             rates = (_rate_checked("rate_up_bytes_per_s", rate_up_bytes_per_s),
                      _rate_checked("rate_down_bytes_per_s", rate_down_bytes_per_s))
-        except ValueError:
+            limits = self._limits_of(rates, shared, quota)
+        except (ValueError, TypeError, IndexError):
             client.close()
             upstream.close()
             raise
-        self._relay(_Session(tag, client, upstream, bytes(initial_up or b""), rates=rates))
+        self._relay(_Session(tag, client, upstream, bytes(initial_up or b""), rates=rates, limits=limits))
+
+    def _limits_of(self, rates: tuple, shared, quota) -> tuple:
+        """add()'s shared and quota, checked, as each direction's _Limits (None: its own
+        rate alone, as without them)."""
+        if not shared and quota is None:
+            return None, None
+        if self._accounts is None:
+            raise ValueError("add(shared=, quota=) needs use_accounts() first")
+        shared = list(shared)
+        if len(shared) > 2:
+            raise ValueError("add(shared=): two entries at most")
+        for entry, up, down in shared:
+            self._accounts.used(entry)  # IndexError: no such entry
+            _rate_checked("shared up rate", up)
+            _rate_checked("shared down rate", down)
+        if quota is not None:
+            entry, limit = quota
+            self._accounts.used(entry)
+            if not isinstance(limit, int) or limit <= 0:
+                raise ValueError(f"add(quota=): bytes > 0, not {limit!r}")
+        return tuple(_Limits(_TokenBucket(rates[d]) if rates[d] else None, self._accounts, d,
+                             [(entry, float(rate)) for entry, *pair in shared if (rate := pair[d])], quota)
+                     for d in (0, 1))
 
     def run(self) -> list:
         return self._run_once(0.0)
@@ -574,6 +669,8 @@ class RelayEngine:
                 self._pump_dir(d, direction)
         except OSError as exc:
             return _ERROR, exc.errno or 0
+        except _OverQuota:
+            return _QUOTA, 0
         if all(direction.done for direction in session.dirs):
             return _EOF, 0
         return None, 0
@@ -595,11 +692,17 @@ class RelayEngine:
             try:
                 data = direction.src.recv(size)
             except (BlockingIOError, InterruptedError):
+                if direction.limit is not None:
+                    direction.limit.charge(0)
                 return
+            except OSError:
+                if direction.limit is not None:
+                    direction.limit.charge(0)
+                raise
             if not data:
                 direction.eof = True
-            elif direction.limit is not None:
-                direction.limit.tokens -= len(data)
+            if direction.limit is not None:
+                direction.limit.charge(len(data))
             direction.pending = data
 
     def _write(self, d: int, direction: _Direction) -> bool:
@@ -974,7 +1077,8 @@ def _close_gently(sock: socket.socket) -> None:
     sock.close()
 
 
-__all__ = ["NO_REPLY", "REASONS", "Ended", "RelayEngine", "front_parse"]
+__all__ = ["NO_REPLY", "REASONS", "Ended", "RelayEngine", "front_parse",
+           "ACCOUNT_CLIENT", "ACCOUNT_NAME_MAX", "ACCOUNT_USER", "Accounts"]
 
 
 # ====================================================================== SOCKS5 UDP header

@@ -5,7 +5,8 @@ from typing import NamedTuple
 
 # "failed": a session of the engine's own handshake (RelayEngine.front) that never relayed:
 # its reply (a SOCKS5 code, as the access log names it, or -1: none could be sent) and why.
-REASONS = ("eof", "error", "idle", "shutdown", "failed")
+# "quota": its user's quota (add(quota=...)) was used up while it ran.
+REASONS = ("eof", "error", "idle", "shutdown", "failed", "quota")
 
 NO_REPLY = -1
 

@@ -129,7 +129,9 @@ cdef extern from "<sys/mman.h>" nogil:
     void *MAP_FAILED
     enum:
         PROT_READ
+        PROT_WRITE
         MAP_SHARED
+        MAP_ANONYMOUS
         MFD_CLOEXEC
 
 

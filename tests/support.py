@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import re
+import selectors
 import shutil
 import signal
 import socket
@@ -139,6 +140,9 @@ class FakeHost:
         self.ended: list[tuple] = []
 
     def admit(self, sid: int, user: bytes, command: str, udp_client: str) -> str | None:
+        return None
+
+    def over_quota(self, user: bytes) -> str | None:
         return None
 
     def session_over(self, session, outcome) -> None:
@@ -619,3 +623,87 @@ class EchoLoad:
                 self.note(False, checked, f"long stream: {exc}")
                 return
         self.note(True, checked)
+
+
+# --------------------------------------------------------------------- relay engines, driven directly
+
+
+@pytest.fixture(params=["cython-splice", "cython-copy", "python"])
+def limited_engine(request):
+    """Each engine a rate limit must hold in: the compiled one splicing and copying, the twin."""
+    from fastsocks import _relay, _relay_py
+
+    engine = (_relay_py.RelayEngine() if request.param == "python"
+              else _relay.RelayEngine(splice=request.param == "cython-splice"))
+    yield engine
+    engine.close()
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        a = socket.create_connection(server.getsockname())
+        b, _ = server.accept()
+    return a, b
+
+
+class Relay:
+    """app_client <-> [client_fd  engine  upstream_fd] <-> app_upstream"""
+
+    def __init__(self, engine, initial: bytes = b"", tag: int = 7, **rates: int) -> None:
+        self.engine = engine
+        self.app_client, client_side = tcp_pair()
+        upstream_side, self.app_upstream = tcp_pair()
+        for sock in (client_side, upstream_side):
+            sock.setblocking(False)
+        self.ended: list = []  # Ended values
+        engine.add(client_side.detach(), upstream_side.detach(), tag, initial, **rates)
+
+    def pump(self, until, timeout_s: float = 20.0) -> None:
+        """Run the engine on this thread until ``until()`` is true."""
+        deadline = time.monotonic() + timeout_s
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.engine.fileno(), selectors.EVENT_READ)
+            while not until():
+                assert time.monotonic() < deadline, "relay made no progress in time"
+                if not self.engine.pending:
+                    sel.select(0.05)
+                self.ended.extend(self.engine.run())
+
+    def close_apps(self) -> None:
+        self.app_client.close()
+        self.app_upstream.close()
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class OneWay:
+    """``payload`` sent from one app socket to the other, then EOF; the other way is closed
+    at once. ``received`` and ``digest`` fill in as the bytes arrive."""
+
+    def __init__(self, relay: Relay, direction: str, payload: bytes) -> None:
+        source, sink = ((relay.app_client, relay.app_upstream) if direction == "up"
+                        else (relay.app_upstream, relay.app_client))
+        sink.shutdown(socket.SHUT_WR)
+        self.received = 0
+        self.digest = None
+        self.threads = [threading.Thread(target=self._send, args=(source, payload)),
+                        threading.Thread(target=self._drain, args=(sink,))]
+        for t in self.threads:
+            t.start()
+
+    def _send(self, sock: socket.socket, payload: bytes) -> None:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+
+    def _drain(self, sock: socket.socket) -> None:
+        h = hashlib.sha256()
+        while chunk := sock.recv(1 << 16):
+            h.update(chunk)
+            self.received += len(chunk)
+        self.digest = h.hexdigest()
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(timeout=20)

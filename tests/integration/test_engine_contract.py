@@ -30,7 +30,7 @@ STUBTEST_EXPECTED = {
     # A cdef class's __init__ is a slot wrapper with no signature to compare; the stub's is
     # the one the twin has, and test_the_twin_takes_the_stubs_arguments checks it.
     "fastsocks._relay.RelayEngine.__init__", "fastsocks._relay.UdpRelay.__init__",
-    "fastsocks._relay.UdpFlow.__init__",
+    "fastsocks._relay.UdpFlow.__init__", "fastsocks._relay.Accounts.__init__",
 }
 
 

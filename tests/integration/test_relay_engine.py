@@ -15,6 +15,8 @@ import time
 
 import pytest
 
+from support import OneWay, Relay, fd_count, limited_engine, tcp_pair  # noqa: F401 (a fixture)
+
 from fastsocks import _relay, _relay_py
 from fastsocks._relay_types import Ended, bucket_bytes
 
@@ -24,45 +26,6 @@ ENGINES = {"cython": _relay.RelayEngine, "python": _relay_py.RelayEngine}
 @pytest.fixture(params=sorted(ENGINES))
 def engine_cls(request):
     return ENGINES[request.param]
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        a = socket.create_connection(server.getsockname())
-        b, _ = server.accept()
-    return a, b
-
-
-class Relay:
-    """app_client <-> [client_fd  engine  upstream_fd] <-> app_upstream"""
-
-    def __init__(self, engine, initial: bytes = b"", tag: int = 7, **rates: int) -> None:
-        self.engine = engine
-        self.app_client, client_side = tcp_pair()
-        upstream_side, self.app_upstream = tcp_pair()
-        for sock in (client_side, upstream_side):
-            sock.setblocking(False)
-        self.ended: list = []  # Ended values
-        engine.add(client_side.detach(), upstream_side.detach(), tag, initial, **rates)
-
-    def pump(self, until, timeout_s: float = 20.0) -> None:
-        """Run the engine on this thread until ``until()`` is true."""
-        deadline = time.monotonic() + timeout_s
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.engine.fileno(), selectors.EVENT_READ)
-            while not until():
-                assert time.monotonic() < deadline, "relay made no progress in time"
-                if not self.engine.pending:
-                    sel.select(0.05)
-                self.ended.extend(self.engine.run())
-
-    def close_apps(self) -> None:
-        self.app_client.close()
-        self.app_upstream.close()
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def test_bytes_flow_both_ways_and_counters_add_up(engine_cls):
@@ -413,49 +376,6 @@ def test_wait_comes_back_for_the_watched_fd_and_not_without_it(engine_cls):
 
 RATE_BYTES_PER_S = 200_000
 RATE_BURST_BYTES = bucket_bytes(RATE_BYTES_PER_S)[0]
-LIMITED_ENGINES = {"cython-splice": lambda: _relay.RelayEngine(splice=True),
-                   "cython-copy": lambda: _relay.RelayEngine(splice=False),
-                   "python": lambda: _relay_py.RelayEngine()}
-
-
-@pytest.fixture(params=sorted(LIMITED_ENGINES))
-def limited_engine(request):
-    engine = LIMITED_ENGINES[request.param]()
-    yield engine
-    engine.close()
-
-
-class OneWay:
-    """``payload`` sent from one app socket to the other, then EOF; the other way is closed
-    at once. ``received`` and ``digest`` fill in as the bytes arrive."""
-
-    def __init__(self, relay: Relay, direction: str, payload: bytes) -> None:
-        source, sink = ((relay.app_client, relay.app_upstream) if direction == "up"
-                        else (relay.app_upstream, relay.app_client))
-        sink.shutdown(socket.SHUT_WR)
-        self.received = 0
-        self.digest = None
-        self.threads = [threading.Thread(target=self._send, args=(source, payload)),
-                        threading.Thread(target=self._drain, args=(sink,))]
-        for t in self.threads:
-            t.start()
-
-    def _send(self, sock: socket.socket, payload: bytes) -> None:
-        sock.sendall(payload)
-        sock.shutdown(socket.SHUT_WR)
-
-    def _drain(self, sock: socket.socket) -> None:
-        h = hashlib.sha256()
-        while chunk := sock.recv(1 << 16):
-            h.update(chunk)
-            self.received += len(chunk)
-        self.digest = h.hexdigest()
-
-    def join(self) -> None:
-        for t in self.threads:
-            t.join(timeout=20)
-
-
 def bucket_bound(started_s: float, rate_bytes_per_s: int = RATE_BYTES_PER_S) -> float:
     """The most a bucket full at ``started_s`` can have let through by now."""
     return bucket_bytes(rate_bytes_per_s)[0] + rate_bytes_per_s * (time.monotonic() - started_s)
