@@ -55,8 +55,8 @@ cdef extern from *:
     int64_t fs_swap(int64_t *w, int64_t v) nogil
     bint fs_release_if(int64_t *w, int64_t holder) nogil
 
-ACCOUNT_USER = 1
-ACCOUNT_CLIENT = 2
+ACCOUNT_USER = KIND_USER
+ACCOUNT_CLIENT = KIND_CLIENT
 ACCOUNT_NAME_MAX = 255
 
 cdef enum:
@@ -114,6 +114,37 @@ cdef void _account_refund(Account *a, int64_t me, int d, double n) noexcept nogi
     fs_unlock(&a.lock)
 
 
+cdef int _account_open(Accounts t, int kind, const unsigned char *name, int n) noexcept nogil:
+    """Accounts.open(), for the engine's front door too: the entry's index, or -1."""
+    cdef int i, at, found = -1, free_at = -1
+    cdef uint64_t h = _account_hash(kind, name, n)
+    cdef Account *a
+    _lock(&t.head.lock, t.me)
+    for i in range(PROBE if PROBE < t.entries else t.entries):
+        at = <int>((h + <uint64_t>i) % <uint64_t>t.entries)
+        a = &t.table[at]
+        if a.kind == 0:
+            if free_at < 0:
+                free_at = at
+        elif a.kind == kind and a.key == h and a.name_len == n and (n == 0 or memcmp(a.name, name, n) == 0):
+            found = at
+            break
+    if found < 0 and free_at >= 0:
+        found = free_at
+        a = &t.table[found]
+        memset(a, 0, sizeof(Account))
+        a.key = h
+        a.name_len = n
+        if n:
+            memcpy(a.name, name, n)
+        a.kind = kind
+        fs_add(&t.head.claimed, 1)
+    if found >= 0:
+        fs_add(&t.table[found].refs, 1)
+    fs_unlock(&t.head.lock)
+    return found
+
+
 cdef class Accounts:
     """The shared table; see the theory above. Made before the fork; every process uses
     the same mapping. ``entries`` is fixed for its life."""
@@ -157,39 +188,13 @@ cdef class Accounts:
         """The entry of (kind, name), claimed if new (buckets full, count 0), with one more
         session holding it; -1 when its probe run is full (the caller refuses the session)."""
         cdef int n = name.shape[0]
-        cdef int i, at, found = -1, free_at = -1
-        cdef uint64_t h
-        cdef Account *a
+        cdef int found
         if kind != ACCOUNT_USER and kind != ACCOUNT_CLIENT:
             raise ValueError(f"kind: ACCOUNT_USER or ACCOUNT_CLIENT, not {kind}")
         if n > ACCOUNT_NAME_MAX:
             raise ValueError(f"name: at most {ACCOUNT_NAME_MAX} bytes")
-        h = _account_hash(kind, &name[0] if n else NULL, n)
         with nogil:
-            _lock(&self.head.lock, self.me)
-            for i in range(PROBE if PROBE < self.entries else self.entries):
-                at = <int>((h + <uint64_t>i) % <uint64_t>self.entries)
-                a = &self.table[at]
-                if a.kind == 0:
-                    if free_at < 0:
-                        free_at = at
-                elif (a.kind == kind and a.key == h and a.name_len == n
-                      and (n == 0 or memcmp(a.name, &name[0], n) == 0)):
-                    found = at
-                    break
-            if found < 0 and free_at >= 0:
-                found = free_at
-                a = &self.table[found]
-                memset(a, 0, sizeof(Account))
-                a.key = h
-                a.name_len = n
-                if n:
-                    memcpy(a.name, &name[0], n)
-                a.kind = kind
-                fs_add(&self.head.claimed, 1)
-            if found >= 0:
-                fs_add(&self.table[found].refs, 1)
-            fs_unlock(&self.head.lock)
+            found = _account_open(self, kind, &name[0] if n else NULL, n)
         return found
 
     def close(self, int index):

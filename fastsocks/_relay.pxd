@@ -59,6 +59,7 @@ cdef enum:
     FAIL_REFUSED = 3      # the gate refused it (its words are in RelayEngine.whys)
     FAIL_CLIENT = 4       # the client was gone before its reply
     FAIL_SHUTDOWN = 5
+    FAIL_ACCOUNTS = 6     # no room in the shared accounts for its client's limit
     RULE_DEFAULT = -1     # _relay_types.RULE_DEFAULT: the default action decided
     RULE_NONE = -2        # _relay_types.RULE_NONE: nothing judged the request
     MAX_LISTENERS = 64
@@ -152,9 +153,14 @@ ctypedef struct Session:
     int quota_entry        # add(quota=...): the account its bytes count in (-1: none)...
     int64_t quota_bytes    # ...up to this many
     bint over_quota        # the count reached it: the session ends as END_QUOTA
+    int held_entry         # the front door's: the client's account it holds (-1 or 0 unused: see held)
+    bint held              # ...until the slot is released
 
 
 # The accounts all workers share (_accounts.pxi): fixed-size entries after a head.
+cdef enum:
+    KIND_USER = 1          # Account.kind: _relay.ACCOUNT_USER
+    KIND_CLIENT = 2        # _relay.ACCOUNT_CLIENT
 ctypedef struct AccountsHead:
     int64_t lock           # claiming and freeing entries: the holder's pid, else 0
     int64_t claimed
@@ -247,6 +253,7 @@ cdef class RelayEngine:
     cdef double handshake_timeout_s
     cdef double connect_timeout_s
     cdef double front_rate_bytes_per_s[2]  # the front door's sessions' limits, up and down
+    cdef double front_client_rate[2]       # ...and their client's, shared (accounts): 0 none
     cdef FrontCache accept_cache   # clients gate.accepted() let in with a tuple
     cdef FrontCache verdict_cache  # (client, dest, port) that gate.request() let through
     cdef bint egress_on           # any egress address: the connects bind first

@@ -111,6 +111,8 @@ class RelayEngine:
         egress_sticky: bool = False,
         rate_up_bytes_per_s: int = 0,
         rate_down_bytes_per_s: int = 0,
+        client_rate_up_bytes_per_s: int = 0,
+        client_rate_down_bytes_per_s: int = 0,
     ) -> None:
         """Set (again, on reload) how the engine's handshake answers: every client from its
         next step on (its next read, request or connect; a client keeps the handshake deadline
@@ -136,7 +138,11 @@ class RelayEngine:
         unreachable for those two, SOCKS4 91; Ended "failed", "connect failed: ...").
         ``rate_up_bytes_per_s``/``rate_down_bytes_per_s``: the limit of each of the sessions
         it relays from their connect on, as add()'s (0: none; ValueError unless an int >= 0).
-        The gate's remembered answers are forgotten here."""
+        ``client_rate_up_bytes_per_s``/``client_rate_down_bytes_per_s``: the limits all
+        sessions of one client address share (needs use_accounts()): each session holds its
+        client's entry (ACCOUNT_CLIENT, the address packed, 4 bytes for IPv4 and mapped
+        IPv4) from its connect until it ends; no room in the table fails it with a general
+        failure before the reply. The gate's remembered answers are forgotten here."""
     def listen(self, fd: int, exclusive: bool = False) -> None:
         """Accept from this listening socket in run() (after front()); the engine does not own
         it. ``exclusive``: one waiter woken per connection among processes (EPOLLEXCLUSIVE)."""

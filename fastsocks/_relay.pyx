@@ -236,7 +236,8 @@ cdef class RelayEngine:
     def front(self, gate, *, bytes methods=b"\x00", bint socks4=True, bint judge_accept=False,
               bint judge_request=False, own_ports=frozenset(), double handshake_timeout_s=10.0,
               double connect_timeout_s=10.0, counts=None, caps=(0, 0, 0), bint check_blocked=False,
-              egress=(), bint egress_sticky=False, rate_up_bytes_per_s=0, rate_down_bytes_per_s=0):
+              egress=(), bint egress_sticky=False, rate_up_bytes_per_s=0, rate_down_bytes_per_s=0,
+              client_rate_up_bytes_per_s=0, client_rate_down_bytes_per_s=0):
         """How the front door answers the clients accepted from now on (_relay.pyi)."""
         cdef int i
         cdef int64_t[::1] view
@@ -256,6 +257,10 @@ cdef class RelayEngine:
             raise ValueError("own_ports: each 0-65535")
         rates = (_rate_checked("rate_up_bytes_per_s", rate_up_bytes_per_s),
                  _rate_checked("rate_down_bytes_per_s", rate_down_bytes_per_s))
+        client_rates = (_rate_checked("client_rate_up_bytes_per_s", client_rate_up_bytes_per_s),
+                        _rate_checked("client_rate_down_bytes_per_s", client_rate_down_bytes_per_s))
+        if any(client_rates) and self.accounts is None:
+            raise ValueError("front(client_rate_*): needs use_accounts() first")
         cap_total, cap_worker, cap_client = caps
         if min(cap_total, cap_worker, cap_client) < 0:
             raise ValueError("caps: each 0 (none) or more")
@@ -293,6 +298,7 @@ cdef class RelayEngine:
         self.handshake_timeout_s = handshake_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.front_rate_bytes_per_s[0], self.front_rate_bytes_per_s[1] = rates
+        self.front_client_rate[0], self.front_client_rate[1] = client_rates
         # The round robins go on where they were: a reload does not send everyone to the first.
         for i, address in enumerate(v4):
             memcpy(self.egress4.addr + 16 * i, <const unsigned char *>address, 4)
@@ -1093,6 +1099,9 @@ cdef class RelayEngine:
         cdef Session *s = &self.slots[idx]
         if s.counted:
             self._tally(s, -1)
+        if s.held:
+            fs_add(&self.accounts.table[s.held_entry].refs, -1)
+            s.held = 0
         s.state = SLOT_FREE
         s.gen += 1
         s.next = self.free_head
@@ -1339,7 +1348,8 @@ cdef class RelayEngine:
         cdef socklen_t length = sizeof(err)
         cdef sockaddr_in6 bound
         cdef unsigned char reply[22]
-        cdef int n
+        cdef unsigned char key[16]
+        cdef int n, d
         # EPOLLOUT alone means connected; a failure comes with EPOLLERR/EPOLLHUP (HUP1).
         if s.ready & HUP1 and getsockopt(s.fd[1], SOL_SOCKET, SO_ERROR, &err, &length) < 0:
             err = errno
@@ -1351,6 +1361,12 @@ cdef class RelayEngine:
         memset(&bound, 0, sizeof(bound))
         if getsockname(s.fd[1], <sockaddr *>&bound, &length) < 0:
             bound.sin6_family = AF_INET  # 0.0.0.0:0: the client learns nothing, loses nothing
+        if self.front_client_rate[0] or self.front_client_rate[1]:
+            s.held_entry = _account_open(self.accounts, KIND_CLIENT, key, front_client_key(&s.peer, key))
+            if s.held_entry < 0:
+                self._front_fail(idx, 1, FAIL_ACCOUNTS, 0)
+                return
+            s.held = 1
         n = front_reply(reply, s.proto, 0, &bound)
         if send(s.fd[0], reply, n, MSG_NOSIGNAL) != n:
             self._front_fail(idx, REPLY_NONE, FAIL_CLIENT, errno if errno else EPIPE)
@@ -1374,6 +1390,13 @@ cdef class RelayEngine:
             _limit(&s.dir[0], self.front_rate_bytes_per_s[0], self.now_s)
         if self.front_rate_bytes_per_s[1]:
             _limit(&s.dir[1], self.front_rate_bytes_per_s[1], self.now_s)
+        if s.held:
+            for d in range(2):
+                if self.front_client_rate[d]:
+                    s.dir[d].shared[0] = s.held_entry
+                    s.dir[d].shared[1] = -1
+                    s.dir[d].shared_rate[0] = self.front_client_rate[d]
+                    s.dir[d].limits |= LIM_SHARED
         self._pump(idx)
 
     cdef void _front_fail(self, int idx, int reply, int kind, int err) noexcept nogil:
@@ -1610,6 +1633,8 @@ cdef class RelayEngine:
             return self.whys.pop(idx, "refused")
         if s.fail == FAIL_SHUTDOWN:
             return "worker shutting down"
+        if s.fail == FAIL_ACCOUNTS:
+            return "no room in the shared accounts table for its client's limit"
         return f"client error: {os.strerror(s.end_errno)}"
 
 

@@ -280,7 +280,7 @@ class _TokenBucket:
 
 class _Session:
     __slots__ = ("tag", "socks", "dirs", "last_active_s", "registered", "described", "started_s", "bucket",
-                 "marks")
+                 "marks", "held")
 
     def __init__(self, tag: int, client: socket.socket, upstream: socket.socket, initial: bytes,
                  described: str = "", started_s: float = 0.0, bucket: tuple | None = None,
@@ -294,6 +294,7 @@ class _Session:
         self.described, self.started_s = described, started_s
         self.bucket = bucket  # counted in the shared counts (front's counts) in these buckets
         self.marks = marks    # a front-door session's rule and phases (_Front.marks)
+        self.held = None      # a front-door session's client entry in the shared accounts, if any
 
 
 class _Counts:
@@ -350,6 +351,7 @@ class _FrontRules:
     egress: dict = dataclasses.field(default_factory=dict)  # family -> source addresses, as text
     egress_sticky: bool = False
     rates: tuple = (0, 0)       # each session's limits, bytes/s up and down (0: none)
+    client_rates: tuple = (0, 0)  # its client's, shared (use_accounts' table), likewise
 
 
 class _Front:
@@ -469,10 +471,15 @@ class RelayEngine:
               judge_request: bool = False, own_ports: frozenset = frozenset(), handshake_timeout_s: float = 10.0,
               connect_timeout_s: float = 10.0, counts=None, caps: tuple = (0, 0, 0),
               check_blocked: bool = False, egress=(), egress_sticky: bool = False, rate_up_bytes_per_s: int = 0,
-              rate_down_bytes_per_s: int = 0) -> None:
+              rate_down_bytes_per_s: int = 0, client_rate_up_bytes_per_s: int = 0,
+              client_rate_down_bytes_per_s: int = 0) -> None:
         methods, own_ports = bytes(methods), frozenset(own_ports)
         rates = (_rate_checked("rate_up_bytes_per_s", rate_up_bytes_per_s),
                  _rate_checked("rate_down_bytes_per_s", rate_down_bytes_per_s))
+        client_rates = (_rate_checked("client_rate_up_bytes_per_s", client_rate_up_bytes_per_s),
+                        _rate_checked("client_rate_down_bytes_per_s", client_rate_down_bytes_per_s))
+        if any(client_rates) and self._accounts is None:
+            raise ValueError("front(client_rate_*): needs use_accounts() first")
         egress = _egress_by_family(egress)
         if len(methods) > _MAX_METHODS:
             raise ValueError(f"at most {_MAX_METHODS} methods, got {len(methods)}")
@@ -491,7 +498,7 @@ class RelayEngine:
         self._rules = _FrontRules(gate, methods, bool(socks4), bool(judge_accept), bool(judge_request),
                                   own_ports, float(handshake_timeout_s), float(connect_timeout_s),
                                   caps, bool(check_blocked) and counts is not None, egress, bool(egress_sticky),
-                                  rates)
+                                  rates, client_rates)
         self._accept_cache, self._verdict_cache = {}, {}
 
     def listen(self, fd: int, exclusive: bool = False) -> None:
@@ -734,6 +741,8 @@ class RelayEngine:
         self._sessions.discard(session)
         self._throttled.discard(session)
         self._uncount(session)
+        if session.held is not None:
+            self._accounts.close(session.held)
         for sock in session.socks:
             self._by_fd.pop(sock.fileno(), None)
             sock.close()  # closing removes it from the epoll set
@@ -894,6 +903,14 @@ class RelayEngine:
 
     def _front_connected(self, front: _Front, batch: _Batch) -> None:
         front.connected_s = time.monotonic()
+        rules, held = self._rules, None
+        if any(rules.client_rates):  # its client's shared entry, held until the session ends
+            mapped = _mapped(front.peer[0].partition("%")[0])
+            held = self._accounts.open(ACCOUNT_CLIENT, mapped[12:] if mapped[:12] == _V4_MAPPED else mapped)
+            if held < 0:
+                batch.ended.append(self._front_end(front, socks5.Reply.GENERAL_FAILURE, 0,
+                                                   "no room in the shared accounts table for its client's limit"))
+                return
         reply = _success_reply(front.proto, front.upstream.getsockname())
         try:
             n = front.client.send(reply, socket.MSG_NOSIGNAL)
@@ -902,12 +919,18 @@ class RelayEngine:
         else:
             err = 0 if n == len(reply) else errno.EPIPE  # a fresh socket takes a whole reply
         if err:
+            if held is not None:
+                self._accounts.close(held)
             batch.ended.append(self._front_end(front, NO_REPLY, err, f"client error: {os.strerror(err)}"))
             return
         client, upstream = front.client, front.upstream
         self._forget(front)
-        self._relay(_Session(front.tag, client, upstream, front.data[front.consumed:],
-                             front.described, front.started_s, front.bucket, front.marks(), self._rules.rates))
+        limits = (None, None) if held is None else self._limits_of(
+            rules.rates, ((held, *rules.client_rates),), None)
+        session = _Session(front.tag, client, upstream, front.data[front.consumed:],
+                           front.described, front.started_s, front.bucket, front.marks(), rules.rates, limits)
+        session.held = held
+        self._relay(session)
 
     def _connect_failed(self, front: _Front, err: int) -> Ended:
         front.connected_s = time.monotonic()  # how long the connect took to fail

@@ -101,6 +101,8 @@ class FrontDoor:
         self.listener.setblocking(False)
         self.gate = gate
         self.engine = module.RelayEngine()
+        if "accounts" in front:  # the shared accounts (front's client_rate_*) come first
+            self.engine.use_accounts(front.pop("accounts"))
         self.engine.front(gate, **front)
         self.engine.listen(self.listener.fileno())
         self.selector = selectors.DefaultSelector()
@@ -1036,3 +1038,41 @@ def test_front_refuses_egress_it_cannot_bind(engine, egress):
         made.front(object(), egress=packed("127.0.0.1") * 64 + packed("::1") * 64)  # 64 of each
     finally:
         made.close()
+
+
+# --------------------------------------------------------------------- a client's shared limit
+
+CLIENT_RATE = 200_000
+
+
+def test_a_clients_sessions_share_its_limit_and_its_entry_is_let_go(door, tcp_target):
+    """front(client_rate_*): every session of one client address reads through that
+    client's one bucket in the shared accounts, held from its connect until it ends."""
+    from fastsocks._relay_types import bucket_bytes
+
+    payload = os.urandom(150_000)
+    target = tcp_target(lambda conn: conn.sendall(payload))
+    accounts = _relay.Accounts(256)
+    front_door = door(accounts=accounts, client_rate_down_bytes_per_s=CLIENT_RATE)
+    started_s = time.monotonic()
+    clients = [front_door.connect() for _ in range(2)]
+    for client in clients:
+        client.sendall(GREETING + socks5_request_bytes("127.0.0.1", target.port))
+    for client in clients:
+        assert front_door.recv_exact(client, 2 + 10)[:4] == b"\x05\x00\x05\x00"
+    held = [(kind, name, refs) for _i, kind, name, refs, _u in accounts.claimed()]
+    assert held == [(_relay.ACCOUNT_CLIENT, socket.inet_aton("127.0.0.1"), 2)]
+    for client in clients:
+        assert front_door.recv_to_eof(client) == payload
+        client.shutdown(socket.SHUT_WR)
+    # 300 kB through one 200 kB/s bucket, less its burst: each alone would take half.
+    assert time.monotonic() - started_s >= (2 * len(payload) - bucket_bytes(CLIENT_RATE)[0]) / CLIENT_RATE
+    front_door.run_until(lambda: len(front_door.ended) == 2, "both sessions' ends")
+    assert [refs for _i, _k, _n, refs, _u in accounts.claimed()] == [0]
+    assert sorted(e.bytes_down for e in front_door.ended) == [len(payload)] * 2
+
+
+def test_client_rates_need_the_accounts(door):
+    with pytest.raises(ValueError, match="use_accounts"):
+        door(client_rate_up_bytes_per_s=1000)
+
