@@ -78,6 +78,9 @@ class SessionHost(Protocol):
         """Why this request is over a cap, or None; ``command`` as the rules name it, and for
         UDP ASSOCIATE the client's IP, by which the association caps count."""
 
+    def over_quota(self, user: bytes) -> str | None:
+        """Why ``user`` may start no session (its quota is used up: accounts.py), or None."""
+
     def next_turn(self, key: Hashable) -> int:
         """0, 1, 2, ... per key: where a round robin (a rule's via, egress addresses) is
         for the next session."""

@@ -38,6 +38,7 @@ import psutil
 
 from fastsocks import config, handover, logs, privileges, systemd, upgrade
 from fastsocks.errors import BootError, ConfigError
+from fastsocks.accounts import QuotaBook, new_accounts
 from fastsocks.limits import SharedLimits
 from fastsocks.listeners import ListenerSet
 from fastsocks.metrics import MasterCollector, MasterCounts, SharedCounters
@@ -96,6 +97,8 @@ class Master:
         self.listeners: ListenerSet | None = None
         self.stats: SharedStats | None = None
         self.limits: SharedLimits | None = None
+        self.accounts = None          # _relay.Accounts: user and client limits, quota counts (accounts.py)
+        self.quota_book: QuotaBook | None = None
         self.counters: SharedCounters | None = None
         self.counts = MasterCounts()  # restarts and reloads, for the metrics
         self.metrics_server = None    # --metrics: prometheus_client's HTTP server (a thread)
@@ -121,11 +124,14 @@ class Master:
         self.listeners = self.open_listeners()
         self.stats = SharedStats(self.settings.workers)
         self.limits = SharedLimits(self.settings.workers)
+        self.accounts = new_accounts()
         self.counters = SharedCounters(self.settings.workers)
         self.serve_metrics()  # bound before the privileges go, like the listeners
         if self.inheritance is None:
             self.write_pid_file(at_start=True)  # an upgraded master writes it once it serves (announce_ready)
         self.become_user()
+        self.quota_book = QuotaBook(self.accounts)
+        self.quota_book.configure(self.settings)  # as the server's user: the file is its own
         self.install_signals()
         self.notifier = notifier_from_environ()
         addresses = ", ".join(str(a) for a in self.listeners.addresses)
@@ -143,10 +149,13 @@ class Master:
                 self.watch_workers()
                 self.watch_successor()
                 self.announce_ready()
+                self.quota_book.tick()
         finally:
             if self.notifier is not None:
                 self.notifier.close()
             self.stop_workers(signal.SIGKILL)
+            if self.quota_book is not None:
+                self.quota_book.close()  # the last counts, once the workers are gone
             self.log_summary()
             self.listeners.close()
             self.stop_metrics()
@@ -324,6 +333,7 @@ class Master:
         try:
             settings, restart_only = config.reloaded(self.settings, self.reload)
             users = load_users(settings.users_file) if settings.users_file else None
+            self.quota_book.configure(settings)
         except ConfigError as exc:
             log.error("SIGHUP: keeping the current configuration: %s", exc)
             self.counts.reloads["error"] += 1
@@ -524,8 +534,11 @@ class Master:
             for sock in self.listeners.all():
                 if sock.fileno() not in keep:
                     sock.close()
+            if self.accounts is not None:
+                self.accounts.forked()
             code = Worker(slot, self.settings, listeners, self.stats, self.pid, self.users,
-                          self.limits, control, self.listeners.proxied, self.counters.for_worker(slot)).run()
+                          self.limits, control, self.listeners.proxied, self.counters.for_worker(slot),
+                          self.accounts).run()
         except BaseException:
             log.exception("worker %d crashed", slot)
         finally:
@@ -546,6 +559,8 @@ class Master:
                     self.successor.exit_code = os.waitstatus_to_exitcode(status)
                 continue
             worker.control.close()
+            if self.accounts is not None:
+                self.accounts.unlock_dead(pid)  # a lock it held when it died is nobody's now
             self.count_usage(worker, rusage)
             code = os.waitstatus_to_exitcode(status)
             if code == EXIT_BOOT_ERROR and self.stopping_since_s is None:
@@ -763,6 +778,8 @@ def _wake_only(signum, frame) -> None:
 def run(settings: Settings, users: UserDB | None = None, reload=None) -> int:
     try:
         return Master(settings, users, reload).run()
+    except ConfigError as exc:  # the quota file
+        raise BootError(str(exc)) from None
     except OSError as exc:
         if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EACCES):
             raise BootError(f"cannot listen: {exc.strerror}") from exc

@@ -256,6 +256,10 @@ class Session:
         if refusal is not None:
             self.fail(Reply.GENERAL_FAILURE, refusal)
             return
+        refusal = self.host.over_quota(self.policy_user())
+        if refusal is not None:
+            self.fail(Reply.CONNECTION_NOT_ALLOWED, refusal)
+            return
         if request.command == Command.CONNECT:
             self.connect()
         elif request.command == Command.BIND:

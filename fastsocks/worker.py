@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 from fastsocks import access, handover, logs
 from fastsocks._relay_types import RULE_DEFAULT, RULE_NONE
 from fastsocks.access import NO_TIMING
+from fastsocks.accounts import Ledger, new_accounts
 from fastsocks.admission import Admission
 from fastsocks.auth import Authenticator
 from fastsocks.errors import BootError
@@ -59,12 +60,12 @@ from fastsocks.protocol.socks5 import Reply
 from fastsocks.proxied import HeaderWait, ProxiedListener
 from fastsocks.resolver import Resolver
 from fastsocks.session import METHODS, Session
-from fastsocks.settings import Settings
+from fastsocks.settings import SHARED_RATES, Settings
 from fastsocks.stats import SharedStats, SlotStats
 from fastsocks.users import UserDB
 
 if TYPE_CHECKING:
-    from fastsocks._relay import UdpRelay
+    from fastsocks._relay import Accounts, UdpRelay
     from fastsocks._relay_types import Ended
     from fastsocks.limits import SharedLimits
     from fastsocks.udp import UdpAssociation
@@ -76,6 +77,7 @@ EXIT_BOOT_ERROR = 3   # the master stops instead of respawning (gunicorn's habit
 ACCEPT_PAUSE_S = 0.5  # back-off when out of file descriptors
 TICK_S = 1.0
 FD_EXHAUSTION = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+RULE_RATES = ("rate_up_bytes_per_s", "rate_down_bytes_per_s", *SHARED_RATES)  # a rule's own limits
 PROXIED_TAGS = 1 << 62  # session ids of the clients the worker accepts itself: never the engine's
 
 
@@ -96,7 +98,7 @@ class Worker:
                  stats: SharedStats, master_pid: int, users: UserDB | None = None,
                  limits: SharedLimits | None = None, control: socket.socket | None = None,
                  proxied: list[bool] | None = None,
-                 counters: WorkerCounters | None = None) -> None:
+                 counters: WorkerCounters | None = None, accounts: Accounts | None = None) -> None:
         self.slot = slot
         self.counters = counters or SharedCounters(1).for_worker(0)  # metrics.py: outcomes by kind
         self.settings = settings
@@ -115,6 +117,9 @@ class Worker:
         self.access_log = access.AccessLog(settings.access_log_format)  # restart-only: never reloaded
         # Python sessions the engine relays, by sid: their access line's opening, start, rule, timing.
         self.relayed: dict[int, tuple[str | dict, float, int, access.Timing]] = {}
+        self.shared_accounts = accounts  # the master's (accounts.py); made in boot() when run alone
+        self.ledger: Ledger | None = None
+        self.held: dict[int, tuple[int, ...]] = {}  # sid -> the accounts entries its relay holds
         self.udp_associations: dict[int, UdpAssociation] = {}  # UDP ASSOCIATE sessions, by sid
         self.udp_opened: dict[int, tuple[str | dict, int, access.Timing]] = {}  # ... and their line's opening
         self.udp_relay: UdpRelay | None = None  # their shared datagram relay, made on first use
@@ -174,6 +179,8 @@ class Worker:
         self.heap.one_arena()  # before any thread allocates: see heap.py
         logs.write_off_loop(f"worker {self.slot}")  # a thread writes the log: a stalled reader stalls no session
         self.engine = load_relay_engine(self.settings)
+        self.ledger = Ledger(self.shared_accounts if self.shared_accounts is not None else new_accounts())
+        self.engine.use_accounts(self.ledger.accounts)
         self.resolver = Resolver(self.settings.resolver_threads, self.settings.dns_cache_ttl_s,
                                  self.settings.dns_cache_size)
         self.signal_rsock, self.signal_wsock = socket.socketpair()
@@ -348,8 +355,9 @@ class Worker:
         # Rules that send sessions through a parent proxy (chain.py), from addresses of their
         # own or at rates of their own: the session decides which requests those are, so the
         # front door answers nothing (the server-wide egress and rates it takes itself).
-        chaining = any(rule.via or rule.egress or rule.rate_up_bytes_per_s is not None
-                       or rule.rate_down_bytes_per_s is not None for rule in settings.policy.rules)
+        # Rules' own shared limits too (accounts.py); the [limits] ones per client it holds itself.
+        chaining = any(rule.via or rule.egress or any(getattr(rule, name) is not None for name in RULE_RATES)
+                       for rule in settings.policy.rules)
         if "socks5" not in settings.protocols or chaining:
             methods = b""
         counting = admission.counting
@@ -372,7 +380,9 @@ class Worker:
                                   for a in settings.egress],
                           egress_sticky=settings.egress_rotation != "round-robin",
                           rate_up_bytes_per_s=settings.rate_up_bytes_per_s,
-                          rate_down_bytes_per_s=settings.rate_down_bytes_per_s)
+                          rate_down_bytes_per_s=settings.rate_down_bytes_per_s,
+                          client_rate_up_bytes_per_s=settings.client_rate_up_bytes_per_s,
+                          client_rate_down_bytes_per_s=settings.client_rate_down_bytes_per_s)
 
     def accepted(self, tag: int, host: str, port: int) -> bool | tuple[int, ...]:
         """Let this client in? The engine remembers a tuple answer (the buckets to count its
@@ -444,6 +454,9 @@ class Worker:
         self.turns[key] = turn + 1
         return turn
 
+    def over_quota(self, user: bytes) -> str | None:
+        return self.ledger.over_quota(self.env.settings, user)
+
     def admit(self, sid: int, user: bytes, command: str, udp_client: str) -> str | None:
         refusal = self.admission.admit(sid, user, command, udp_client)
         if refusal is None:
@@ -478,17 +491,29 @@ class Worker:
         # The access line is the only reader: with it off (--log-level warning), skip the string.
         opening = session.opening(self.access_log) if access.enabled() else ""
         self.relayed[session.sid] = (opening, session.started_s, session.rule, timing)
-        up_bytes_per_s, down_bytes_per_s = session.env.settings.session_rates(session.rule)  # its rules' own
+        settings = session.env.settings
+        up_bytes_per_s, down_bytes_per_s = settings.session_rates(session.rule)  # its rules' own
+        held = self.ledger.hold(settings, session.rule, session.policy_user(), session.client_address_packed)
         try:
+            if held is None:
+                os.close(relay.client_fd)
+                os.close(relay.upstream_fd)
+                raise OSError(errno.ENOSPC, "no room in the shared accounts table for its limits")
             self.engine.add(relay.client_fd, relay.upstream_fd, session.sid, relay.initial,
-                            rate_up_bytes_per_s=up_bytes_per_s, rate_down_bytes_per_s=down_bytes_per_s)
+                            rate_up_bytes_per_s=up_bytes_per_s, rate_down_bytes_per_s=down_bytes_per_s,
+                            shared=held.shared, quota=held.quota)
         except OSError as exc:
             # The engine closed both fds: the session ends here.
             self.closed += 1
             self.relayed.pop(session.sid, None)
             self.admission.closed(session.sid)
             self.start_failures += 1
-            log.error("%s relay could not start: %s", session.describe(), exc)
+            if held is not None:
+                self.ledger.release(held.entries)
+            log.error("%s relay could not start: %s", session.describe(), exc.strerror or exc)
+            return
+        if held.entries:
+            self.held[session.sid] = held.entries
 
     def start_udp(self, session: Session, start: StartUdp) -> None:
         """UDP ASSOCIATE answered: the association owns the client socket from now on."""
@@ -548,6 +573,8 @@ class Worker:
     def session_ended(self, ended: Ended) -> None:
         self.closed += 1
         self.admission.closed(ended.tag)
+        if self.held:
+            self.ledger.release(self.held.pop(ended.tag, ()))
         access_log = self.access_log
         if ended.described:  # one of the engine's own: it says who it was
             described, started_s, rule = ended.described, ended.started_s, ended.rule
