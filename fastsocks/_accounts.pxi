@@ -16,7 +16,10 @@
 # - an entry's lock covers its two buckets (take and refund: once per read of a session
 #   it limits). ``refs`` and ``used`` are plain atomic adds.
 # A worker killed while holding one leaves its pid there: the master calls unlock_dead()
-# for every worker it reaps, before the next one forks.
+# for every worker it reaps, before the next one forks. Its sessions' holds (refs) die
+# with it too: each worker tallies its own in a row of ``holds`` (after the entries, an
+# int32 per entry per worker slot, written by that worker alone), which release_slot()
+# takes back from the entries' refs.
 #
 # An entry is freed (kind 0) only by reclaim(), under the head's lock, when no session
 # holds it (refs 0), and, while its quota count must survive (keep_used), when that is 0
@@ -141,24 +144,39 @@ cdef int _account_open(Accounts t, int kind, const unsigned char *name, int n) n
         fs_add(&t.head.claimed, 1)
     if found >= 0:
         fs_add(&t.table[found].refs, 1)
+        if t.slot >= 0:
+            t.holds[<size_t>t.slot * t.entries + found] += 1
     fs_unlock(&t.head.lock)
     return found
+
+
+cdef inline void _account_release(Accounts t, int index) noexcept nogil:
+    """One session fewer holds entry ``index`` (the inverse of _account_open)."""
+    if t.slot >= 0:
+        t.holds[<size_t>t.slot * t.entries + index] -= 1
+    fs_add(&t.table[index].refs, -1)
 
 
 cdef class Accounts:
     """The shared table; see the theory above. Made before the fork; every process uses
     the same mapping. ``entries`` is fixed for its life."""
 
-    def __cinit__(self, int entries=16384):
+    def __cinit__(self, int entries=16384, int workers=1):
         if not 1 <= entries <= 1 << 22:
             raise ValueError(f"entries: 1 to {1 << 22}, not {entries}")
-        self.size = sizeof(AccountsHead) + <size_t>entries * sizeof(Account)
+        if not 1 <= workers <= 1024:
+            raise ValueError(f"workers: 1 to 1024, not {workers}")
+        self.size = (sizeof(AccountsHead) + <size_t>entries * sizeof(Account)
+                     + <size_t>workers * entries * sizeof(int32_t))
         cdef void *p = mmap(NULL, self.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0)
         if p == MAP_FAILED:
             raise OSError(errno, "mmap of the shared accounts failed")
         self.head = <AccountsHead *>p
         self.table = <Account *>(<char *>p + sizeof(AccountsHead))
+        self.holds = <int32_t *>(<char *>self.table + <size_t>entries * sizeof(Account))
         self.entries = entries
+        self.workers = workers
+        self.slot = -1
         self.me = os.getpid()
 
     def __dealloc__(self):
@@ -166,9 +184,13 @@ cdef class Accounts:
             munmap(self.head, self.size)
             self.head = NULL
 
-    def forked(self):
-        """In a new process (a forked worker): its pid is what its locks hold."""
+    def forked(self, int slot=-1):
+        """In a new process (a forked worker): its pid is what its locks hold, and ``slot``
+        (0 to workers - 1) the row its holds are tallied in, for release_slot()."""
+        if not -1 <= slot < self.workers:
+            raise ValueError(f"slot: -1 (none) or 0 to {self.workers - 1}, not {slot}")
         self.me = os.getpid()
+        self.slot = slot
 
     @property
     def capacity(self):
@@ -199,7 +221,8 @@ cdef class Accounts:
 
     def close(self, int index):
         """One session fewer holds the entry."""
-        fs_add(&self._entry(index).refs, -1)
+        self._entry(index)
+        _account_release(self, index)
 
     def used(self, int index):
         """Bytes counted against the entry's quota this period."""
@@ -254,6 +277,22 @@ cdef class Accounts:
             fs_add(&self.head.claimed, -freed)
             fs_unlock(&self.head.lock)
         return freed
+
+    def release_slot(self, int slot):
+        """A dead worker's holds: its sessions died with it, so the entries they held are
+        held that much less (before the next worker takes the slot); how many holds."""
+        cdef int i
+        cdef int64_t n = 0
+        cdef int32_t *row
+        if not 0 <= slot < self.workers:
+            raise ValueError(f"slot: 0 to {self.workers - 1}, not {slot}")
+        row = self.holds + <size_t>slot * self.entries
+        for i in range(self.entries):
+            if row[i]:
+                fs_add(&self.table[i].refs, -row[i])
+                n += row[i]
+                row[i] = 0
+        return n
 
     def unlock_dead(self, int64_t pid):
         """Release every lock a dead process ``pid`` held; returns how many it held."""

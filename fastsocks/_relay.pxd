@@ -181,7 +181,10 @@ ctypedef struct Account:
 cdef class Accounts:
     cdef AccountsHead *head
     cdef Account *table
+    cdef int32_t *holds           # [workers][entries]: each worker slot's holds (release_slot)
     cdef int entries
+    cdef int workers
+    cdef int slot                 # this process's row in holds (forked()); -1: none, the master
     cdef size_t size
     cdef int64_t me               # this process's pid: what its locks hold
     cdef Account *_entry(self, int index) except NULL

@@ -210,9 +210,10 @@ ACCOUNT_NAME_MAX: int  # bytes of a name
 
 @disjoint_base
 class Accounts:
-    def __init__(self, entries: int = 16384) -> None: ...
-    def forked(self) -> None:
-        """In a forked process: its pid is what its locks hold (unlock_dead frees them)."""
+    def __init__(self, entries: int = 16384, workers: int = 1) -> None: ...
+    def forked(self, slot: int = -1) -> None:
+        """In a forked process: its pid is what its locks hold (unlock_dead frees them), and
+        ``slot`` its row of holds (release_slot takes them back; -1: none)."""
     @property
     def capacity(self) -> int: ...
     @property
@@ -232,6 +233,8 @@ class Accounts:
         """(index, kind, name, sessions holding it, count) of every claimed entry."""
     def reclaim(self, keep_used: bool) -> int:
         """Free the entries no session holds (with keep_used, only those counting 0)."""
+    def release_slot(self, slot: int) -> int:
+        """A dead worker's holds, taken back from the entries' refs; how many."""
     def unlock_dead(self, pid: int) -> int:
         """Release the locks a dead process held; how many."""
 

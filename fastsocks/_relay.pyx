@@ -1100,7 +1100,7 @@ cdef class RelayEngine:
         if s.counted:
             self._tally(s, -1)
         if s.held:
-            fs_add(&self.accounts.table[s.held_entry].refs, -1)
+            _account_release(self.accounts, s.held_entry)
             s.held = 0
         s.state = SLOT_FREE
         s.gen += 1

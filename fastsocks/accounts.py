@@ -40,14 +40,14 @@ ACCOUNT_USER = 1        # _relay.ACCOUNT_USER, _relay.ACCOUNT_CLIENT
 ACCOUNT_CLIENT = 2
 
 
-def new_accounts() -> Accounts | None:
+def new_accounts(workers: int = 1) -> Accounts | None:
     """The shared table, made by the master before it forks; None when the engine is not
     built (then no worker can boot, and the first one to try says why)."""
     try:
         from fastsocks._relay import Accounts
     except ImportError:
         return None
-    return Accounts()
+    return Accounts(workers=workers)
 
 
 class Held(NamedTuple):

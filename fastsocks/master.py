@@ -124,7 +124,7 @@ class Master:
         self.listeners = self.open_listeners()
         self.stats = SharedStats(self.settings.workers)
         self.limits = SharedLimits(self.settings.workers)
-        self.accounts = new_accounts()
+        self.accounts = new_accounts(self.settings.workers)
         self.counters = SharedCounters(self.settings.workers)
         self.serve_metrics()  # bound before the privileges go, like the listeners
         if self.inheritance is None:
@@ -535,7 +535,7 @@ class Master:
                 if sock.fileno() not in keep:
                     sock.close()
             if self.accounts is not None:
-                self.accounts.forked()
+                self.accounts.forked(slot)
             code = Worker(slot, self.settings, listeners, self.stats, self.pid, self.users,
                           self.limits, control, self.listeners.proxied, self.counters.for_worker(slot),
                           self.accounts).run()
@@ -561,6 +561,7 @@ class Master:
             worker.control.close()
             if self.accounts is not None:
                 self.accounts.unlock_dead(pid)  # a lock it held when it died is nobody's now
+                self.accounts.release_slot(worker.slot)  # and so are its sessions' holds
             self.count_usage(worker, rusage)
             code = os.waitstatus_to_exitcode(status)
             if code == EXIT_BOOT_ERROR and self.stopping_since_s is None:

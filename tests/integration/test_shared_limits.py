@@ -70,6 +70,36 @@ def test_a_full_probe_run_is_said_not_overwritten():
     assert small.open(_relay.ACCOUNT_USER, b"u2") == entries[2]
 
 
+def test_a_dead_workers_holds_are_taken_back_from_its_slot():
+    """A worker killed with sessions open never closes their entries: the master takes
+    its slot's holds back, and what nobody else holds can be freed."""
+    accounts = _relay.Accounts(256, workers=2)
+    shared = accounts.open(_relay.ACCOUNT_USER, b"alice")  # the master's own hold
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            accounts.forked(1)
+            accounts.open(_relay.ACCOUNT_USER, b"alice")
+            accounts.open(_relay.ACCOUNT_USER, b"alice")
+            accounts.open(_relay.ACCOUNT_CLIENT, b"\x7f\x00\x00\x01")
+            os.write(ready_w, b"x")
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    assert os.read(ready_r, 1) == b"x"
+    os.close(ready_r)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    refs = {name: r for _i, _k, name, r, _u in accounts.claimed()}
+    assert refs == {b"alice": 3, b"\x7f\x00\x00\x01": 1}
+    assert accounts.release_slot(1) == 3
+    assert {name: r for _i, _k, name, r, _u in accounts.claimed()} == {b"alice": 1, b"\x7f\x00\x00\x01": 0}
+    assert accounts.release_slot(1) == 0 and accounts.reclaim(keep_used=False) == 1
+    accounts.close(shared)
+
+
 def test_a_bucket_grants_its_burst_then_makes_the_reader_wait(accounts):
     entry = accounts.open(_relay.ACCOUNT_CLIENT, b"\x7f\x00\x00\x01")
     got, _ = accounts.take(entry, 1, RATE, 10 * BURST)
