@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from comparison.servers import LOOPBACK, ServerSpec
+from fastsocks.bench.targets import LISTEN_PORTS
 
 
 class ServerError(RuntimeError):
@@ -99,7 +101,19 @@ def signals_interrupt(signals: tuple[signal.Signals, ...] = (signal.SIGINT, sign
             signal.signal(sig, handler)
 
 
-def free_port() -> int:
+def free_port(tries: int = 64) -> int:
+    """A free loopback port for the next server, below the ephemeral range (as the bench's
+    targets take theirs): after a fast connection-rate run every ephemeral port can be held
+    by a socket in TIME_WAIT, and then bind(port 0) fails with EADDRINUSE for every later
+    cell of the run."""
+    low, high = LISTEN_PORTS
+    for port in random.sample(range(low, high), tries):
+        with socket.socket() as sock:
+            try:
+                sock.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind((LOOPBACK, 0))
         return sock.getsockname()[1]
