@@ -199,3 +199,23 @@ def test_a_config_without_a_quota_file_exits_2(tmp_path) -> None:
     result = quota("show", "--config", str(config))
     assert result.returncode == 2
     assert str(config) in result.stderr and "[limits] quota_db" in result.stderr
+
+
+@pytest.mark.parametrize("state", ["fine", "missing", "not sqlite"])
+def test_check_config_says_whether_the_quota_file_would_do(tmp_path, state) -> None:
+    db = tmp_path / "state" / "quota.sqlite"
+    if state == "fine":
+        QuotaStore(str(db)).close()
+    elif state == "not sqlite":
+        db.parent.mkdir()
+        db.write_bytes(b"no database here" * 64)
+    path = tmp_path / "fastsocks.toml"
+    path.write_text('[limits]\nquota_bytes = 1000\nquota_db = "state/quota.sqlite"\n')
+    result = subprocess.run([*fastsocks_command(), "check-config", str(path)], capture_output=True, text=True,
+                            timeout=60)
+    if state == "not sqlite":
+        assert result.returncode == 2 and f"{db}: quota_db: not an SQLite database" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert f"quota 1000 bytes per user per day in {db}" in result.stdout
+    assert db.exists() == (state != "missing")  # checking creates nothing
