@@ -95,7 +95,9 @@ class Ledger:
             wanted.append((ACCOUNT_CLIENT, client(), client_up, client_down))
         if not wanted:
             return NOTHING
-        entries, shared, quota_at = [], [], None
+        entries: list[int] = []
+        shared: list[tuple[int, int, int]] = []
+        quota_at: tuple[int, int] | None = None
         for kind, name, up, down in wanted:
             entry = self.accounts.open(kind, name)
             if entry < 0:
@@ -116,8 +118,8 @@ class Ledger:
 class QuotaBook:
     """The master's side: the counts to and from the quota file, and the table's sweep."""
 
-    def __init__(self, accounts: Accounts | None) -> None:
-        self.accounts = accounts  # None: no engine, so no worker will run (new_accounts)
+    def __init__(self, accounts: Accounts) -> None:
+        self.accounts = accounts
         self.store: QuotaStore | None = None
         self.settings: Settings | None = None
         self.period = ""
@@ -128,9 +130,7 @@ class QuotaBook:
     def configure(self, settings: Settings) -> None:
         """At start and at every reload: open the quota file named (ConfigError if it
         cannot be), take the period's counts from it."""
-        if self.accounts is None:
-            return
-        if settings.quota_bytes and (self.store is None or self.store.path != settings.quota_db):
+        if settings.quota_db and settings.quota_bytes and (self.store is None or self.store.path != settings.quota_db):
             store = QuotaStore(settings.quota_db)  # raises ConfigError naming the file
             if self.store is not None:
                 self.write_out()
@@ -147,8 +147,6 @@ class QuotaBook:
 
     def tick(self, now_s: float | None = None) -> None:
         """Called by the master's loop; does a batch once QUOTA_BATCH_S has passed."""
-        if self.accounts is None:
-            return
         mono = time.monotonic()
         if mono < self.due_s:
             return
@@ -189,6 +187,7 @@ class QuotaBook:
 
     def square(self, period: str) -> None:
         """Add each user entry's new bytes to the file; set every entry to the file's total."""
+        assert self.store is not None  # write_out's caller checked
         seen = {}
         deltas: dict[bytes, int] = {}
         for entry, kind, name, _refs, used in self.accounts.claimed():

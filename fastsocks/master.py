@@ -37,8 +37,8 @@ from dataclasses import dataclass, replace
 import psutil
 
 from fastsocks import config, handover, logs, privileges, systemd, upgrade
-from fastsocks.errors import BootError, ConfigError
 from fastsocks.accounts import QuotaBook, new_accounts
+from fastsocks.errors import BootError, ConfigError
 from fastsocks.limits import SharedLimits
 from fastsocks.listeners import ListenerSet
 from fastsocks.metrics import MasterCollector, MasterCounts, SharedCounters
@@ -130,8 +130,9 @@ class Master:
         if self.inheritance is None:
             self.write_pid_file(at_start=True)  # an upgraded master writes it once it serves (announce_ready)
         self.become_user()
-        self.quota_book = QuotaBook(self.accounts)
-        self.quota_book.configure(self.settings)  # as the server's user: the file is its own
+        if self.accounts is not None:  # else no worker can boot, and the first one says why
+            self.quota_book = QuotaBook(self.accounts)
+            self.quota_book.configure(self.settings)  # as the server's user: the file is its own
         self.install_signals()
         self.notifier = notifier_from_environ()
         addresses = ", ".join(str(a) for a in self.listeners.addresses)
@@ -149,7 +150,8 @@ class Master:
                 self.watch_workers()
                 self.watch_successor()
                 self.announce_ready()
-                self.quota_book.tick()
+                if self.quota_book is not None:
+                    self.quota_book.tick()
         finally:
             if self.notifier is not None:
                 self.notifier.close()
@@ -333,7 +335,8 @@ class Master:
         try:
             settings, restart_only = config.reloaded(self.settings, self.reload)
             users = load_users(settings.users_file) if settings.users_file else None
-            self.quota_book.configure(settings)
+            if self.quota_book is not None:
+                self.quota_book.configure(settings)
         except ConfigError as exc:
             log.error("SIGHUP: keeping the current configuration: %s", exc)
             self.counts.reloads["error"] += 1

@@ -41,7 +41,7 @@ def check_main(argv: list[str]) -> int:
             print(exc, file=sys.stderr)
             return EXIT_USAGE
     quota = ""
-    if settings.quota_bytes:
+    if settings.quota_bytes and settings.quota_db:  # Settings refuses a quota without a file
         problem = quota_file_problem(settings.quota_db)
         if problem is not None:
             print(problem, file=sys.stderr)
