@@ -110,6 +110,18 @@ class Ledger:
                 quota_at = (entry, quota)
         return Held(tuple(entries), tuple(shared), quota_at)
 
+    def quota_entry(self, settings: Settings, user: bytes) -> int | None:
+        """The opened entry a UDP association of ``user`` counts its bytes in (the worker
+        adds them once a tick: datagrams never pass through Python), or None."""
+        if not settings.quota_bytes or not user:
+            return None
+        entry = self.accounts.open(ACCOUNT_USER, user)
+        return entry if entry >= 0 else None
+
+    def count(self, entry: int, moved: int) -> int:
+        """Add ``moved`` bytes to an entry's count; its new count."""
+        return self.accounts.add_used(entry, moved)
+
     def release(self, entries) -> None:
         for entry in entries:
             self.accounts.close(entry)

@@ -120,6 +120,7 @@ class Worker:
         self.shared_accounts = accounts  # the master's (accounts.py); made in boot() when run alone
         self.ledger: Ledger | None = None
         self.held: dict[int, tuple[int, ...]] = {}  # sid -> the accounts entries its relay holds
+        self.udp_quota: dict[int, list[int]] = {}  # sid -> [its user's entry, bytes counted in it]
         self.udp_associations: dict[int, UdpAssociation] = {}  # UDP ASSOCIATE sessions, by sid
         self.udp_opened: dict[int, tuple[str | dict, int, access.Timing]] = {}  # ... and their line's opening
         self.udp_relay: UdpRelay | None = None  # their shared datagram relay, made on first use
@@ -543,8 +544,28 @@ class Worker:
         self.udp_opened[session.sid] = opened
         self.udp_associations[session.sid] = association
         self.admission.udp_started(session.sid, start.client_ip)
+        entry = self.ledger.quota_entry(session.env.settings, session.policy_user())
+        if entry is not None:
+            self.udp_quota[session.sid] = [entry, 0]
+
+    def count_udp_quota(self, sid: int | None = None) -> None:
+        """The UDP associations' new bytes into their users' quota counts (one of them, or
+        every one, once a tick); one whose user has used the quota up ends ("quota")."""
+        quota = self.env.settings.quota_bytes
+        for at, held in ([(sid, self.udp_quota[sid])] if sid is not None else list(self.udp_quota.items())):
+            association = self.udp_associations.get(at)
+            if association is None:
+                continue
+            moved = association.bytes_up + association.bytes_down
+            used = self.ledger.count(held[0], moved - held[1])
+            held[1] = moved
+            if sid is None and quota and used >= quota:
+                association.end("quota")
 
     def udp_ended(self, association: UdpAssociation, how: str) -> None:
+        if association.sid in self.udp_quota:  # its last bytes count too
+            self.count_udp_quota(association.sid)
+            self.ledger.release((self.udp_quota.pop(association.sid)[0],))
         self.closed += 1
         self.udp_associations.pop(association.sid, None)
         self.admission.closed(association.sid)
@@ -615,6 +636,8 @@ class Worker:
             log.warning("worker %d: master %d is gone, exiting", self.slot, self.master_pid)
             self.exit_code = EXIT_OK
             return
+        if self.udp_quota:
+            self.count_udp_quota()
         pipes = self.engine.counters()[4]
         for ended in self.engine.expire_idle():
             self.session_ended(ended)

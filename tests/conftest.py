@@ -10,6 +10,7 @@ from support import (  # noqa: F401  (fixtures must be names in conftest's names
     server,
     start_server,
     tcp_target,
+    udp_echo,
 )
 
 pytest_configure = tree_check.pytest_configure  # the tree under test is checked before collection

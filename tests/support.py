@@ -707,3 +707,57 @@ class OneWay:
     def join(self) -> None:
         for t in self.threads:
             t.join(timeout=20)
+
+
+# --------------------------------------------------------------------- a UDP echo
+
+
+class UdpEcho:
+    """A loopback UDP echo server on a thread; it records what it received (bounded)."""
+
+    MAX_RECORDED = 1000
+
+    def __init__(self, host: str) -> None:
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((host, 0))
+        self.sock.settimeout(0.1)
+        self.address = self.sock.getsockname()[:2]
+        self.received: list[tuple[bytes, tuple]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, source = self.sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if len(self.received) < self.MAX_RECORDED:
+                self.received.append((data, source[:2]))
+            with contextlib.suppress(OSError):
+                self.sock.sendto(data, source)
+
+    def payloads(self) -> list[bytes]:
+        return [data for data, _ in self.received]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def udp_echo():
+    echoes: list[UdpEcho] = []
+
+    def make(host: str = "127.0.0.1") -> UdpEcho:
+        echo = UdpEcho(host)
+        echoes.append(echo)
+        return echo
+
+    yield make
+    for echo in echoes:
+        echo.close()

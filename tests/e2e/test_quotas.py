@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
-from support import hash_line, http_handler, require_tool, wait_until
+from support import hash_line, http_handler, read_socks5_reply, require_tool, socks5_request_bytes, wait_until
 
 from fastsocks._relay_types import bucket_bytes
 
@@ -123,3 +124,41 @@ def test_a_bad_quota_file_stops_the_server_with_its_name(start_server, tmp_path)
                           capture_output=True, text=True, timeout=30)
     assert done.returncode != 0
     assert f"{tmp_path / 'quota.sqlite'}: quota_db:" in done.stderr, done.stderr
+
+
+def test_a_udp_association_counts_toward_the_quota_and_ends_there(start_server, quota_config, udp_echo):
+    """Datagrams never pass through Python: the worker adds an association's bytes to its
+    user's count once a second, and ends it once the quota is used up."""
+    socks = pytest.importorskip("socks", reason="PySocks is not installed")
+    echo = udp_echo()
+    server = start_server("--config", str(quota_config))
+    client = socks.socksocket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.set_proxy(socks.SOCKS5, "127.0.0.1", server.port, username="alice", password="pw")
+    client.settimeout(0.5)
+    payload = os.urandom(1000)
+    echoed = 0
+    try:
+        deadline = time.monotonic() + 20
+        while not server.count_log(r"datagrams_up=.* end=quota") and time.monotonic() < deadline:
+            client.sendto(payload, echo.address)
+            try:
+                echoed += len(client.recvfrom(65536)[0])
+            except (TimeoutError, OSError):
+                pass
+    finally:
+        client.close()
+    server.wait_for_log(r"user='alice' .*cmd=udp_associate .*reply=succeeded .*end=quota")
+    assert echoed >= QUOTA // 4  # it relayed until then (counted both ways: at least up + down)
+    refused = socks5_session_as_alice(server)
+    assert refused == 2  # the count reached the quota: the next session is refused with 0x02
+
+
+def socks5_session_as_alice(server) -> int:
+    """A SOCKS5 CONNECT as alice; its reply code."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"\x05\x01\x02")
+        assert sock.recv(2) == b"\x05\x02"
+        sock.sendall(b"\x01\x05alice\x02pw")
+        assert sock.recv(2) == b"\x01\x00"
+        sock.sendall(socks5_request_bytes("127.0.0.1", 9))
+        return read_socks5_reply(sock)[0]
