@@ -21,6 +21,7 @@ except users' counts while a quota is on.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sqlite3
 import time
@@ -59,6 +60,15 @@ class Held(NamedTuple):
 
 
 NOTHING = Held((), (), None)
+NAME_MAX = 255  # _relay.ACCOUNT_NAME_MAX: RFC 1929's longest user name
+
+
+def account_name(user: bytes) -> bytes:
+    """The entry's name for a user: the name itself; a longer one (a SOCKS4 USERID or an
+    HTTP Basic user can be) by its SHA-256, so that it still counts, alone."""
+    if len(user) <= NAME_MAX:
+        return user
+    return b"sha256:" + hashlib.sha256(user).hexdigest().encode()
 
 
 class Ledger:
@@ -71,7 +81,7 @@ class Ledger:
         """Why ``user`` may start no session now (its quota is used up), or None."""
         if not settings.quota_bytes or not user:
             return None
-        entry = self.accounts.open(ACCOUNT_USER, user)
+        entry = self.accounts.open(ACCOUNT_USER, account_name(user))
         if entry < 0:
             return "the shared accounts table is full: no room to count this user's quota"
         try:
@@ -90,7 +100,7 @@ class Ledger:
         quota = settings.quota_bytes if user else 0
         wanted = []
         if user and (user_up or user_down or quota):
-            wanted.append((ACCOUNT_USER, user, user_up, user_down))
+            wanted.append((ACCOUNT_USER, account_name(user), user_up, user_down))
         if client_up or client_down:
             wanted.append((ACCOUNT_CLIENT, client(), client_up, client_down))
         if not wanted:
@@ -115,7 +125,7 @@ class Ledger:
         adds them once a tick: datagrams never pass through Python), or None."""
         if not settings.quota_bytes or not user:
             return None
-        entry = self.accounts.open(ACCOUNT_USER, user)
+        entry = self.accounts.open(ACCOUNT_USER, account_name(user))
         return entry if entry >= 0 else None
 
     def count(self, entry: int, moved: int) -> int:

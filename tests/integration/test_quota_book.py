@@ -123,3 +123,18 @@ def test_a_failing_file_is_logged_once_and_the_counts_wait(settings, caplog, mon
     assert accounts.used(entry) == 10  # kept in memory...
     book.write_out(DAY_1)
     assert file_totals(settings) == {b"alice": 10}  # ...and written once the file works again
+
+
+def test_a_name_longer_than_an_entry_holds_still_counts_alone(settings):
+    """A SOCKS4 USERID or an HTTP Basic user may be longer than RFC 1929's 255 bytes."""
+    from fastsocks.accounts import account_name
+
+    _book, accounts = book_of(settings)
+    ledger = Ledger(accounts)
+    long_a, long_b = b"a" * 300, b"a" * 299 + b"b"
+    held = ledger.hold(settings, -1, long_a, lambda: b"\x7f\x00\x00\x01")
+    accounts.add_used(held.quota[0], 1000)
+    assert "1000 of 1000" in ledger.over_quota(settings, long_a)
+    assert ledger.over_quota(settings, long_b) is None
+    assert account_name(long_a) != account_name(long_b) and account_name(b"alice") == b"alice"
+    assert _relay.ACCOUNT_NAME_MAX == 255
