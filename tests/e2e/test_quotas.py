@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -85,10 +86,11 @@ def test_a_quota_stops_refuses_survives_a_restart_and_resets(start_server, tcp_t
                what="a session once the quota was reset")
 
 
-def concurrent_downloads(n: int, server, target, users) -> tuple[list[subprocess.CompletedProcess], float]:
+def concurrent_downloads(n: int, server, target, users, targets=None) -> tuple[list[subprocess.CompletedProcess], float]:
     results: list = [None] * n
     started_s = time.monotonic()
-    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, curl(server, target, users[i])))
+    targets = targets or [target] * n
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, curl(server, targets[i], users[i])))
                for i in range(n)]
     for t in threads:
         t.start()
@@ -162,3 +164,26 @@ def socks5_session_as_alice(server) -> int:
         assert sock.recv(2) == b"\x01\x00"
         sock.sendall(socks5_request_bytes("127.0.0.1", 9))
         return read_socks5_reply(sock)[0]
+
+
+def test_the_file_holds_every_byte_the_access_lines_report(start_server, tcp_target, tmp_path):
+    """Counted in the engines of two workers, batched by the master, written at its exit:
+    the file's count for the user is exactly what the access lines say the sessions moved."""
+    (tmp_path / "users.txt").write_text(hash_line("alice", "pw"))
+    path = tmp_path / "fastsocks.toml"
+    path.write_text('[auth]\nusers_file = "users.txt"\n[limits]\nquota_bytes = 1_000_000_000\n'
+                    'quota_db = "quota.sqlite"\n')
+    bodies = [os.urandom(n) for n in (1, 70_000, 300_000, 1 << 20)]
+    targets = [tcp_target(http_handler(body)) for body in bodies]
+    server = start_server("--config", str(path), "--workers", "2")
+    results, _elapsed = concurrent_downloads(8, server, None, ["alice:pw"] * 8, targets=targets * 2)
+    assert all(out.returncode == 0 for out in results), [out.stderr for out in results]
+    wait_until(lambda: server.count_log(r"user='alice' .*end=eof") >= 8, what="8 access lines")
+    lines = [line for line in server.log_text().splitlines() if "user='alice'" in line and "end=eof" in line]
+    moved = sum(int(re.search(r" up=(\d+)", line).group(1)) + int(re.search(r" down=(\d+)", line).group(1))
+                for line in lines)
+    assert len(lines) == 8 and moved > 2 * sum(len(b) for b in bodies)
+    server.stop()
+    shown = quota_command("show", "--config", str(path), "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert [(row["user"], row["bytes"]) for row in json.loads(shown.stdout)] == [("alice", moved)]
