@@ -89,10 +89,8 @@ cdef double _account_take(Account *a, int64_t me, int d, double rate, double wan
                           double *wait_s) noexcept nogil:
     """Take at most ``want`` bytes from the entry's bucket of direction ``d`` at ``rate``;
     0: empty, and ``wait_s`` is how long until the resume amount has accrued."""
-    cdef double burst = rate * RATE_BURST_S
+    cdef double burst = _burst_bytes(rate)
     cdef double got
-    if burst < RATE_MIN_BURST_BYTES:
-        burst = RATE_MIN_BURST_BYTES
     _lock(&a.lock, me)
     if a.refilled_s[d] == 0:
         a.tokens[d] = burst  # new: full

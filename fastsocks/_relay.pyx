@@ -118,12 +118,16 @@ cdef inline double _monotonic() noexcept nogil:
 cdef inline void _limit(Direction *dr, double rate_bytes_per_s, double now_s) noexcept nogil:
     """Give a direction its bucket (rate 0: none), full: a session starts with its burst."""
     dr.rate_bytes_per_s = rate_bytes_per_s
-    dr.burst_bytes = rate_bytes_per_s * RATE_BURST_S
-    if dr.burst_bytes < RATE_MIN_BURST_BYTES:
-        dr.burst_bytes = RATE_MIN_BURST_BYTES
+    dr.burst_bytes = _burst_bytes(rate_bytes_per_s)
     dr.tokens = dr.burst_bytes
     dr.refilled_s = now_s
     dr.limits |= LIM_RATE
+
+
+cdef inline double _burst_bytes(double rate_bytes_per_s) noexcept nogil:
+    """What a bucket holds at this rate (bucket_bytes() in _relay_types)."""
+    cdef double n = rate_bytes_per_s * RATE_BURST_S
+    return n if n > RATE_MIN_BURST_BYTES else RATE_MIN_BURST_BYTES
 
 
 cdef inline double _resume_bytes(double rate_bytes_per_s) noexcept nogil:
