@@ -495,26 +495,29 @@ class Worker:
         settings = session.env.settings
         up_bytes_per_s, down_bytes_per_s = settings.session_rates(session.rule)  # its rules' own
         held = self.ledger.hold(settings, session.rule, session.policy_user(), session.client_address_packed)
+        if held is None:
+            os.close(relay.client_fd)
+            os.close(relay.upstream_fd)
+            self.relay_not_started(session, "no room in the shared accounts table for its limits")
+            return
         try:
-            if held is None:
-                os.close(relay.client_fd)
-                os.close(relay.upstream_fd)
-                raise OSError(errno.ENOSPC, "no room in the shared accounts table for its limits")
             self.engine.add(relay.client_fd, relay.upstream_fd, session.sid, relay.initial,
                             rate_up_bytes_per_s=up_bytes_per_s, rate_down_bytes_per_s=down_bytes_per_s,
                             shared=held.shared, quota=held.quota)
-        except OSError as exc:
-            # The engine closed both fds: the session ends here.
-            self.closed += 1
-            self.relayed.pop(session.sid, None)
-            self.admission.closed(session.sid)
-            self.start_failures += 1
-            if held is not None:
-                self.ledger.release(held.entries)
-            log.error("%s relay could not start: %s", session.describe(), exc.strerror or exc)
+        except OSError as exc:  # the engine closed both fds
+            self.ledger.release(held.entries)
+            self.relay_not_started(session, exc.strerror or str(exc))
             return
         if held.entries:
             self.held[session.sid] = held.entries
+
+    def relay_not_started(self, session: Session, why: str) -> None:
+        """A session answered SUCCEEDED whose relay could not start (its fds are closed): it ends here."""
+        self.closed += 1
+        self.relayed.pop(session.sid, None)
+        self.admission.closed(session.sid)
+        self.start_failures += 1
+        log.error("%s relay could not start: %s", session.describe(), why)
 
     def start_udp(self, session: Session, start: StartUdp) -> None:
         """UDP ASSOCIATE answered: the association owns the client socket from now on."""
@@ -548,23 +551,26 @@ class Worker:
         if entry is not None:
             self.udp_quota[session.sid] = [entry, 0]
 
-    def count_udp_quota(self, sid: int | None = None) -> None:
-        """The UDP associations' new bytes into their users' quota counts (one of them, or
-        every one, once a tick); one whose user has used the quota up ends ("quota")."""
+    def count_udp_bytes(self, association: UdpAssociation) -> int:
+        """An association's bytes since they were last counted, into its user's quota
+        count (datagrams never pass through Python); the new count."""
+        held = self.udp_quota[association.sid]
+        moved = association.bytes_up + association.bytes_down
+        used = self.ledger.count(held[0], moved - held[1])
+        held[1] = moved
+        return used
+
+    def end_udp_over_quota(self) -> None:
+        """Once a tick: every association counted, and one whose user's quota is used up ended."""
         quota = self.env.settings.quota_bytes
-        for at, held in ([(sid, self.udp_quota[sid])] if sid is not None else list(self.udp_quota.items())):
-            association = self.udp_associations.get(at)
-            if association is None:
-                continue
-            moved = association.bytes_up + association.bytes_down
-            used = self.ledger.count(held[0], moved - held[1])
-            held[1] = moved
-            if sid is None and quota and used >= quota:
+        for sid in list(self.udp_quota):
+            association = self.udp_associations[sid]
+            if self.count_udp_bytes(association) >= quota and quota:
                 association.end("quota")
 
     def udp_ended(self, association: UdpAssociation, how: str) -> None:
         if association.sid in self.udp_quota:  # its last bytes count too
-            self.count_udp_quota(association.sid)
+            self.count_udp_bytes(association)
             self.ledger.release((self.udp_quota.pop(association.sid)[0],))
         self.closed += 1
         self.udp_associations.pop(association.sid, None)
@@ -637,7 +643,7 @@ class Worker:
             self.exit_code = EXIT_OK
             return
         if self.udp_quota:
-            self.count_udp_quota()
+            self.end_udp_over_quota()
         pipes = self.engine.counters()[4]
         for ended in self.engine.expire_idle():
             self.session_ended(ended)
